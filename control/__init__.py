@@ -1,0 +1,1 @@
+"""weft control plane: leases in etcd, watched peers, device programming, CLI."""

@@ -1,0 +1,1 @@
+"""weft dataplane: packets in, packets out. Never imports control."""

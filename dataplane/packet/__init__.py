@@ -1,0 +1,1 @@
+"""Wire codecs: parse_* / build_* pairs over bytes. Standard library only."""
