@@ -1,0 +1,82 @@
+"""The local API: a unix socket (0600) that answers one JSON request per connection.
+
+Request: one line of JSON, e.g. {"op": "status"}. Reply: one line of JSON.
+Handlers are registered by the composition (agent or `weft dataplane run`);
+there are no control operations here, only reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class ApiServer:
+    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.handlers = handlers
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        old_umask = os.umask(0o177)  # the socket is born 0600: root only
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        finally:
+            os.umask(old_umask)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            try:
+                request = json.loads(line or b"{}")
+                handler = self.handlers.get(request.get("op", "status"))
+                if handler is None:
+                    reply: Any = {"error": f"unknown op {request.get('op')!r}"}
+                else:
+                    reply = handler(request)
+            except (ValueError, AttributeError) as exc:
+                reply = {"error": f"bad request: {exc}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def api_request(path: str, request: dict[str, Any], timeout: float = 5.0) -> Any:
+    """Blocking client for the CLI: send one request, return the decoded reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ConnectionError(
+                f"no weft agent answers on {path}: {exc.strerror or exc}"
+            ) from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)

@@ -1,0 +1,266 @@
+"""`weft` — the command line. Each sub-command is a small function; errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from typing import Any
+
+DEFAULT_API_SOCKET = "/run/weft/weft.sock"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# -- shared argument parsing -----------------------------------------------------
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address") from None
+
+
+def parse_ipv4_network(text: str) -> IPv4Network:
+    try:
+        net = ip_network(text, strict=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not isinstance(net, IPv4Network):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 network")
+    return net
+
+
+def parse_ipv4(text: str) -> IPv4Address:
+    try:
+        addr = ip_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not isinstance(addr, IPv4Address):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address")
+    return addr
+
+
+def parse_static_peer(text: str) -> tuple[IPv4Network, IPv4Address, bytes | None]:
+    """SUBNET,PUBLIC_IP[,VTEPMAC] as given to `weft dataplane run --peer`."""
+    parts = text.split(",")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(
+            f"--peer {text!r}: expected SUBNET,PUBLIC_IP[,VTEPMAC]"
+        )
+    mac = parse_mac(parts[2]) if len(parts) == 3 else None
+    return parse_ipv4_network(parts[0]), parse_ipv4(parts[1]), mac
+
+
+def setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Any]) -> Any:
+    """Run an async main on uvloop until it returns or SIGTERM/SIGINT sets the event."""
+    import uvloop
+
+    async def runner() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    return uvloop.run(runner())
+
+
+# -- weft dataplane run ----------------------------------------------------------
+
+
+def cmd_dataplane_run(args: argparse.Namespace) -> int:
+    from dataplane.io import netlink
+    from dataplane.io.node import NodeSpec, UserspaceDataplane, underlay_interface_for
+    from dataplane.peers import Peer
+
+    iface, _ = underlay_interface_for(args.public_ip)
+    if args.iface and args.iface != iface:
+        raise CliError(f"--public-ip {args.public_ip} is on {iface}, not on --iface {args.iface}")
+    if args.subnet.subnet_of(args.network) is False:
+        raise CliError(f"--subnet {args.subnet} is not inside --network {args.network}")
+    spec = NodeSpec(
+        backend=args.backend,
+        network=args.network,
+        subnet=args.subnet,
+        public_ip=args.public_ip,
+        underlay_iface=iface,
+        underlay_mtu=args.underlay_mtu or netlink.link_mtu(iface),
+        device=args.device,
+        vni=args.vni,
+        port=args.port,
+        vtep_mac=args.vtep_mac,
+        accept_any_source=args.accept_any_source,
+    )
+    if spec.backend == "vxlan" and spec.vtep_mac is None:
+        raise CliError("the vxlan backend needs --vtep-mac (the agent keeps one in its state dir)")
+
+    async def main(stop: asyncio.Event) -> int:
+        from control.api import ApiServer
+
+        node = UserspaceDataplane(spec)
+        node.start(asyncio.get_running_loop())
+        port = getattr(node.backend, "port", 0)
+        for subnet, public_ip, mac in args.peer:
+            node.add_peer(Peer(subnet, public_ip, mac, port))
+        api = ApiServer(args.api_socket, {"status": lambda _req: dataplane_status(node)})
+        await api.start()
+        try:
+            await stop.wait()
+        finally:
+            await api.close()
+            node.stop()
+        return 0
+
+    return run_until_signal(main)
+
+
+def dataplane_status(node: Any) -> dict[str, Any]:
+    """What `weft status` shows of a userspace dataplane."""
+    from dataplane.packet.ethernet import mac_to_str
+
+    fwd = node.forwarder
+    spec = node.spec
+    return {
+        "backend": spec.backend,
+        "device": spec.device_name,
+        "device_kind": spec.device,
+        "device_mtu": node.device_mtu,
+        "subnet": str(spec.subnet),
+        "network": str(spec.network),
+        "public_ip": str(spec.public_ip),
+        "vtep_mac": mac_to_str(spec.vtep_mac) if spec.vtep_mac else None,
+        "peers": [
+            {
+                "subnet": str(p.subnet),
+                "public_ip": str(p.public_ip),
+                "vtep_mac": mac_to_str(p.vtep_mac) if p.vtep_mac else None,
+            }
+            for p in fwd.peers()
+        ],
+        "counters": fwd.counters.as_dict(),
+    }
+
+
+# -- weft status -----------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from control.api import api_request
+
+    try:
+        status = api_request(args.api_socket, {"op": "status"})
+    except ConnectionError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(
+        f"node {status.get('public_ip')}  subnet {status.get('subnet')}  "
+        f"backend {status.get('backend')}  device {status.get('device')} "
+        f"({status.get('device_kind')}, mtu {status.get('device_mtu')})"
+    )
+    if status.get("vtep_mac"):
+        print(f"VtepMAC {status['vtep_mac']}")
+    peers = status.get("peers", [])
+    print(f"\n{'PEER SUBNET':<20} {'PUBLIC IP':<16} VTEP MAC")
+    for p in peers:
+        print(f"{p['subnet']:<20} {p['public_ip']:<16} {p.get('vtep_mac') or '-'}")
+    c = status.get("counters", {})
+    print(
+        f"\ntx {c.get('tx_packets', 0)} packets / {c.get('tx_bytes', 0)} bytes   "
+        f"rx {c.get('rx_packets', 0)} packets / {c.get('rx_bytes', 0)} bytes   "
+        f"icmp sent {c.get('icmp_sent', 0)}"
+    )
+    drops = c.get("drops", {})
+    if drops:
+        print("drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    else:
+        print("drops: none")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weft", description="A userspace, flannel-compatible overlay dataplane."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=1)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dp = sub.add_parser("dataplane", help="run the userspace dataplane with static peers")
+    dp_sub = dp.add_subparsers(dest="dp_command", required=True, metavar="SUBCOMMAND")
+    run = dp_sub.add_parser("run", help="run the engine in this network namespace")
+    run.add_argument("--backend", choices=["vxlan", "udp", "host-gw"], required=True)
+    run.add_argument("--network", type=parse_ipv4_network, required=True)
+    run.add_argument("--subnet", type=parse_ipv4_network, required=True)
+    run.add_argument("--public-ip", type=parse_ipv4, required=True)
+    run.add_argument("--iface", help="underlay interface (default: the one holding --public-ip)")
+    run.add_argument("--underlay-mtu", type=int, default=0)
+    run.add_argument("--device", choices=["tun", "tap"], default="tun")
+    run.add_argument("--vni", type=int, default=1)
+    run.add_argument("--port", type=int, default=0)
+    run.add_argument("--vtep-mac", type=parse_mac)
+    run.add_argument(
+        "--peer", type=parse_static_peer, action="append", default=[],
+        metavar="SUBNET,PUBLIC_IP[,VTEPMAC]",
+    )
+    run.add_argument("--accept-any-source", action="store_true")
+    run.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
+    run.set_defaults(func=cmd_dataplane_run)
+
+    st = sub.add_parser("status", help="show a running node: peers, counters, drops")
+    st.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Other modules add their sub-commands here (agent, config, leases, lab, bench).
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"weft: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"weft: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

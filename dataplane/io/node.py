@@ -1,0 +1,265 @@
+"""A userspace dataplane node: device + sockets + forwarder + engine, set up and torn down.
+
+This is what the control plane drives (add_peer / remove_peer), and what
+`weft dataplane run` drives from static peers. It owns the kernel state it
+creates: the TUN/TAP device (which disappears, with its routes and
+neighbours, when its fd closes) and, in TAP mode, the per-peer neighbour and
+route entries that mirror flannel.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Literal
+
+from dataplane.backends.base import Backend
+from dataplane.backends.hostgw import HostGwBackend
+from dataplane.backends.udp import UdpBackend
+from dataplane.backends.vxlan import VxlanBackend
+from dataplane.forwarder import Forwarder
+from dataplane.io import netlink
+from dataplane.io.runner import Engine
+from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
+from dataplane.io.tun import TunDevice, open_tun
+from dataplane.packet.arp import ArpOp, build_arp, parse_arp
+from dataplane.packet.errors import DecodeError
+from dataplane.peers import Peer
+
+log = logging.getLogger("weft.dataplane")
+
+BackendName = Literal["vxlan", "udp", "host-gw"]
+
+
+@dataclass
+class NodeSpec:
+    """Everything the dataplane needs to know about this node."""
+
+    backend: BackendName
+    network: IPv4Network  # the whole cluster network (routed into the device)
+    subnet: IPv4Network  # this node's lease
+    public_ip: IPv4Address  # address peers send to; the UDP socket binds it
+    underlay_iface: str
+    underlay_mtu: int = 1500
+    device: Literal["tun", "tap"] = "tun"
+    vni: int = 1
+    port: int = 0  # 0: the backend's default (vxlan 8472, udp 8285)
+    vtep_mac: bytes | None = None
+    accept_any_source: bool = False
+    device_name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if self.device == "tap" and self.backend != "vxlan":
+            raise ValueError("--device tap is only for the vxlan backend")
+        if not self.device_name:
+            self.device_name = f"weft.{self.vni}" if self.backend == "vxlan" else "weft0"
+
+
+def make_backend(spec: NodeSpec, underlay_mac: bytes) -> Backend:
+    if spec.backend == "vxlan":
+        if spec.vtep_mac is None:
+            raise ValueError("the vxlan backend needs a VtepMAC")
+        return VxlanBackend(spec.vni, spec.vtep_mac, port=spec.port, l2=spec.device == "tap")
+    if spec.backend == "udp":
+        return UdpBackend(port=spec.port)
+    if spec.backend == "host-gw":
+        return HostGwBackend(underlay_mac, netlink.interface_ipv4(spec.underlay_iface))
+    raise ValueError(f"unknown backend {spec.backend!r} (weft has vxlan, udp, host-gw)")
+
+
+class UserspaceDataplane:
+    """Runs the engine for one node in the current network namespace."""
+
+    def __init__(self, spec: NodeSpec) -> None:
+        self.spec = spec
+        self.tun: TunDevice | None = None
+        self.sock: socket.socket | None = None
+        self.packet_sock: socket.socket | None = None
+        self.arp_sock: socket.socket | None = None
+        self.engine: Engine | None = None
+        self.forwarder: Forwarder | None = None
+        self.backend: Backend | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resolver: asyncio.Task[None] | None = None
+        self._want_resolve = asyncio.Event()
+
+    @property
+    def device_mtu(self) -> int:
+        return self.spec.underlay_mtu - (self.backend.overhead if self.backend else 0)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        spec = self.spec
+        underlay_mac = netlink.link_mac(spec.underlay_iface)
+        self.backend = backend = make_backend(spec, underlay_mac)
+        self.forwarder = Forwarder(
+            backend,
+            underlay_mtu=spec.underlay_mtu,
+            local_ip=spec.subnet.network_address,
+            accept_any_source=spec.accept_any_source,
+        )
+        tap = spec.device == "tap"
+        self.tun = open_tun(spec.device_name, tap=tap)
+        try:
+            self._configure_device(tap)
+            if backend.transport == "udp":
+                port = backend.port  # type: ignore[attr-defined]
+                self.sock = open_udp_socket(str(spec.public_ip), port)
+                self.engine = Engine(self.forwarder, self.tun.fileno(), self.sock)
+            else:
+                self.packet_sock = open_packet_socket(spec.underlay_iface)
+                self.arp_sock = open_packet_socket(spec.underlay_iface, ETH_P_ARP)
+                self.engine = Engine(
+                    self.forwarder, self.tun.fileno(), None, send_socket=self.packet_sock
+                )
+                self.engine.after_batch = self._check_unresolved
+                loop.add_reader(self.arp_sock.fileno(), self._on_arp)
+                self._resolver = loop.create_task(self._resolve_loop())
+            netlink.sysctl_set("net/ipv4/ip_forward", "1")
+            self.engine.start(loop)
+            self._loop = loop
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "dataplane up: %s on %s (%s, mtu %d), underlay %s %s",
+            backend.name,
+            spec.device_name,
+            spec.device,
+            self.device_mtu,
+            spec.underlay_iface,
+            spec.public_ip,
+        )
+
+    def _configure_device(self, tap: bool) -> None:
+        spec = self.spec
+        name = spec.device_name
+        if tap:
+            netlink.set_link(name, mac=spec.vtep_mac)
+        netlink.set_link(name, mtu=self.device_mtu, up=True)
+        # As flannel: the lease's .0 address as a /32, so the device owns an
+        # address in the network without a connected route for the whole subnet.
+        netlink.add_address(name, f"{spec.subnet.network_address}/32")
+        if not tap:
+            # Everything in the cluster network that is not local goes to weft;
+            # the node's own subnet stays on cni0 (a longer prefix).
+            netlink.replace_route(str(spec.network), dev=name)
+
+    def add_peer(self, peer: Peer) -> None:
+        assert self.forwarder is not None
+        if self.spec.device == "tap" and peer.vtep_mac is not None:
+            # flannel.1's chain: route → permanent neighbour (the peer's .0 → VtepMAC);
+            # weft's forwarder holds the FDB (VtepMAC → public IP).
+            gw = str(peer.subnet.network_address)
+            netlink.replace_neigh(gw, peer.vtep_mac, self.spec.device_name)
+            netlink.replace_route(
+                str(peer.subnet), dev=self.spec.device_name, via=gw, onlink=True
+            )
+        if isinstance(self.backend, HostGwBackend) and not self.backend.is_onlink(peer.public_ip):
+            log.error(
+                "host-gw peer %s (subnet %s) is not on a connected network of %s: "
+                "host-gw needs shared L2; its traffic is dropped (not_onlink)",
+                peer.public_ip,
+                peer.subnet,
+                self.spec.underlay_iface,
+            )
+        self.forwarder.add_peer(peer)
+
+    def remove_peer(self, subnet: IPv4Network) -> Peer | None:
+        assert self.forwarder is not None
+        peer = self.forwarder.remove_peer(subnet)
+        if peer is not None and self.spec.device == "tap":
+            netlink.delete_route(str(subnet), dev=self.spec.device_name)
+            netlink.delete_neigh(str(subnet.network_address), self.spec.device_name)
+        return peer
+
+    # -- host-gw gateway resolution (kernel neighbour table first, then ARP) --------
+
+    def _check_unresolved(self) -> None:
+        backend = self.backend
+        if isinstance(backend, HostGwBackend) and backend.unresolved:
+            self._want_resolve.set()
+
+    async def _resolve_loop(self) -> None:
+        backend = self.backend
+        assert isinstance(backend, HostGwBackend)
+        while True:
+            await self._want_resolve.wait()
+            self._want_resolve.clear()
+            for gateway in list(backend.unresolved):
+                if not backend.is_onlink(gateway):
+                    backend.unresolved.discard(gateway)
+                    continue
+                mac = netlink.lookup_neigh(str(gateway), self.spec.underlay_iface)
+                if mac is not None:
+                    backend.learn(gateway, mac)
+                else:
+                    self._send_arp_request(gateway)
+            await asyncio.sleep(0.2)  # at most five ARP rounds a second
+            if backend.unresolved:
+                self._want_resolve.set()
+
+    def _send_arp_request(self, gateway: IPv4Address) -> None:
+        assert self.packet_sock is not None and isinstance(self.backend, HostGwBackend)
+        arp = build_arp(
+            ArpOp.REQUEST,
+            self.backend.underlay_mac,
+            self.spec.public_ip.packed,
+            b"\x00" * 6,
+            gateway.packed,
+        )
+        frame = b"\xff" * 6 + self.backend.underlay_mac + b"\x08\x06" + arp
+        try:
+            self.packet_sock.send(frame)
+        except OSError as exc:
+            log.warning("ARP request for %s failed: %s", gateway, exc)
+
+    def _on_arp(self) -> None:
+        assert self.arp_sock is not None and isinstance(self.backend, HostGwBackend)
+        for _ in range(64):
+            try:
+                frame = self.arp_sock.recv(2048)
+            except BlockingIOError:
+                return
+            try:
+                arp = parse_arp(memoryview(frame)[14:])
+            except DecodeError:
+                continue
+            sender = IPv4Address(arp.sender_ip)
+            # Learn replies for gateways we asked for, and refresh known ones.
+            if sender in self.backend.unresolved or sender in self.backend.neighbours:
+                self.backend.learn(sender, arp.sender_mac)
+
+    # -- teardown ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        loop = self._loop
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+        if self._resolver is not None:
+            self._resolver.cancel()
+            self._resolver = None
+        if self.arp_sock is not None:
+            if loop is not None:
+                loop.remove_reader(self.arp_sock.fileno())
+            self.arp_sock.close()
+            self.arp_sock = None
+        for sock in (self.sock, self.packet_sock):
+            if sock is not None:
+                sock.close()
+        self.sock = self.packet_sock = None
+        if self.tun is not None:
+            self.tun.close()  # the kernel removes the device with its routes
+            self.tun = None
+        self._loop = None
+
+
+def underlay_interface_for(public_ip: IPv4Address) -> tuple[str, IPv4Interface]:
+    """The interface that holds public_ip (flannel's --iface by address)."""
+    for name, iface in netlink.all_ipv4():
+        if iface.ip == public_ip:
+            return name, iface
+    raise ValueError(f"no interface has the address {public_ip}")

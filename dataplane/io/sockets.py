@@ -1,0 +1,45 @@
+"""Underlay sockets: UDP for vxlan/udp, AF_PACKET for host-gw."""
+
+from __future__ import annotations
+
+import socket
+
+ETH_P_ARP = 0x0806
+SOCKET_BUFFER = 4 << 20  # flannel's proxy lost 8–9 % of frames with default buffers
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            # SO_*BUFFORCE ignores rmem_max/wmem_max (we are root); fall back if refused.
+            force = socket.SO_RCVBUFFORCE if opt == socket.SO_RCVBUF else socket.SO_SNDBUFFORCE
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+
+
+def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket on bind_ip:port (flannel binds the interface address)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _grow_buffers(sock)
+        sock.bind((bind_ip, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind UDP {bind_ip}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def open_packet_socket(iface: str, protocol: int = 0) -> socket.socket:
+    """A non-blocking AF_PACKET socket on iface; protocol 0 sends only, receives nothing."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(protocol))
+    try:
+        _grow_buffers(sock)
+        sock.bind((iface, protocol))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot open AF_PACKET on {iface}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
