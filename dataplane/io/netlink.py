@@ -1,0 +1,567 @@
+"""Thin pyroute2 adapter: links, addresses, routes, neighbours, FDB, sysctl.
+
+Everything acts on the network namespace of the *calling thread* (enter a lab
+namespace with ``control.lab.netns.in_netns``).  Each call opens one
+``pyroute2.IPRoute`` and closes it (about 1 ms); there is no module state.
+
+pyroute2's synchronous ``IPRoute`` drives its own event loop and fails with
+"This event loop is already running" when used from a coroutine.  So, when
+this thread has a running loop, the call runs in a short-lived helper thread
+(which inherits this thread's namespace) and this thread blocks until it is
+done.  From async code prefer ``await loop.run_in_executor(None, fn, ...)``
+to avoid blocking the loop, but note that executor threads keep the
+namespace they were created in.
+
+MACs are 6 raw bytes (``str`` "aa:bb:..." is accepted as input too).
+Every failure raises ``NetlinkError`` (an ``OSError`` with ``errno``) whose
+message is one line naming the operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import threading
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address, ip_network
+from typing import TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError as _PyrNetlinkError
+
+T = TypeVar("T")
+
+AF_BRIDGE = 7
+NTF_SELF = 0x02
+NUD_REACHABLE = 0x02
+NUD_STALE = 0x04
+NUD_DELAY = 0x08
+NUD_PROBE = 0x10
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NUD_USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
+RTNH_F_ONLINK = 0x04
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RT_TABLE_MAIN = 254
+
+
+class NetlinkError(OSError):
+    """A netlink operation failed; ``errno`` is set, the message is one line."""
+
+
+# -- plumbing -------------------------------------------------------------------
+
+
+def _run(fn: Callable[[], T]) -> T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["ok"] = fn()
+        except BaseException as e:
+            box["err"] = e
+
+    t = threading.Thread(target=target, name="weft-netlink", daemon=True)
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]  # type: ignore[misc]
+    return box["ok"]  # type: ignore[return-value]
+
+
+def _call(what: str, fn: Callable[[IPRoute], T], *, ignore: tuple[int, ...] = ()) -> T | None:
+    """Run ``fn(ipr)`` with a fresh IPRoute; errnos in ``ignore`` return None."""
+
+    def go() -> T | None:
+        try:
+            with IPRoute() as ipr:
+                return fn(ipr)
+        except _PyrNetlinkError as e:
+            if e.code in ignore:
+                return None
+            raise NetlinkError(e.code, f"{what}: {os.strerror(e.code)}") from None
+        except NetlinkError:
+            raise
+        except OSError as e:
+            if e.errno in ignore:
+                return None
+            raise NetlinkError(e.errno or errno.EIO, f"{what}: {e.strerror or e}") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
+
+    return _run(go)
+
+
+def _index(ipr: IPRoute, name: str) -> int:
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        raise NetlinkError(errno.ENODEV, f"no such device {name!r}")
+    return idx[0]
+
+
+def _mac_text(mac: bytes | str) -> str:
+    try:
+        b = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else bytes(mac)
+    except ValueError:
+        b = b""
+    if len(b) != 6:
+        raise NetlinkError(errno.EINVAL, f"bad MAC {mac!r}")
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def _mac_bytes(text: str | None) -> bytes | None:
+    return bytes.fromhex(text.replace(":", "")) if text else None
+
+
+def _net(cidr: str | IPv4Network) -> IPv4Network:
+    return ip_network(str(cidr), strict=False)  # type: ignore[return-value]
+
+
+def _name_of(ipr: IPRoute, index: int | None) -> str | None:
+    if not index:
+        return None
+    links = ipr.link("get", index=index)
+    return links[0].get("ifname") if links else None
+
+
+# -- links ------------------------------------------------------------------------
+
+
+def link_index(name: str) -> int:
+    """The interface index of ``name``; ``NetlinkError`` (ENODEV) if missing."""
+    return _call(f"link_index {name}", lambda ipr: _index(ipr, name))  # type: ignore[return-value]
+
+
+def link_exists(name: str) -> bool:
+    return bool(_call(f"link_exists {name}", lambda ipr: ipr.link_lookup(ifname=name)))
+
+
+def link_mac(name: str) -> bytes:
+    """The link-layer address of ``name`` (6 bytes for Ethernet-like links)."""
+
+    def fn(ipr: IPRoute) -> bytes:
+        link = ipr.link("get", index=_index(ipr, name))[0]
+        mac = _mac_bytes(link.get("address"))
+        if mac is None:
+            raise NetlinkError(errno.EINVAL, f"{name} has no link-layer address")
+        return mac
+
+    return _call(f"link_mac {name}", fn)  # type: ignore[return-value]
+
+
+def link_mtu(name: str) -> int:
+    return _call(  # type: ignore[return-value]
+        f"link_mtu {name}", lambda ipr: ipr.link("get", index=_index(ipr, name))[0].get("mtu")
+    )
+
+
+def set_link(
+    name: str, *, up: bool | None = None, mtu: int | None = None, mac: bytes | str | None = None
+) -> None:
+    """Set any of MTU, MAC and admin state (in that order: MAC before up)."""
+
+    def fn(ipr: IPRoute) -> None:
+        idx = _index(ipr, name)
+        kw: dict[str, object] = {}
+        if mtu is not None:
+            kw["mtu"] = mtu
+        if mac is not None:
+            kw["address"] = _mac_text(mac)
+        if kw:
+            ipr.link("set", index=idx, **kw)
+        if up is not None:
+            ipr.link("set", index=idx, state="up" if up else "down")
+
+    _call(f"set_link {name}", fn)
+
+
+def delete_link(name: str) -> None:
+    """Delete ``name``; a missing link is not an error."""
+
+    def fn(ipr: IPRoute) -> None:
+        idx = ipr.link_lookup(ifname=name)
+        if idx:
+            ipr.link("del", index=idx[0])
+
+    _call(f"delete_link {name}", fn, ignore=(errno.ENODEV,))
+
+
+def create_vxlan(
+    name: str,
+    vni: int,
+    local_ip: str | IPv4Address,
+    dev: str,
+    port: int = 8472,
+    mac: bytes | str | None = None,
+    mtu: int | None = None,
+    learning: bool = False,
+    *,
+    udp_csum: bool = True,
+) -> bytes:
+    """flannel's VXLAN device: ``ip link add NAME [address MAC] [mtu MTU] type
+    vxlan id VNI local LOCAL dev DEV dstport PORT nolearning udpcsum``.
+    Left down and without address.  Returns its MAC (the VtepMAC).
+    An existing link of that name → ``NetlinkError`` (EEXIST)."""
+
+    def fn(ipr: IPRoute) -> bytes:
+        kw: dict[str, object] = {
+            "ifname": name,
+            "kind": "vxlan",
+            "vxlan_id": vni,
+            "vxlan_local": str(local_ip),
+            "vxlan_link": _index(ipr, dev),
+            "vxlan_port": port,
+            "vxlan_learning": 1 if learning else 0,
+            "vxlan_udp_csum": 1 if udp_csum else 0,
+        }
+        if mac is not None:
+            kw["address"] = _mac_text(mac)
+        if mtu is not None:
+            kw["mtu"] = mtu
+        ipr.link("add", **kw)
+        return _mac_bytes(ipr.link("get", index=_index(ipr, name))[0].get("address"))  # type: ignore[return-value]
+
+    return _call(f"create_vxlan {name} vni {vni}", fn)  # type: ignore[return-value]
+
+
+def vxlan_info(name: str) -> dict[str, object] | None:
+    """The vxlan attributes of ``name`` (``id``, ``local``, ``link``, ``port``,
+    ``learning``, ``udp_csum`` ...) or ``None`` if it is not a vxlan link —
+    enough to decide whether an existing flannel.N device is compatible."""
+
+    def fn(ipr: IPRoute) -> dict[str, object] | None:
+        link = ipr.link("get", index=_index(ipr, name))[0]
+        info = link.get("IFLA_LINKINFO")
+        if not info or info.get("IFLA_INFO_KIND") != "vxlan":
+            return None
+        data = info.get("IFLA_INFO_DATA")
+        out: dict[str, object] = {}
+        for key, value in data["attrs"]:
+            out[key.removeprefix("IFLA_VXLAN_").lower()] = value
+        return out
+
+    return _call(f"vxlan_info {name}", fn)
+
+
+# -- addresses --------------------------------------------------------------------
+
+
+def interface_ipv4(name: str) -> list[IPv4Interface]:
+    """The IPv4 addresses on ``name`` as ``IPv4Interface`` (address/prefix)."""
+
+    def fn(ipr: IPRoute) -> list[IPv4Interface]:
+        idx = _index(ipr, name)
+        return [
+            IPv4Interface(f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+            for a in ipr.addr("dump", family=socket.AF_INET, index=idx)
+            if a["index"] == idx
+        ]
+
+    return _call(f"interface_ipv4 {name}", fn)  # type: ignore[return-value]
+
+
+def add_address(name: str, cidr: str | IPv4Interface) -> None:
+    """``ip addr add CIDR dev NAME``; already present is not an error."""
+    iface = IPv4Interface(str(cidr))
+
+    def fn(ipr: IPRoute) -> None:
+        idx = _index(ipr, name)
+        ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+    _call(f"add_address {cidr} dev {name}", fn, ignore=(errno.EEXIST,))
+
+
+def delete_address(name: str, cidr: str | IPv4Interface) -> None:
+    iface = IPv4Interface(str(cidr))
+
+    def fn(ipr: IPRoute) -> None:
+        idx = _index(ipr, name)
+        ipr.addr("del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+    _call(f"delete_address {cidr} dev {name}", fn, ignore=(errno.EADDRNOTAVAIL, errno.ENOENT))
+
+
+def flush_addresses_in(
+    name: str, network: str | IPv4Network, *, keep: str | IPv4Interface | None = None
+) -> list[IPv4Interface]:
+    """Remove every IPv4 address on ``name`` that lies inside ``network``
+    (except ``keep``), as flanneld does on flannel.N.  Returns what it removed."""
+    net = _net(network)
+    keep_if = IPv4Interface(str(keep)) if keep is not None else None
+    removed = [a for a in interface_ipv4(name) if a.ip in net and a != keep_if]
+    for a in removed:
+        delete_address(name, a)
+    return removed
+
+
+# -- routes -------------------------------------------------------------------------
+
+
+def replace_route(
+    dst_cidr: str | IPv4Network,
+    *,
+    dev: str,
+    via: str | IPv4Address | None = None,
+    onlink: bool = False,
+    scope: int | None = None,
+    table: int = RT_TABLE_MAIN,
+) -> None:
+    """``ip route replace DST [via VIA] dev DEV [onlink]``.  Scope defaults as
+    in iproute2: universe with a gateway, link without one."""
+    dst = _net(dst_cidr)
+
+    def fn(ipr: IPRoute) -> None:
+        kw: dict[str, object] = {
+            "dst": str(dst.network_address),
+            "dst_len": dst.prefixlen,
+            "oif": _index(ipr, dev),
+            "table": table,
+            "proto": 3,  # boot, what `ip route` uses
+            "type": 1,  # unicast
+        }
+        if via is not None:
+            kw["gateway"] = str(via)
+        kw["scope"] = (
+            scope
+            if scope is not None
+            else (RT_SCOPE_UNIVERSE if via is not None else RT_SCOPE_LINK)
+        )
+        if onlink:
+            kw["flags"] = RTNH_F_ONLINK
+        ipr.route("replace", **kw)
+
+    _call(f"replace_route {dst} dev {dev}" + (f" via {via}" if via else ""), fn)
+
+
+def delete_route(dst_cidr: str | IPv4Network, dev: str | None = None) -> None:
+    """``ip route del DST [dev DEV]`` in the main table; a missing route (or
+    device) is not an error."""
+    dst = _net(dst_cidr)
+
+    def fn(ipr: IPRoute) -> None:
+        kw: dict[str, object] = {
+            "dst": str(dst.network_address),
+            "dst_len": dst.prefixlen,
+            "table": RT_TABLE_MAIN,
+        }
+        if dev is not None:
+            idx = ipr.link_lookup(ifname=dev)
+            if not idx:
+                return
+            kw["oif"] = idx[0]
+        ipr.route("del", **kw)
+
+    _call(f"delete_route {dst}", fn, ignore=(errno.ESRCH, errno.ENOENT))
+
+
+def routes_to(dst_cidr: str | IPv4Network) -> list[tuple[str | None, IPv4Address | None]]:
+    """Exact-prefix routes for ``dst_cidr`` in the main table as (dev, gateway)."""
+    dst = _net(dst_cidr)
+
+    def fn(ipr: IPRoute) -> list[tuple[str | None, IPv4Address | None]]:
+        out = []
+        for r in ipr.route("dump", family=socket.AF_INET):
+            if r.get("table") != RT_TABLE_MAIN or r["dst_len"] != dst.prefixlen:
+                continue
+            if IPv4Address(r.get("dst") or "0.0.0.0") != dst.network_address:
+                continue
+            gw = r.get("gateway")
+            out.append((_name_of(ipr, r.get("oif")), IPv4Address(gw) if gw else None))
+        return out
+
+    return _call(f"routes_to {dst}", fn)  # type: ignore[return-value]
+
+
+def route_get(ip: str | IPv4Address) -> tuple[str, IPv4Address | None]:
+    """``ip route get IP`` → (output device, gateway or None)."""
+
+    def fn(ipr: IPRoute) -> tuple[str, IPv4Address | None]:
+        r = ipr.route("get", dst=str(ip))[0]
+        gw = r.get("gateway")
+        dev = _name_of(ipr, r.get("oif"))
+        if dev is None:
+            raise NetlinkError(errno.ENETUNREACH, f"no output device for {ip}")
+        return dev, (IPv4Address(gw) if gw else None)
+
+    return _call(f"route_get {ip}", fn)  # type: ignore[return-value]
+
+
+def default_route_interface() -> str | None:
+    """The device of the best IPv4 default route in the main table, or None."""
+
+    def fn(ipr: IPRoute) -> str | None:
+        best: tuple[int, int] | None = None
+        for r in ipr.route("dump", family=socket.AF_INET):
+            if r["dst_len"] != 0 or r.get("table") != RT_TABLE_MAIN or r["type"] != 1:
+                continue
+            oif = r.get("oif")
+            if oif is None:
+                mp = r.get("multipath")
+                oif = mp[0]["oif"] if mp else None
+            if oif is None:
+                continue
+            prio = r.get("priority") or 0
+            if best is None or prio < best[0]:
+                best = (prio, oif)
+        return _name_of(ipr, best[1]) if best else None
+
+    return _call("default_route_interface", fn)
+
+
+# -- neighbours and FDB ---------------------------------------------------------------
+
+
+def replace_neigh(ip: str | IPv4Address, mac: bytes | str, dev: str) -> None:
+    """``ip neigh replace IP lladdr MAC dev DEV nud permanent``."""
+
+    def fn(ipr: IPRoute) -> None:
+        ipr.neigh(
+            "replace",
+            family=socket.AF_INET,
+            dst=str(ip),
+            lladdr=_mac_text(mac),
+            ifindex=_index(ipr, dev),
+            state=NUD_PERMANENT,
+        )
+
+    _call(f"replace_neigh {ip} dev {dev}", fn)
+
+
+def delete_neigh(ip: str | IPv4Address, dev: str) -> None:
+    """``ip neigh del IP dev DEV``; missing entry or device is not an error."""
+
+    def fn(ipr: IPRoute) -> None:
+        idx = ipr.link_lookup(ifname=dev)
+        if idx:
+            ipr.neigh("del", family=socket.AF_INET, dst=str(ip), ifindex=idx[0])
+
+    _call(f"delete_neigh {ip} dev {dev}", fn, ignore=(errno.ENOENT, errno.ESRCH))
+
+
+def lookup_neigh(ip: str | IPv4Address, dev: str) -> bytes | None:
+    """The lladdr of a usable (REACHABLE/STALE/DELAY/PROBE/PERMANENT) neighbour
+    entry for ``ip`` on ``dev``, else None."""
+    want = ip_address(str(ip))
+
+    def fn(ipr: IPRoute) -> bytes | None:
+        idx = _index(ipr, dev)
+        for n in ipr.neigh("dump", family=socket.AF_INET, ifindex=idx):
+            if n["ifindex"] != idx or n.get("dst") is None:
+                continue
+            if ip_address(n.get("dst")) != want or not n["state"] & NUD_USABLE:
+                continue
+            return _mac_bytes(n.get("lladdr"))
+        return None
+
+    return _call(f"lookup_neigh {ip} dev {dev}", fn)
+
+
+def replace_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address) -> None:
+    """``bridge fdb replace MAC dev DEV dst DST self permanent``
+    (AF_BRIDGE, NTF_SELF, NUD_PERMANENT)."""
+
+    def fn(ipr: IPRoute) -> None:
+        ipr.neigh(
+            "replace",
+            family=AF_BRIDGE,
+            ifindex=_index(ipr, dev),
+            lladdr=_mac_text(mac),
+            dst=str(dst_ip),
+            state=NUD_PERMANENT | NUD_NOARP,
+            flags=NTF_SELF,
+        )
+
+    _call(f"replace_fdb {_mac_text(mac)} dev {dev} dst {dst_ip}", fn)
+
+
+def append_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address) -> None:
+    """``bridge fdb append MAC dev DEV dst DST self permanent`` (one MAC, many dsts)."""
+
+    def fn(ipr: IPRoute) -> None:
+        ipr.neigh(
+            "append",
+            family=AF_BRIDGE,
+            ifindex=_index(ipr, dev),
+            lladdr=_mac_text(mac),
+            dst=str(dst_ip),
+            state=NUD_PERMANENT | NUD_NOARP,
+            flags=NTF_SELF,
+        )
+
+    _call(f"append_fdb {_mac_text(mac)} dev {dev} dst {dst_ip}", fn, ignore=(errno.EEXIST,))
+
+
+def delete_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address | None = None) -> None:
+    """``bridge fdb del MAC dev DEV [dst DST] self``; missing is not an error."""
+
+    def fn(ipr: IPRoute) -> None:
+        idx = ipr.link_lookup(ifname=dev)
+        if not idx:
+            return
+        kw: dict[str, object] = {
+            "family": AF_BRIDGE,
+            "ifindex": idx[0],
+            "lladdr": _mac_text(mac),
+            "state": NUD_PERMANENT | NUD_NOARP,
+            "flags": NTF_SELF,
+        }
+        if dst_ip is not None:
+            kw["dst"] = str(dst_ip)
+        ipr.neigh("del", **kw)
+
+    _call(f"delete_fdb {_mac_text(mac)} dev {dev}", fn, ignore=(errno.ENOENT, errno.ESRCH))
+
+
+def fdb_entries(dev: str) -> list[tuple[bytes, IPv4Address | None]]:
+    """(MAC, dst) pairs of ``dev``'s self FDB (vxlan remote entries)."""
+
+    def fn(ipr: IPRoute) -> list[tuple[bytes, IPv4Address | None]]:
+        idx = _index(ipr, dev)
+        out = []
+        for n in ipr.neigh("dump", family=AF_BRIDGE, ifindex=idx):
+            if n["ifindex"] != idx or not n.get("lladdr"):
+                continue
+            dst = n.get("dst")
+            out.append((_mac_bytes(n.get("lladdr")), IPv4Address(dst) if dst else None))
+        return out
+
+    return _call(f"fdb_entries {dev}", fn)  # type: ignore[return-value]
+
+
+# -- sysctl ---------------------------------------------------------------------------
+
+
+def _sysctl_path(path: str) -> str:
+    if path.startswith("/"):
+        return path
+    if "/" not in path:
+        path = path.replace(".", "/")
+    return "/proc/sys/" + path
+
+
+def sysctl_set(path: str, value: str | int) -> None:
+    """Write a sysctl of the calling thread's namespace.  ``path`` is dotted
+    (``net.ipv4.ip_forward``), slashed (``net/ipv4/conf/flannel.1/rp_filter``
+    — use this form when a name contains a dot) or absolute under /proc/sys."""
+    p = _sysctl_path(path)
+    try:
+        with open(p, "w") as f:
+            f.write(f"{value}\n")
+    except OSError as e:
+        raise NetlinkError(e.errno or errno.EIO, f"sysctl {p}={value}: {e.strerror}") from None
+
+
+def sysctl_get(path: str) -> str:
+    p = _sysctl_path(path)
+    try:
+        with open(p) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise NetlinkError(e.errno or errno.EIO, f"sysctl {p}: {e.strerror}") from None
