@@ -267,6 +267,22 @@ def interface_ipv4(name: str) -> list[IPv4Interface]:
     return _call(f"interface_ipv4 {name}", fn)  # type: ignore[return-value]
 
 
+def all_ipv4() -> list[tuple[str, IPv4Interface]]:
+    """Every IPv4 address in the namespace as (interface name, address/prefix)."""
+
+    def fn(ipr: IPRoute) -> list[tuple[str, IPv4Interface]]:
+        names = {link["index"]: link.get("ifname") for link in ipr.link("dump")}
+        return [
+            (
+                names.get(a["index"], ""),
+                IPv4Interface(f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}"),
+            )
+            for a in ipr.addr("dump", family=socket.AF_INET)
+        ]
+
+    return _call("all_ipv4", fn)  # type: ignore[return-value]
+
+
 def add_address(name: str, cidr: str | IPv4Interface) -> None:
     """``ip addr add CIDR dev NAME``; already present is not an error."""
     iface = IPv4Interface(str(cidr))
