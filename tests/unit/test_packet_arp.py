@@ -12,12 +12,9 @@ from dataplane.packet.errors import DecodeError
 
 SENDER_MAC = bytes.fromhex("525400123401")
 # Who has 10.244.1.0? Tell 10.244.0.0 — as a kernel sends it, target MAC zero.
-REQUEST = bytes.fromhex(
-    "0001" "0800" "06" "04" "0001" "525400123401" "0af40000" "000000000000" "0af40100"
-)
-REPLY = bytes.fromhex(
-    "0001" "0800" "06" "04" "0002" "a23e117f0002" "0af40100" "525400123401" "0af40000"
-)
+#          htype ptype hlen plen op   sender MAC   sender IP target MAC   target IP
+REQUEST = bytes.fromhex("0001 0800 06 04 0001 525400123401 0af40000 000000000000 0af40100")
+REPLY = bytes.fromhex("0001 0800 06 04 0002 a23e117f0002 0af40100 525400123401 0af40000")
 
 
 def test_parse_request() -> None:
@@ -53,8 +50,13 @@ def test_round_trip() -> None:
 
 def test_matches_scapy() -> None:
     expected = bytes(
-        ARP(op=2, hwsrc="a2:3e:11:7f:00:02", psrc="10.244.1.0", hwdst="52:54:00:12:34:01",
-            pdst="10.244.0.0")
+        ARP(
+            op=2,
+            hwsrc="a2:3e:11:7f:00:02",
+            psrc="10.244.1.0",
+            hwdst="52:54:00:12:34:01",
+            pdst="10.244.0.0",
+        )
     )
     assert expected == REPLY
 

@@ -21,7 +21,7 @@ from dataplane.packet.ethernet import (
 )
 
 # Broadcast ARP frame header from 52:54:00:12:34:01, followed by 4 payload bytes.
-FRAME = bytes.fromhex("ffffffffffff" "525400123401" "0806" "deadbeef")
+FRAME = bytes.fromhex("ffffffffffff 525400123401 0806 deadbeef")
 
 
 def test_parse_vector() -> None:
@@ -80,8 +80,16 @@ def test_mac_strings() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "aa:bb:cc:dd:ee", "aa:bb:cc:dd:ee:ff:00", "aa:bb:cc:dd:ee:gg", "a:bb:cc:dd:ee:ff0",
-     "aabbccddeeff", "aa:bb:cc:dd:ee:+f", "aa:bb:cc:dd:ee:٠٠"],
+    [
+        "",
+        "aa:bb:cc:dd:ee",
+        "aa:bb:cc:dd:ee:ff:00",
+        "aa:bb:cc:dd:ee:gg",
+        "a:bb:cc:dd:ee:ff0",
+        "aabbccddeeff",
+        "aa:bb:cc:dd:ee:+f",
+        "aa:bb:cc:dd:ee:٠٠",
+    ],
 )
 def test_mac_from_str_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid MAC address"):

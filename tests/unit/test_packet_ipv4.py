@@ -23,10 +23,14 @@ from dataplane.packet.ipv4 import (
 )
 
 # 192.168.0.1 -> 192.168.0.199, UDP, DF, total length 0x73, checksum b861.
-HEADER = bytes.fromhex("4500007300004000" "4011b861" "c0a80001" "c0a800c7")
+HEADER = bytes.fromhex("4500 0073 0000 4000 40 11 b861 c0a80001 c0a800c7")
 PACKET = HEADER + bytes(range(0x73 - IPV4_HLEN))
 # scapy's IP(src="10.0.0.1", dst="10.0.0.2")/UDP(sport=5353, dport=53)/"weft".
-UDP_PACKET = bytes.fromhex("4500002000010000401166ca0a0000010a00000214e90035000cf8db77656674")
+UDP_PACKET = bytes.fromhex(
+    "4500 0020 0001 0000 40 11 66ca 0a000001 0a000002"  # IPv4
+    " 14e9 0035 000c f8db"  # UDP
+    " 77656674"
+)
 
 
 def test_parse_vector() -> None:
@@ -51,12 +55,13 @@ def test_parse_vector() -> None:
 
 
 def test_build_vector() -> None:
-    built = build_ipv4(
-        "192.168.0.1", "192.168.0.199", IPProto.UDP, PACKET[IPV4_HLEN:], flags=IP_DF
-    )
+    built = build_ipv4("192.168.0.1", "192.168.0.199", IPProto.UDP, PACKET[IPV4_HLEN:], flags=IP_DF)
     assert built == PACKET
     built = build_ipv4(
-        ipaddress.IPv4Address("10.0.0.1"), bytes([10, 0, 0, 2]), 17, UDP_PACKET[20:],
+        ipaddress.IPv4Address("10.0.0.1"),
+        bytes([10, 0, 0, 2]),
+        17,
+        UDP_PACKET[20:],
         identification=1,
     )
     assert built == UDP_PACKET
@@ -65,8 +70,15 @@ def test_build_vector() -> None:
 def test_round_trip_with_options_and_fragment_fields() -> None:
     options = bytes.fromhex("01010100")  # NOP NOP NOP EOL
     built = build_ipv4(
-        "10.1.2.3", "10.3.2.1", IPProto.TCP, b"abcdefgh",
-        ttl=7, identification=0xBEEF, flags=IP_MF, tos=0xB8, fragment_offset=0x1234 & 0x1FFF,
+        "10.1.2.3",
+        "10.3.2.1",
+        IPProto.TCP,
+        b"abcdefgh",
+        ttl=7,
+        identification=0xBEEF,
+        flags=IP_MF,
+        tos=0xB8,
+        fragment_offset=0x1234 & 0x1FFF,
         options=options,
     )
     header, payload = parse_ipv4(built)
@@ -77,9 +89,16 @@ def test_round_trip_with_options_and_fragment_fields() -> None:
     assert bytes(payload) == b"abcdefgh"
     assert ipv4_header_checksum_ok(built)
     rebuilt = build_ipv4(
-        header.src, header.dst, header.protocol, payload, ttl=header.ttl,
-        identification=header.identification, flags=header.flags, tos=header.tos,
-        fragment_offset=header.fragment_offset, options=header.options,
+        header.src,
+        header.dst,
+        header.protocol,
+        payload,
+        ttl=header.ttl,
+        identification=header.identification,
+        flags=header.flags,
+        tos=header.tos,
+        fragment_offset=header.fragment_offset,
+        options=header.options,
     )
     assert rebuilt == built
 
@@ -95,13 +114,31 @@ def test_builder_matches_scapy() -> None:
         flags = rng.choice([0, IP_DF, IP_MF])
         nops = rng.randint(0, 2) * 4
         ours = build_ipv4(
-            src, dst, 17, payload, ttl=ttl, identification=ident, tos=tos, flags=flags,
-            fragment_offset=frag, options=b"\x01" * nops,
+            src,
+            dst,
+            17,
+            payload,
+            ttl=ttl,
+            identification=ident,
+            tos=tos,
+            flags=flags,
+            fragment_offset=frag,
+            options=b"\x01" * nops,
         )
-        theirs = IP(
-            src=src, dst=dst, proto=17, ttl=ttl, id=ident, tos=tos, flags=flags >> 13, frag=frag,
-            options=[IPOption_NOP()] * nops,
-        ) / payload
+        theirs = (
+            IP(
+                src=src,
+                dst=dst,
+                proto=17,
+                ttl=ttl,
+                id=ident,
+                tos=tos,
+                flags=flags >> 13,
+                frag=frag,
+                options=[IPOption_NOP()] * nops,
+            )
+            / payload
+        )
         assert ours == bytes(theirs)
 
 
@@ -163,8 +200,12 @@ def test_decrement_ttl_in_place() -> None:
         ttl = rng.randint(2, 255)
         offset = rng.randint(0, 20)
         packet = build_ipv4(
-            rng.randbytes(4), rng.randbytes(4), rng.randint(0, 255), rng.randbytes(8),
-            ttl=ttl, identification=rng.randint(0, 0xFFFF),
+            rng.randbytes(4),
+            rng.randbytes(4),
+            rng.randint(0, 255),
+            rng.randbytes(8),
+            ttl=ttl,
+            identification=rng.randint(0, 0xFFFF),
         )
         buf = bytearray(offset) + bytearray(packet)
         assert ipv4_decrement_ttl(buf, offset) == ttl - 1

@@ -14,10 +14,10 @@ from dataplane.packet.ipv6 import IPV6_HLEN, IPv6Header, build_ipv6, parse_ipv6
 
 # scapy's IPv6(src="fd00::1", dst="fd00::2")/ICMPv6EchoRequest(id=0x1234, seq=7, data=b"ping").
 PACKET = bytes.fromhex(
-    "60000000" "000c" "3a" "40"
-    "fd000000000000000000000000000001"
-    "fd000000000000000000000000000002"
-    "800094a81234000770696e67"
+    "60000000 000c 3a 40"  # version 6, payload length 12, ICMPv6, hop limit 64
+    " fd000000000000000000000000000001"
+    " fd000000000000000000000000000002"
+    " 80 00 94a8 1234 0007 70696e67"
 )
 
 
@@ -38,22 +38,35 @@ def test_parse_vector() -> None:
 
 def test_build_vector() -> None:
     assert build_ipv6("fd00::1", "fd00::2", IPProto.ICMPV6, PACKET[IPV6_HLEN:]) == PACKET
-    assert build_ipv6(
-        ipaddress.IPv6Address("fd00::1"), PACKET[24:40], 58, bytearray(PACKET[IPV6_HLEN:])
-    ) == PACKET
+    assert (
+        build_ipv6(
+            ipaddress.IPv6Address("fd00::1"), PACKET[24:40], 58, bytearray(PACKET[IPV6_HLEN:])
+        )
+        == PACKET
+    )
 
 
 def test_traffic_class_and_flow_label_round_trip() -> None:
     built = build_ipv6(
-        "2001:db8::1", "2001:db8::2", 17, b"xyz", hop_limit=3, traffic_class=0xAB,
+        "2001:db8::1",
+        "2001:db8::2",
+        17,
+        b"xyz",
+        hop_limit=3,
+        traffic_class=0xAB,
         flow_label=0xFEDCB,
     )
     assert built[:4] == bytes.fromhex("6abfedcb")
     header, payload = parse_ipv6(built)
     assert (header.traffic_class, header.flow_label, header.hop_limit) == (0xAB, 0xFEDCB, 3)
     rebuilt = build_ipv6(
-        header.src, header.dst, header.next_header, payload, hop_limit=header.hop_limit,
-        traffic_class=header.traffic_class, flow_label=header.flow_label,
+        header.src,
+        header.dst,
+        header.next_header,
+        payload,
+        hop_limit=header.hop_limit,
+        traffic_class=header.traffic_class,
+        flow_label=header.flow_label,
     )
     assert rebuilt == built
 
@@ -81,7 +94,7 @@ def test_rejects() -> None:
     with pytest.raises(DecodeError):
         parse_ipv6(b"\x40" + PACKET[1:])  # version 4
     with pytest.raises(DecodeError):
-        parse_ipv6(PACKET[:IPV6_HLEN - 1])
+        parse_ipv6(PACKET[: IPV6_HLEN - 1])
 
 
 def test_build_rejects() -> None:

@@ -41,20 +41,14 @@ from dataplane.packet.vxlan import (
 # checksum 0 (the kernel's default for VXLAN over IPv4), source port from the
 # flow hash. Inner: VtepMAC to VtepMAC, the echo request after one hop (TTL 63).
 KERNEL_FRAME = bytes.fromhex(
-    # outer Ethernet
-    "525400123402" "525400123401" "0800"
-    # outer IPv4
-    "4500005e1a2b000040117afe" "c0a8320a" "c0a8320b"
-    # UDP 49321 -> 8472, length 74, checksum 0
-    "c0a92118004a0000"
-    # VXLAN: flags I, VNI 1
-    "08000000" "00000100"
-    # inner Ethernet
-    "a23e117f0002" "6e8c4a0d9101" "0800"
-    # inner IPv4, DF, TTL 63, ICMP
-    "4500002cbeef40003f0165f5" "0af40002" "0af40103"
-    # ICMP echo request id 0x0a1b seq 1, 16 bytes of payload
-    "08009b5d0a1b0001" "a1b2c3d400000000e5f6070800000000"
+    "525400123402 525400123401 0800"  # outer Ethernet
+    " 4500 005e 1a2b 0000 40 11 7afe c0a8320a c0a8320b"  # outer IPv4
+    " c0a9 2118 004a 0000"  # UDP 49321 -> 8472, length 74, checksum 0
+    " 08 000000 000001 00"  # VXLAN: flags I, VNI 1
+    " a23e117f0002 6e8c4a0d9101 0800"  # inner Ethernet
+    " 4500 002c beef 4000 3f 01 65f5 0af40002 0af40103"  # inner IPv4, DF, TTL 63
+    " 08 00 9b5d 0a1b 0001"  # ICMP echo request, id 0x0a1b seq 1
+    " a1b2c3d400000000e5f6070800000000"  # 16 bytes of ping data
 )
 PING_PAYLOAD = bytes.fromhex("a1b2c3d400000000e5f6070800000000")
 
