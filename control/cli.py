@@ -123,7 +123,7 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         port = getattr(node.backend, "port", 0)
         for subnet, public_ip, mac in args.peer:
             node.add_peer(Peer(subnet, public_ip, mac, port))
-        api = ApiServer(args.api_socket, {"status": lambda _req: dataplane_status(node)})
+        api = ApiServer(args.api_socket, {"status": lambda _req: node.status()})
         await api.start()
         try:
             await stop.wait()
@@ -133,33 +133,6 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         return 0
 
     return run_until_signal(main)
-
-
-def dataplane_status(node: Any) -> dict[str, Any]:
-    """What `weft status` shows of a userspace dataplane."""
-    from dataplane.packet.ethernet import mac_to_str
-
-    fwd = node.forwarder
-    spec = node.spec
-    return {
-        "backend": spec.backend,
-        "device": spec.device_name,
-        "device_kind": spec.device,
-        "device_mtu": node.device_mtu,
-        "subnet": str(spec.subnet),
-        "network": str(spec.network),
-        "public_ip": str(spec.public_ip),
-        "vtep_mac": mac_to_str(spec.vtep_mac) if spec.vtep_mac else None,
-        "peers": [
-            {
-                "subnet": str(p.subnet),
-                "public_ip": str(p.public_ip),
-                "vtep_mac": mac_to_str(p.vtep_mac) if p.vtep_mac else None,
-            }
-            for p in fwd.peers()
-        ],
-        "counters": fwd.counters.as_dict(),
-    }
 
 
 # -- weft status -----------------------------------------------------------------
@@ -245,7 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
+def _register_all() -> None:
+    from control import cli_agent
+
+    EXTRA_COMMANDS.append(cli_agent.register)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if not EXTRA_COMMANDS:
+        _register_all()
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

@@ -27,6 +27,7 @@ from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
 from dataplane.io.tun import TunDevice, open_tun
 from dataplane.packet.arp import ArpOp, build_arp, parse_arp
 from dataplane.packet.errors import DecodeError
+from dataplane.packet.ethernet import mac_to_str
 from dataplane.peers import Peer
 
 log = logging.getLogger("weft.dataplane")
@@ -231,6 +232,30 @@ class UserspaceDataplane:
             # Learn replies for gateways we asked for, and refresh known ones.
             if sender in self.backend.unresolved or sender in self.backend.neighbours:
                 self.backend.learn(sender, arp.sender_mac)
+
+    def status(self) -> dict[str, object]:
+        """What `weft status` shows of this dataplane."""
+        spec = self.spec
+        fwd = self.forwarder
+        return {
+            "backend": spec.backend,
+            "device": spec.device_name,
+            "device_kind": spec.device,
+            "device_mtu": self.device_mtu,
+            "subnet": str(spec.subnet),
+            "network": str(spec.network),
+            "public_ip": str(spec.public_ip),
+            "vtep_mac": mac_to_str(spec.vtep_mac) if spec.vtep_mac else None,
+            "peers": [
+                {
+                    "subnet": str(p.subnet),
+                    "public_ip": str(p.public_ip),
+                    "vtep_mac": mac_to_str(p.vtep_mac) if p.vtep_mac else None,
+                }
+                for p in (fwd.peers() if fwd else [])
+            ],
+            "counters": fwd.counters.as_dict() if fwd else {},
+        }
 
     # -- teardown ------------------------------------------------------------------
 

@@ -1,0 +1,230 @@
+"""`weft agent`: flanneld's flags (and FLANNELD_* environment), weft's own, and the wiring."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from ipaddress import IPv4Address, IPv4Interface, ip_address
+from typing import Any
+
+from control.cli import CliError, parse_ipv4, run_until_signal
+
+log = logging.getLogger("weft.agent")
+
+
+def env_default(flag: str, default: Any = None) -> Any:
+    """flanneld reads every flag from FLANNELD_<UPPER_SNAKE> too; so does weft."""
+    return os.environ.get("FLANNELD_" + flag.lstrip("-").upper().replace("-", "_"), default)
+
+
+def env_flag(flag: str) -> bool:
+    return str(env_default(flag, "false")).lower() in ("1", "true", "yes", "on")
+
+
+def add_etcd_flags(p: argparse.ArgumentParser) -> None:
+    """The etcd flags the agent and the operator commands share."""
+    p.add_argument(
+        "--etcd-endpoints",
+        default=env_default("--etcd-endpoints", "http://127.0.0.1:4001,http://127.0.0.1:2379"),
+        help="comma-separated etcd endpoints",
+    )
+    p.add_argument("--etcd-prefix", default=env_default("--etcd-prefix", "/coreos.com/network"))
+    for name in ("certfile", "keyfile", "cafile", "username", "password"):
+        p.add_argument(f"--etcd-{name}", default=env_default(f"--etcd-{name}"))
+
+
+def make_store(args: argparse.Namespace) -> Any:
+    from control.etcd_store import EtcdStore
+
+    endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
+    try:
+        return EtcdStore(
+            endpoints,
+            cert=args.etcd_certfile,
+            key=args.etcd_keyfile,
+            ca=args.etcd_cafile,
+            username=args.etcd_username,
+            password=args.etcd_password,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def resolve_underlay(iface: str | None, public_ip: IPv4Address | None) -> Any:
+    """flannel's interface choice: --iface (name or address), else the default route's."""
+    from control.agent import Underlay
+    from dataplane.io import netlink
+
+    if iface:
+        try:
+            wanted: IPv4Address | None = ip_address(iface)  # type: ignore[assignment]
+        except ValueError:
+            wanted = None
+        if wanted is not None:
+            for name, addr in netlink.all_ipv4():
+                if addr.ip == wanted:
+                    iface = name
+                    break
+            else:
+                raise CliError(f"--iface {wanted}: no interface has that address")
+    else:
+        iface = netlink.default_route_interface()
+        if iface is None:
+            raise CliError("no --iface given and no default route to choose an interface by")
+    addrs = netlink.interface_ipv4(iface)
+    if not addrs:
+        raise CliError(f"interface {iface} has no IPv4 address")
+    address: IPv4Interface = addrs[0]
+    return Underlay(iface, address, netlink.link_mtu(iface), public_ip or address.ip)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from control.agent import Agent, AgentError, AgentOptions
+    from control.api import ApiServer
+    from control.config import ConfigError
+    from control.health import HealthServer
+    from control.lease import validate_renew_margin
+    from control.metrics import render_metrics
+    from control.store import StoreError
+
+    try:
+        validate_renew_margin(args.subnet_lease_renew_margin)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    opts = AgentOptions(
+        etcd_endpoints=args.etcd_endpoints.split(","),
+        etcd_prefix=args.etcd_prefix,
+        etcd_certfile=args.etcd_certfile,
+        etcd_keyfile=args.etcd_keyfile,
+        etcd_cafile=args.etcd_cafile,
+        etcd_username=args.etcd_username,
+        etcd_password=args.etcd_password,
+        iface=args.iface,
+        public_ip=args.public_ip,
+        subnet_file=args.subnet_file,
+        subnet_lease_renew_margin=args.subnet_lease_renew_margin,
+        ip_masq=args.ip_masq,
+        healthz_ip=args.healthz_ip,
+        healthz_port=args.healthz_port,
+        dataplane=args.dataplane,
+        device=args.device,
+        state_dir=args.state_dir,
+        api_socket=args.api_socket,
+        accept_any_source=args.accept_any_source,
+        lease_ttl=args.lease_ttl,
+    )
+    underlay = resolve_underlay(args.iface, args.public_ip)
+    store = make_store(args)
+
+    async def main(stop: asyncio.Event) -> int:
+        agent = Agent(opts, store, make_dataplane, underlay=underlay)
+        api = ApiServer(opts.api_socket, {"status": lambda _req: agent.status()})
+        health = None
+        try:
+            await api.start()
+            if opts.healthz_port:
+                health = HealthServer(
+                    opts.healthz_ip,
+                    opts.healthz_port,
+                    lambda: agent.ready,
+                    lambda: render_metrics(agent.status()),
+                )
+                await health.start()
+            return await agent.run(stop)
+        except (AgentError, ConfigError, StoreError) as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            if health is not None:
+                await health.close()
+            await api.close()
+            with contextlib.suppress(Exception):
+                await store.close()
+
+    return run_until_signal(main)
+
+
+def make_dataplane(agent: Any) -> Any:
+    """The userspace engine or the kernel, for the agent's config and lease."""
+    cfg = agent.config
+    lease = agent.lease
+    underlay = agent.underlay
+    opts = agent.opts
+    if opts.dataplane == "kernel":
+        from control.kernel import KernelDataplane, KernelSpec
+
+        return KernelDataplane(
+            KernelSpec(
+                backend=cfg.backend_type,
+                subnet=lease.subnet,
+                local_ip=underlay.address.ip,
+                underlay_iface=underlay.iface,
+                device_mtu=agent.device_mtu(),
+                vni=cfg.backend.vni,
+                port=cfg.backend.effective_port or 0,
+                vtep_mac=agent.vtep_mac,
+            )
+        )
+    from dataplane.io.node import NodeSpec, UserspaceDataplane
+
+    if cfg.backend_type == "vxlan" and cfg.backend.mtu:
+        underlay_mtu = cfg.backend.mtu
+    else:
+        underlay_mtu = underlay.mtu
+    return UserspaceDataplane(
+        NodeSpec(
+            backend=cfg.backend_type,
+            network=cfg.network,
+            subnet=lease.subnet,
+            public_ip=underlay.address.ip,
+            underlay_iface=underlay.iface,
+            underlay_mtu=underlay_mtu,
+            device=opts.device,
+            vni=cfg.backend.vni,
+            port=cfg.backend.effective_port or 0,
+            vtep_mac=agent.vtep_mac,
+            accept_any_source=opts.accept_any_source,
+        )
+    )
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("agent", help="run the node agent (flanneld's job)")
+    add_etcd_flags(p)
+    p.add_argument("--iface", default=env_default("--iface"), help="interface name or address")
+    p.add_argument("--public-ip", type=parse_ipv4, default=env_default("--public-ip"))
+    p.add_argument(
+        "--subnet-file", default=env_default("--subnet-file", "/run/flannel/subnet.env")
+    )
+    p.add_argument(
+        "--subnet-lease-renew-margin",
+        type=int,
+        default=env_default("--subnet-lease-renew-margin", "60"),
+        help="minutes before expiry to renew (1..1439)",
+    )
+    p.add_argument("--ip-masq", action="store_true", default=env_flag("--ip-masq"))
+    p.add_argument("--healthz-ip", default=env_default("--healthz-ip", "0.0.0.0"))
+    p.add_argument("--healthz-port", type=int, default=env_default("--healthz-port", "0"))
+    p.add_argument(
+        "--dataplane",
+        choices=["userspace", "kernel"],
+        default=env_default("--dataplane", "userspace"),
+    )
+    p.add_argument("--device", choices=["tun", "tap"], default=env_default("--device", "tun"))
+    p.add_argument("--state-dir", default=env_default("--state-dir", "/var/lib/weft"))
+    p.add_argument("--api-socket", default=env_default("--api-socket", "/run/weft/weft.sock"))
+    p.add_argument(
+        "--accept-any-source",
+        action="store_true",
+        default=env_flag("--accept-any-source"),
+        help="accept encapsulated packets from anyone, as flannel does",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=env_default("--lease-ttl", "86400"),
+        help="etcd lease TTL in seconds (flannel: 86400; shorter only for tests)",
+    )
+    p.set_defaults(func=cmd_agent)

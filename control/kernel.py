@@ -1,0 +1,98 @@
+"""Kernel mode: the same control loop, programming Linux the way flanneld does.
+
+vxlan: a `flannel.<VNI>` vxlan device (nolearning, dstport, local, dev), the
+lease's .0 address as a /32, and per peer the chain route → permanent
+neighbour → permanent FDB entry (facts §3b). host-gw: one route per peer via
+its public IP on the underlay interface (facts §3c). Entries stay when weft
+stops, as flanneld leaves them, so traffic survives a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from dataplane.io import netlink
+from dataplane.peers import Peer
+
+log = logging.getLogger("weft.kernel")
+
+
+@dataclass
+class KernelSpec:
+    backend: str
+    subnet: IPv4Network
+    local_ip: IPv4Address
+    underlay_iface: str
+    device_mtu: int
+    vni: int = 1
+    port: int = 8472
+    vtep_mac: bytes | None = None
+
+
+class KernelDataplane:
+    def __init__(self, spec: KernelSpec) -> None:
+        if spec.backend not in ("vxlan", "host-gw"):
+            raise ValueError(
+                f"--dataplane kernel supports vxlan and host-gw, not {spec.backend} "
+                "(flannel's udp backend is itself a userspace proxy: use --dataplane userspace)"
+            )
+        self.spec = spec
+        self.device = f"flannel.{spec.vni}"
+        self._peers: dict[IPv4Network, Peer] = {}
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        spec = self.spec
+        if spec.backend != "vxlan":
+            return
+        assert spec.vtep_mac is not None
+        netlink.create_vxlan(
+            self.device,
+            vni=spec.vni,
+            local_ip=str(spec.local_ip),
+            dev=spec.underlay_iface,
+            port=spec.port,
+            mac=spec.vtep_mac,
+            mtu=spec.device_mtu,
+        )
+        netlink.add_address(self.device, f"{spec.subnet.network_address}/32")
+        netlink.set_link(self.device, up=True)
+        log.info("kernel vxlan device %s up (VNI %d, port %d)", self.device, spec.vni, spec.port)
+
+    def add_peer(self, peer: Peer) -> None:
+        old = self._peers.get(peer.subnet)
+        if old is not None and old != peer:
+            self.remove_peer(peer.subnet)
+        if self.spec.backend == "vxlan":
+            assert peer.vtep_mac is not None
+            gw = str(peer.subnet.network_address)
+            netlink.replace_neigh(gw, peer.vtep_mac, self.device)
+            netlink.replace_fdb(peer.vtep_mac, self.device, str(peer.public_ip))
+            netlink.replace_route(str(peer.subnet), dev=self.device, via=gw, onlink=True)
+        else:
+            netlink.replace_route(
+                str(peer.subnet), dev=self.spec.underlay_iface, via=str(peer.public_ip)
+            )
+        self._peers[peer.subnet] = peer  # type: ignore[index]
+
+    def remove_peer(self, subnet: IPv4Network) -> Peer | None:
+        peer = self._peers.pop(subnet, None)
+        if peer is None:
+            return None
+        if self.spec.backend == "vxlan":
+            netlink.delete_route(str(subnet), dev=self.device)
+            netlink.delete_neigh(str(subnet.network_address), self.device)
+            assert peer.vtep_mac is not None
+            netlink.delete_fdb(peer.vtep_mac, self.device, str(peer.public_ip))
+        else:
+            netlink.delete_route(str(subnet), dev=self.spec.underlay_iface)
+        return peer
+
+    def stop(self) -> None:
+        pass  # flanneld leaves the device and entries in place
+
+    def status(self) -> dict[str, Any]:
+        return {"device": self.device, "device_kind": "kernel", "device_mtu": self.spec.device_mtu}
