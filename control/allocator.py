@@ -289,10 +289,7 @@ def plan_acquire(
         )
     if not free4 or (cfg.enable_ipv6 and not free6):
         if not free4:
-            error = (
-                f"no free subnet in {cfg.subnet_min}..{cfg.subnet_max} "
-                f"({len(existing)} leases)"
-            )
+            error = f"no free subnet in {cfg.subnet_min}..{cfg.subnet_max} ({len(existing)} leases)"
         else:
             error = (
                 f"no free IPv6 subnet in {cfg.ipv6_subnet_min}..{cfg.ipv6_subnet_max} "
@@ -330,4 +327,3 @@ def _fits(cfg: NetworkConfig, lease: Lease) -> bool:
 
 def _fmt(subnet: IPv4Network, subnet_v6: IPv6Network | None) -> str:
     return str(subnet) if subnet_v6 is None else f"{subnet} + {subnet_v6}"
-

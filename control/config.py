@@ -165,8 +165,7 @@ def _unsupported_backend_text(backend_type: str) -> str:
     supported = ", ".join(SUPPORTED_BACKENDS)
     if backend_type in FLANNEL_ONLY_BACKENDS:
         return (
-            f"flannel backend {backend_type!r} is not implemented by weft "
-            f"(supported: {supported})"
+            f"flannel backend {backend_type!r} is not implemented by weft (supported: {supported})"
         )
     hint = ""
     if backend_type.lower() in SUPPORTED_BACKENDS:
@@ -245,22 +244,18 @@ def parse_network_config(raw: bytes | str) -> NetworkConfig:
     """Parse and validate ``<prefix>/config``. Raises ConfigError."""
     doc = _loads(raw)
     if not isinstance(doc, dict):
-        raise ConfigError(
-            f"network config: must be a JSON object, got {_json_type(doc)}"
-        )
+        raise ConfigError(f"network config: must be a JSON object, got {_json_type(doc)}")
     top = _fold_keys(doc)
 
     enable_ipv4 = _get_bool(top, "EnableIPv4", True)
     enable_ipv6 = _get_bool(top, "EnableIPv6", False)
     enable_nftables = _get_bool(top, "EnableNFTables", False)
     if not enable_ipv4:
-        raise _err(
-            "EnableIPv4", "false (IPv6-only networks) is not supported by weft"
-        )
+        raise _err("EnableIPv4", "false (IPv6-only networks) is not supported by weft")
 
     network = _get_ipv4_network(top, "Network")
     if network is None:
-        raise _err("Network", "missing; set an IPv4 CIDR such as \"10.244.0.0/16\"")
+        raise _err("Network", 'missing; set an IPv4 CIDR such as "10.244.0.0/16"')
     subnet_len_in = _get_uint(top, "SubnetLen")
     subnet_min_in = _get_ipv4_address(top, "SubnetMin")
     subnet_max_in = _get_ipv4_address(top, "SubnetMax")
@@ -386,9 +381,7 @@ def _check_ipv6(
 ) -> tuple[int, IPv6Address, IPv6Address]:
     if subnet_len:
         if subnet_len > 126:
-            raise _err(
-                "IPv6SubnetLen", f"/{subnet_len} is too long; it must be at most 126"
-            )
+            raise _err("IPv6SubnetLen", f"/{subnet_len} is too long; it must be at most 126")
         if subnet_len < network.prefixlen + 2:
             raise _err(
                 "IPv6SubnetLen",
@@ -408,13 +401,9 @@ def _check_ipv6(
         raise _err("IPv6SubnetMax", f"{smax} is not inside IPv6Network {network}")
     host_bits = (1 << (128 - subnet_len)) - 1
     if int(smin) & host_bits:
-        raise _err(
-            "IPv6SubnetMin", f"{smin} is not on a /{subnet_len} (IPv6SubnetLen) boundary"
-        )
+        raise _err("IPv6SubnetMin", f"{smin} is not on a /{subnet_len} (IPv6SubnetLen) boundary")
     if int(smax) & host_bits:
-        raise _err(
-            "IPv6SubnetMax", f"{smax} is not on a /{subnet_len} (IPv6SubnetLen) boundary"
-        )
+        raise _err("IPv6SubnetMax", f"{smax} is not on a /{subnet_len} (IPv6SubnetLen) boundary")
     if smin > smax:
         raise _err("IPv6SubnetMin", f"{smin} is above IPv6SubnetMax {smax}")
     return subnet_len, smin, smax
@@ -429,7 +418,7 @@ def _parse_backend(top: dict[str, tuple[str, Any]]) -> BackendConfig:
         return BackendConfig(type="udp", port=UDP_DEFAULT_PORT)
     _, obj = top["backend"]
     if obj is None:
-        raise _err("Backend", "is null; give an object such as {\"Type\": \"vxlan\"}")
+        raise _err("Backend", 'is null; give an object such as {"Type": "vxlan"}')
     if not isinstance(obj, dict):
         raise _err("Backend", f"must be a JSON object, got {_json_type(obj)}")
     keys = _fold_keys(obj)
@@ -503,9 +492,7 @@ def _loads(raw: bytes | str) -> Any:
     if not text.strip():
         raise ConfigError("network config: empty; expected a JSON object")
     try:
-        return json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=go_object_pairs
-        )
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=go_object_pairs)
     except ValueError as exc:
         msg = getattr(exc, "msg", str(exc))
         where = ""
@@ -560,9 +547,7 @@ def _lookup(keys: dict[str, tuple[str, Any]], name: str) -> Any:
     return None if hit is None else hit[1]
 
 
-def _get_bool(
-    keys: dict[str, tuple[str, Any]], name: str, default: bool, where: str = ""
-) -> bool:
+def _get_bool(keys: dict[str, tuple[str, Any]], name: str, default: bool, where: str = "") -> bool:
     value = _lookup(keys, name)
     if value is None:
         return default
@@ -582,9 +567,7 @@ def _get_uint(keys: dict[str, tuple[str, Any]], name: str, where: str = "") -> i
     return value
 
 
-def _get_int(
-    keys: dict[str, tuple[str, Any]], name: str, where: str, default: int
-) -> int:
+def _get_int(keys: dict[str, tuple[str, Any]], name: str, where: str, default: int) -> int:
     value = _lookup(keys, name)
     if value is None:
         return default

@@ -79,9 +79,7 @@ def subnets_prefix(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{_clean_prefix(prefix)}/subnets/"
 
 
-def subnet_key(
-    prefix: str, subnet: IPv4Network, ipv6: IPv6Network | None = None
-) -> str:
+def subnet_key(prefix: str, subnet: IPv4Network, ipv6: IPv6Network | None = None) -> str:
     """``/coreos.com/network/subnets/10.244.1.0-24`` (``&fc00:0:0:1::-64`` for dual stack)."""
     name = f"{subnet.network_address}-{subnet.prefixlen}"
     if ipv6 is not None:
@@ -236,21 +234,15 @@ def decode_lease_attrs(raw: bytes | str) -> LeaseAttrs:
     pub6 = keys.get("publicipv6")
     if pub6 is not None:
         if not isinstance(pub6, str):
-            raise LeaseDecodeError(
-                f"lease PublicIPv6 is not a string: {_short(json.dumps(pub6))}"
-            )
+            raise LeaseDecodeError(f"lease PublicIPv6 is not a string: {_short(json.dumps(pub6))}")
         try:
             public_ipv6 = IPv6Address(pub6)
         except (AddressValueError, ValueError):
-            raise LeaseDecodeError(
-                f"lease PublicIPv6 {pub6!r} is not an IPv6 address"
-            ) from None
+            raise LeaseDecodeError(f"lease PublicIPv6 {pub6!r} is not an IPv6 address") from None
 
     btype = keys.get("backendtype")
     if btype is not None and not isinstance(btype, str):
-        raise LeaseDecodeError(
-            f"lease BackendType is not a string: {_short(json.dumps(btype))}"
-        )
+        raise LeaseDecodeError(f"lease BackendType is not a string: {_short(json.dumps(btype))}")
 
     data = _backend_object(keys, "backenddata", "BackendData")
     data6 = _backend_object(keys, "backendv6data", "BackendV6Data")
@@ -281,9 +273,7 @@ def _check_backend_data(name: str, obj: dict[str, Any]) -> None:
     if "vtepmac" in fields:
         mac = fields["vtepmac"]
         if not isinstance(mac, str) or parse_mac(mac) is None:
-            raise LeaseDecodeError(
-                f"lease {name}.VtepMAC is malformed: {_short(json.dumps(mac))}"
-            )
+            raise LeaseDecodeError(f"lease {name}.VtepMAC is malformed: {_short(json.dumps(mac))}")
     vni = fields.get("vni")
     if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or vni < 0):
         raise LeaseDecodeError(

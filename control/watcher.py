@@ -112,9 +112,7 @@ class LeaseWatcher:
             fresh[_key(lease)] = lease  # a duplicate key: the later entry wins
 
         events: list[Event] = [
-            Event(EventKind.REMOVED, old)
-            for key, old in self._leases.items()
-            if key not in fresh
+            Event(EventKind.REMOVED, old) for key, old in self._leases.items() if key not in fresh
         ]
         for key, lease in fresh.items():
             old = self._leases.get(key)
