@@ -7,6 +7,8 @@ import random
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from control.allocator import (
     FREE_WINDOW,
@@ -349,3 +351,30 @@ def test_plan_v4_only_hint_ignored_when_dual_stack_needs_v6_hint() -> None:
     plan = plan_acquire(c, [], ME, IPv4Network("10.244.5.0/24"), random.Random(2))
     assert not plan.from_hint
     assert plan.subnet_v6 is not None
+
+
+# ------------------------------------------------------------------ properties
+
+
+@settings(max_examples=60)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 30))
+def test_property_choice_is_free_compatible_and_first_window(
+    seed: int, taken_seed: int, n_taken: int
+) -> None:
+    c = cfg("10.0.0.0/22", SubnetLen=26)  # 15 candidates
+    candidates = list(all_subnets(c))
+    pick_taken = random.Random(taken_seed)
+    taken = {
+        IPv4Network(
+            (int(pick_taken.choice(candidates).network_address), pick_taken.choice([24, 26, 28])),
+            strict=False,
+        )
+        for _ in range(n_taken % 8)
+    }
+    free = [s for s in candidates if not any(s.overlaps(t) for t in taken)]
+    got = choose_subnet(c, taken, random.Random(seed))
+    if not free:
+        assert got is None
+    else:
+        assert got in free[:FREE_WINDOW]
+        assert is_compatible(c, got)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from control.model import (
     Lease,
@@ -304,3 +307,52 @@ def test_vtep_mac_malformed_in_constructed_attrs() -> None:
     with pytest.raises(LeaseDecodeError, match="VtepMAC"):
         vtep_mac(attrs)
     assert vtep_mac(LeaseAttrs(IPv4Address("1.2.3.4"))) is None
+
+
+# ------------------------------------------------------------------ properties
+
+
+_v4_nets = st.builds(
+    lambda addr, plen: IPv4Network((addr, plen), strict=False),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 31),
+)
+_MAPPED = IPv6Network("::ffff:0:0/96")  # newer Pythons print these dotted; flannel never keys them
+_v6_nets = st.builds(
+    lambda addr, plen: IPv6Network((addr, plen), strict=False),
+    st.integers(0, 2**128 - 1),
+    st.integers(0, 127),
+).filter(lambda n: not n.overlaps(_MAPPED))
+
+
+@given(_v4_nets, st.none() | _v6_nets)
+def test_property_key_round_trip(sn4: IPv4Network, sn6: IPv6Network | None) -> None:
+    assert parse_subnet_key(subnet_key(P, sn4, sn6), P) == (sn4, sn6)
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.none() | st.integers(0, 2**128 - 1),
+    st.none() | st.sampled_from(["vxlan", "host-gw", "wireguard"]),
+    st.none() | st.binary(min_size=6, max_size=6),
+    st.integers(0, 2**24 - 1),
+)
+def test_property_value_round_trip(
+    ip: int, ip6: int | None, btype: str | None, mac: bytes | None, vni: int
+) -> None:
+    attrs = LeaseAttrs(
+        IPv4Address(ip),
+        None if ip6 is None else IPv6Address(ip6),
+        btype,
+        None if mac is None else vxlan_backend_data(vni, mac),
+    )
+    raw = encode_lease_attrs(attrs)
+    assert decode_lease_attrs(raw) == attrs
+    assert encode_lease_attrs(decode_lease_attrs(raw)) == raw
+    assert vtep_mac(attrs) == mac
+
+
+@given(st.binary(max_size=80))
+def test_property_decode_never_raises_anything_else(raw: bytes) -> None:
+    with contextlib.suppress(LeaseDecodeError):
+        decode_lease_attrs(raw)
