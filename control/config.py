@@ -39,6 +39,7 @@ __all__ = [
     "BackendConfig",
     "ConfigError",
     "NetworkConfig",
+    "go_object_pairs",
     "mtu_for",
     "parse_network_config",
 ]
