@@ -173,29 +173,77 @@ def in_netns(ns: str) -> Iterator[None]:
 # -- processes ----------------------------------------------------------------
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """SIGTERM then SIGKILL a process this code started (and its process group,
-    which ``spawn`` makes with ``start_new_session``), then reap it.  Never raises.
-    The group is signalled only while the leader is unreaped, so its id cannot
-    have been reused."""
-
-    def signal_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    proc.send_signal(sig)
-
+def _stat(pid: int) -> tuple[bytes, int, int, int] | None:
+    """(state, pgrp, session, starttime) from /proc/<pid>/stat, or None."""
     try:
-        if proc.poll() is None:
-            signal_group(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                signal_group(signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[0], int(fields[2]), int(fields[3]), int(fields[19])
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    st = _stat(pid)
+    return st is not None and st[0] not in (b"Z", b"X")
+
+
+def pid_starttime(pid: int) -> int | None:
+    st = _stat(pid)
+    return None if st is None else st[3]
+
+
+def _members(pgid: int, *, session: bool = False) -> list[int]:
+    """Live processes whose process group (or session) id is ``pgid``."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        st = _stat(int(entry.name))
+        if st and st[0] not in (b"Z", b"X") and st[2 if session else 1] == pgid:
+            out.append(int(entry.name))
+    return out
+
+
+def _exited_unreaped(pid: int) -> bool:
+    """Our child ``pid`` has exited; it is left a zombie, so its id stays ours."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """Stop a process this code started with ``start_new_session=True`` and
+    whatever it left in its process group: SIGTERM to the group, up to
+    ``grace_s`` for all of it to exit, SIGKILL to the rest, reap.  Never raises.
+
+    The group is signalled by id only while the leader is an unreaped child
+    (zombie at worst), so the id cannot have been recycled."""
+    pid = proc.pid
+    try:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                if _exited_unreaped(pid) and not [m for m in _members(pid) if m != pid]:
+                    break
+                time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        else:
+            # leader already reaped: kill stragglers of its group unless the id
+            # now belongs to a new group leader (then it is not ours any more)
+            members = _members(pid)
+            if pid not in members:
+                for m in members:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(m, signal.SIGKILL)
     except Exception:  # teardown must not raise
         pass
     for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -204,40 +252,24 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
                 stream.close()
 
 
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+def kill_session_if_in(sid: int, inodes: set[int], grace_s: float = 2.0) -> None:
+    """Kill the leftovers of a crashed run's spawned process ``sid`` (session
+    leader, and anything else in that session) — only processes that sit in
+    one of the run's namespaces ``inodes``, so a recycled id is never touched."""
 
+    def ours() -> list[int]:
+        pids = set(_members(sid, session=True))
+        if pid_alive(sid):
+            pids.add(sid)
+        return [p for p in pids if pid_netns_inode(p) in inodes]
 
-def pid_starttime(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[19])
-
-
-def kill_pid_if_in(pid: int, inodes: set[int], grace_s: float = 2.0) -> None:
-    """Kill ``pid`` (not our child: a leftover) only if it lives in one of the
-    namespaces ``inodes`` — so a recycled PID elsewhere is never touched."""
-    if pid_netns_inode(pid) not in inodes:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and pid_alive(pid):
-        time.sleep(0.05)
-    if pid_alive(pid) and pid_netns_inode(pid) in inodes:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in ours():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and ours():
+            time.sleep(0.05)
 
 
 # -- run state (for cleaning up after crashed runs) --------------------------------
@@ -315,8 +347,8 @@ def cleanup_stale(tag_prefix: str = TAG_PREFIX) -> list[str]:
         names = by_tag.get(tag, [])
         inodes = {i for i in (netns_inode(n) for n in names) if i is not None}
         for pid in (state or {}).get("pids", []):
-            if isinstance(pid, int):
-                kill_pid_if_in(pid, inodes)
+            if isinstance(pid, int) and inodes:
+                kill_session_if_in(pid, inodes)
         for name in reversed(names):
             with contextlib.suppress(LabError):
                 netns_delete(name)
