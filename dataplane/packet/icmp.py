@@ -195,22 +195,31 @@ def _v4_is_host_address(addr: int) -> bool:
     return addr != 0 and first != 127 and first < 224  # 224/4 multicast, 240/4 + broadcast
 
 
-def should_send_icmp_error(packet: Buffer) -> bool:
+# ICMPv4 error messages (RFC 1122 3.2.2): never answered with another error.
+_ICMP_ERROR_TYPES = frozenset({3, 4, 5, 11, 12})
+
+
+def should_send_icmp_error(packet: Buffer, *, allow_icmp_queries: bool = False) -> bool:
     """Whether an IPv4 packet the forwarder can't deliver deserves an ICMP error.
 
-    No error about any ICMP packet, echo included: flannel's proxy never
-    answers ICMP with ICMP (RFC 792's loop rule, applied broadly), and weft
-    matches it. No error for non-first fragments, nor when the source is not
+    By default no error about any ICMP packet, echo included: flannel's proxy
+    never answers ICMP with ICMP (RFC 792's loop rule, applied broadly), and
+    weft matches it. allow_icmp_queries=True narrows that to RFC 1122's rule
+    (no error about an ICMP *error*), for errors flannel never sends, such as
+    FRAG_NEEDED, where `ping -M do` should learn the path MTU like it would
+    from the kernel. Never for non-first fragments, nor when the source is not
     a single host or the destination is multicast/broadcast (RFC 1122
     3.2.2). Unparseable packets get none either.
     """
     try:
-        _ipv4_header_length(packet)
+        hlen = _ipv4_header_length(packet)
     except DecodeError:
         return False
-    if packet[9] == IPProto.ICMP:
-        return False
     if (packet[6] << 8 | packet[7]) & IP_OFFSET_MASK:
+        return False
+    if packet[9] == IPProto.ICMP and (
+        not allow_icmp_queries or len(packet) <= hlen or packet[hlen] in _ICMP_ERROR_TYPES
+    ):
         return False
     src = int.from_bytes(packet[12:16], "big")
     dst = int.from_bytes(packet[16:20], "big")

@@ -244,6 +244,34 @@ def test_should_send_icmp_error(packet: bytes, expected: bool) -> None:
     assert should_send_icmp_error(packet) is expected
 
 
+def _icmp4(icmp_type: int, **kw: int) -> bytes:
+    return build_ipv4(
+        "10.244.0.2", "10.244.7.9", IPProto.ICMP, build_icmp(icmp_type, 0, 0, bytes(8)), **kw
+    )
+
+
+@pytest.mark.parametrize(
+    ("packet", "expected"),
+    [
+        (_icmp4(IcmpType.ECHO_REQUEST), True),
+        (_icmp4(IcmpType.ECHO_REPLY, flags=IP_DF), True),
+        (_icmp4(13), True),  # timestamp request
+        (_icmp4(IcmpType.DEST_UNREACH), False),
+        (_icmp4(IcmpType.TIME_EXCEEDED), False),
+        (_icmp4(4), False),  # source quench
+        (_icmp4(5), False),  # redirect
+        (_icmp4(12), False),  # parameter problem
+        (_icmp4(IcmpType.ECHO_REQUEST, fragment_offset=1), False),
+        (build_ipv4("10.244.0.2", "10.244.7.9", IPProto.ICMP, b""), False),  # no ICMP type
+        (_v4(), True),
+    ],
+)
+def test_should_send_icmp_error_allowing_queries(packet: bytes, expected: bool) -> None:
+    assert should_send_icmp_error(packet, allow_icmp_queries=True) is expected
+    if packet[9] == IPProto.ICMP:
+        assert should_send_icmp_error(packet) is False  # flannel's default: never about ICMP
+
+
 @pytest.mark.parametrize(
     ("packet", "error_type", "expected"),
     [
