@@ -67,8 +67,9 @@ _CLIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 def _channel_options(timeout: float) -> dict[str, Any]:
     return {
-        # Reconnect quickly after a restart (flannel: 100 ms .. 5 s).
-        "grpc.min_reconnect_backoff_ms": 100,
+        # Reconnect quickly after a restart (flannel: 100 ms .. 5 s). Not
+        # grpc.min_reconnect_backoff_ms: C-core also uses it as the minimum
+        # *connect timeout* (default 20 s); 100 ms there fails slow handshakes.
         "grpc.initial_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": 5000,
         # Notice a silently dead peer under an open watch. etcd's keepalive
@@ -76,6 +77,10 @@ def _channel_options(timeout: float) -> dict[str, Any]:
         "grpc.keepalive_time_ms": 10_000,
         "grpc.keepalive_timeout_ms": max(1000, int(timeout * 1000)),
         "grpc.http2.max_pings_without_data": 0,
+        # Any unanswered ping (not only keepalive's) kills the transport; without
+        # this a ping in flight when the peer froze suppresses keepalive (C-core
+        # default 1 min, and in practice the watch hung for minutes).
+        "grpc.http2.ping_timeout_ms": max(1000, int(timeout * 1000)),
         # Large prefix listings (Go's clientv3 uses MaxInt32 too).
         "grpc.max_receive_message_length": 2**31 - 1,
     }

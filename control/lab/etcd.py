@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -44,6 +45,7 @@ READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 BIND_RETRIES = 5
 _BIND_CLASH = "address already in use"
+_ERROR_LINE = re.compile(r'"level":"(error|fatal|panic)"|^flag provided|^Error|^error', re.I)
 # /health goes straight to 127.0.0.1 even when http_proxy is set in the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -210,6 +212,7 @@ class EtcdServer:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGCONT)  # in case it was paused
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -230,6 +233,16 @@ class EtcdServer:
             proc.wait()
         self._proc = None
         self._close_log()
+
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its sockets but answers nothing (a hung member)."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause()``."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop and remove the temp dir (data and log)."""
@@ -260,11 +273,18 @@ class EtcdServer:
         )
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of etcd's log, preceded by its first few error lines
+        (etcd often logs the cause early and then a page of shutdown or usage text)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except (OSError, EtcdServerError):
             return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        all_lines = text.splitlines()
+        tail = all_lines[-lines:]
+        errors = [ln for ln in all_lines[:-lines] if _ERROR_LINE.search(ln)][:3]
+        if errors:
+            return "\n".join([*errors, "...", *tail])
+        return "\n".join(tail)
 
     def _tmp(self) -> Path:
         if self.tmpdir is None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -203,6 +207,31 @@ async def test_server_loss_breaks_watch_and_restart_recovers(
     assert kv is not None and kv.value == b"2"
 
 
+async def test_hung_server_breaks_watch(etcd_server: EtcdServer) -> None:
+    """A member that stops answering (SIGSTOP: TCP still up) must not hang the watch."""
+    s = EtcdStore([etcd_server.endpoint], timeout=2.0)
+    try:
+        rev, _ = await s.list_prefix(PREFIX)
+        watch = s.watch_prefix(PREFIX, rev + 1)
+        try:
+            await s.put(KEY_A, b"1")
+            assert len(await collect(watch, 1)) == 1
+            etcd_server.pause()
+            try:
+                with pytest.raises(WatchBroken, match="unreachable"):
+                    await collect(watch, 1, timeout=30.0)  # keepalive 10 s + ping timeout
+                with pytest.raises(StoreError, match="unreachable"):
+                    await s.get(KEY_A)
+            finally:
+                etcd_server.resume()
+        finally:
+            await watch.aclose()  # type: ignore[attr-defined]
+        kv = await s.get(KEY_A)
+        assert kv is not None and kv.value == b"1"
+    finally:
+        await s.close()
+
+
 async def test_unreachable_endpoint_fails_fast_with_clear_error() -> None:
     (port,) = free_ports("127.0.0.1", 1)  # nothing listens there
     endpoint = f"http://127.0.0.1:{port}"
@@ -287,3 +316,82 @@ async def test_close_ends_open_watch(store: EtcdStore) -> None:
         await task
     with pytest.raises(StoreError, match="closed"):
         await store.get(KEY_A)
+
+
+def make_test_pki(d: Path) -> None:
+    """ca.crt, and server/client key+cert for 127.0.0.1, signed by it (openssl CLI)."""
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt",
+        "-days", "2", "-subj", "/CN=weft-test-ca")  # fmt: skip
+    (d / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    for name in ("server", "client"):
+        run("req", *ec, "-keyout", f"{d}/{name}.key", "-out", f"{d}/{name}.csr",
+            "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.crt",
+            "-CAkey", f"{d}/ca.key", "-CAcreateserial", "-out", f"{d}/{name}.crt",
+            "-days", "2", "-extfile", f"{d}/ext.cnf")  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed for test certs")
+async def test_tls_with_client_certificate(tmp_path: Path) -> None:
+    make_test_pki(tmp_path)
+    d = tmp_path
+    server = EtcdServer(
+        extra_args=[f"--cert-file={d}/server.crt", f"--key-file={d}/server.key",
+                    f"--trusted-ca-file={d}/ca.crt", "--client-cert-auth"],
+        client_scheme="https",
+        etcdctl_args=[f"--cacert={d}/ca.crt", f"--cert={d}/client.crt",
+                      f"--key={d}/client.key"],
+    )  # fmt: skip
+    with server:
+        assert server.endpoint.startswith("https://127.0.0.1:")
+        s = EtcdStore(
+            [server.endpoint], cert=f"{d}/client.crt", key=f"{d}/client.key", ca=f"{d}/ca.crt"
+        )
+        try:
+            await s.put(KEY_A, LEASE_JSON)
+            rev, kvs = await s.list_prefix(PREFIX)
+            assert [kv.value for kv in kvs] == [LEASE_JSON]
+            watch = s.watch_prefix(PREFIX, rev + 1)
+            try:
+                await s.delete(KEY_A)
+                assert [e.kind for e in await collect(watch, 1)] == ["delete"]
+            finally:
+                await watch.aclose()  # type: ignore[attr-defined]
+        finally:
+            await s.close()
+        no_cert = EtcdStore([server.endpoint], ca=f"{d}/ca.crt", timeout=2.0)
+        try:
+            with pytest.raises(StoreError, match="unreachable"):
+                await no_cert.get(KEY_A)
+        finally:
+            await no_cert.close()
+
+
+async def test_auth_and_expired_token_renewal(caplog: pytest.LogCaptureFixture) -> None:
+    with EtcdServer(extra_args=["--auth-token=simple", "--auth-token-ttl=1"]) as server:
+        server.etcdctl("user", "add", "root:secret")
+        server.etcdctl("auth", "enable")
+        s = EtcdStore([server.endpoint], username="root", password="secret")
+        try:
+            await s.put(KEY_A, b"x")
+            await asyncio.sleep(3)  # the simple token expires; the store re-authenticates
+            with caplog.at_level(logging.INFO, logger="control.etcd_store"):
+                kv = await s.get(KEY_A)
+            assert kv is not None and kv.value == b"x"
+            assert "invalid auth token; retrying" in caplog.text
+        finally:
+            await s.close()
+        for creds in ({"username": "root", "password": "wrong"}, {}):
+            bad = EtcdStore([server.endpoint], timeout=2.0, **creds)  # type: ignore[arg-type]
+            try:
+                with pytest.raises(StoreError):
+                    await bad.get(KEY_A)
+            finally:
+                await bad.close()
