@@ -235,7 +235,7 @@ class Forwarder:
             if self.local_ip is None or not _U16.unpack_from(buf, start + 6)[0] & _IP_DF:
                 return Verdict.DROP
             packet = bytes(buf[start:end])
-            if not should_send_icmp_error(packet):
+            if not should_send_icmp_error(packet, allow_icmp_queries=True):
                 return Verdict.DROP
             self.reply = build_icmpv4_error(
                 IcmpType.DEST_UNREACH,

@@ -143,6 +143,9 @@ class UserspaceDataplane:
         # As flannel: the lease's .0 address as a /32, so the device owns an
         # address in the network without a connected route for the whole subnet.
         netlink.add_address(name, f"{spec.subnet.network_address}/32")
+        # ICMP errors weft writes back come from the device's own address: the
+        # kernel calls that a martian unless the device accepts local sources.
+        netlink.sysctl_set(f"net/ipv4/conf/{name}/accept_local", 1)
         if not tap:
             # Everything in the cluster network that is not local goes to weft;
             # the node's own subnet stays on cni0 (a longer prefix).

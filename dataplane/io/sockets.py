@@ -6,13 +6,15 @@ import socket
 
 ETH_P_ARP = 0x0806
 SOCKET_BUFFER = 4 << 20  # flannel's proxy lost 8–9 % of frames with default buffers
+SO_SNDBUFFORCE = 32  # Linux values; Python's socket module does not export them
+SO_RCVBUFFORCE = 33
 
 
 def _grow_buffers(sock: socket.socket) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
             # SO_*BUFFORCE ignores rmem_max/wmem_max (we are root); fall back if refused.
-            force = socket.SO_RCVBUFFORCE if opt == socket.SO_RCVBUF else socket.SO_SNDBUFFORCE
+            force = SO_RCVBUFFORCE if opt == socket.SO_RCVBUF else SO_SNDBUFFORCE
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)

@@ -96,7 +96,8 @@ def test_source_checks_and_accept_any_source() -> None:
     inner_spoofed = bytes(IP(src="10.244.9.5", dst="10.244.1.5") / ICMP())
 
     def frame(inner: bytes) -> bytearray:
-        return bytearray(bytes(VXLAN(vni=1, flags=0x08) / Ether(dst=OUR_MAC, src=PEER_MAC, type=0x0800) / inner))
+        eth = Ether(dst=OUR_MAC, src=PEER_MAC, type=0x0800)
+        return bytearray(bytes(VXLAN(vni=1, flags=0x08) / eth / inner))
 
     fwd = vxlan_fwd()
     f = frame(inner_ok)
@@ -232,7 +233,7 @@ def test_tap_mode_uses_the_fdb_and_keeps_the_kernel_frame() -> None:
     buf, start, end = load(fwd, unknown)
     assert fwd.from_device(buf, start, end) == Verdict.DROP
     assert fwd.counters.drops[DropReason.UNKNOWN_MAC] == 1
-    big = bytes(Ether(dst=PEER_MAC, src=OUR_MAC) / ping(size=1600))
+    big = bytes(Ether(dst=PEER_MAC, src=OUR_MAC, type=0x0800) / ping(size=1600))
     buf, start, end = load(fwd, big)
     assert fwd.from_device(buf, start, end) == Verdict.REPLY
     reply = Ether(fwd.reply)

@@ -1,0 +1,78 @@
+"""Helpers for system tests that run weft processes inside lab namespaces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from control.api import api_request
+from control.lab.topology import Lab, Node, Pod
+
+WEFT = [sys.executable, "-m", "control.cli"]
+
+
+def start_weft(lab: Lab, node: Node, args: list[str], tmp: Path, name: str) -> tuple[Any, Path]:
+    """Run `weft <args> --api-socket …` in node's namespace; wait until its API answers."""
+    sock = tmp / f"{name}.sock"
+    log = tmp / f"{name}.log"
+    proc = lab.spawn(node, [*WEFT, *args, "--api-socket", str(sock)], log=log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"weft {name} exited {proc.returncode}:\n{log.read_text()}")
+        if sock.exists():
+            try:
+                api_request(str(sock), {"op": "status"}, timeout=2)
+                return proc, sock
+            except (ConnectionError, OSError, json.JSONDecodeError):
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"weft {name} did not come up:\n{log.read_text()}")
+
+
+def status(sock: Path) -> dict[str, Any]:
+    return api_request(str(sock), {"op": "status"})
+
+
+def iperf3_transfer(lab: Lab, client: Pod, server: Pod, seconds: int = 2) -> dict[str, Any]:
+    """One TCP iperf3 run from client to server; returns iperf3's JSON end summary."""
+    srv = lab.spawn(server, ["iperf3", "-s", "-1"])
+    try:
+        last = ""
+        for _ in range(50):
+            cp = lab.run(
+                client,
+                "iperf3", "-c", str(server.ip), "-t", str(seconds), "-J",
+                check=False, timeout=seconds + 30,
+            )  # fmt: skip
+            result = json.loads(cp.stdout) if cp.stdout.startswith("{") else {}
+            if cp.returncode == 0 and "sum_received" in result.get("end", {}):
+                return result["end"]
+            last = result.get("error") or (cp.stdout + cp.stderr)
+            if "refused" not in last and "busy" not in last:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"iperf3 failed: {last[-2000:]}")
+    finally:
+        lab.stop(srv)
+
+
+def send_datagrams(lab: Lab, ns: str, dst: str, port: int, payloads: list[bytes]) -> None:
+    """Send raw UDP datagrams from inside a lab namespace (a hostile node)."""
+    code = (
+        "import socket,sys,json\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "for h in json.load(sys.stdin):\n"
+        f"    s.sendto(bytes.fromhex(h),({dst!r},{port}))\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        input=json.dumps([p.hex() for p in payloads]),
+        text=True,
+        check=True,
+        timeout=60,
+    )
