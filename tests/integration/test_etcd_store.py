@@ -280,6 +280,29 @@ async def test_first_endpoint_dead_second_works(etcd_server: EtcdServer) -> None
         await s.close()
 
 
+async def test_member_loss_moves_to_next_endpoint(etcd_server: EtcdServer) -> None:
+    """Two independent single-member servers stand in for two members: after the
+    current one dies a read is retried on the next, a write fails once, then works."""
+    with EtcdServer(name="second") as second:
+        second.etcdctl("put", KEY_A, "from-second")
+        s = EtcdStore([etcd_server.endpoint, second.endpoint], timeout=2.0)
+        try:
+            await s.put(KEY_A, b"from-first")
+            assert s.endpoint == etcd_server.endpoint
+            etcd_server.kill()
+            kv = await s.get(KEY_A)  # retried on the next endpoint
+            assert kv is not None and kv.value == b"from-second"
+            assert s.endpoint == second.endpoint
+            second.kill()
+            with pytest.raises(StoreError, match="unreachable"):
+                await s.put(KEY_B, b"x")  # writes are not retried
+            etcd_server.restart()
+            await s.put(KEY_B, b"x")  # next call starts with the next endpoint
+            assert s.endpoint == etcd_server.endpoint
+        finally:
+            await s.close()
+
+
 async def test_values_from_etcdctl_are_byte_exact(
     store: EtcdStore, etcd_server: EtcdServer
 ) -> None:
