@@ -322,7 +322,7 @@ async def test_values_from_etcdctl_are_byte_exact(
         await watch.aclose()  # type: ignore[attr-defined]
     assert [(e.key, e.value) for e in events] == [(k, v.encode()) for k, v in values.items()]
     # and the other way round
-    raw = "{\"VtepMAC\":\"02:00:00:00:00:01\"}\t\u00e9"
+    raw = '{"VtepMAC":"02:00:00:00:00:01"}\t\u00e9'
     await store.put(KEY_A, raw.encode())
     assert etcd_server.etcdctl("get", KEY_A, "--print-value-only") == raw + "\n"
 
