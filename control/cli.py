@@ -219,9 +219,10 @@ EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def _register_all() -> None:
-    from control import cli_agent
+    from control import cli_agent, cli_etcd
 
     EXTRA_COMMANDS.append(cli_agent.register)
+    EXTRA_COMMANDS.append(cli_etcd.register)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,5 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run the imported module's main, not __main__'s: the sub-command modules
+    # import control.cli, and there must be one CliError class, not two.
+    from control.cli import main as _main
+
     with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+        sys.exit(_main())
