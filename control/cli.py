@@ -219,6 +219,8 @@ EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def _register_all() -> None:
+    if EXTRA_COMMANDS:
+        return
     from control import cli_agent, cli_etcd
 
     EXTRA_COMMANDS.append(cli_agent.register)
@@ -226,8 +228,7 @@ def _register_all() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if not EXTRA_COMMANDS:
-        _register_all()
+    _register_all()
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
