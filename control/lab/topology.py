@@ -102,11 +102,10 @@ class Lab:
     namespace name.
     """
 
-    def __init__(self, tag: str | None = None, *, workdir: str | Path | None = None) -> None:
+    def __init__(self, tag: str | None = None) -> None:
         self.tag = tag or new_tag()
         if not self.tag.startswith(TAG_PREFIX) or "-" in self.tag:
             raise LabError(f"lab tag must start with {TAG_PREFIX!r} and contain no '-'")
-        self.workdir = Path(workdir) if workdir else None
         self._state = RunState(self.tag)
         self._state.save()
         self._netns: list[str] = []

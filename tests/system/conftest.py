@@ -61,9 +61,9 @@ def _stale_labs() -> None:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab() -> Iterator[Lab]:
     """An empty Lab (no underlay yet); closed even when the test fails."""
-    lab = Lab(workdir=tmp_path)
+    lab = Lab()
     try:
         yield lab
     finally:
