@@ -312,6 +312,16 @@ class Agent:
                 log.warning("renewing lease failed: %s; retrying in %ds", exc, RENEW_RETRY_S)
                 self.schedule = self.schedule.on_error(self.clock())
 
+    def apply_masq(self) -> None:
+        if self.opts.ip_masq:
+            from control.masq import MasqError, apply_masq
+
+            assert self.config is not None and self.lease is not None
+            try:
+                apply_masq(self.config.network, self.lease.subnet)
+            except MasqError as exc:
+                raise AgentError(str(exc)) from None
+
     # -- subnet.env ----------------------------------------------------------------
 
     def device_mtu(self) -> int:
@@ -439,6 +449,7 @@ class Agent:
                 for event in self.watcher.set_own_subnet(self.lease.subnet):
                     self._apply(event.kind, event.lease)
                 restart_dataplane()
+                self.apply_masq()
                 self.write_subnet_env()
 
     # -- status --------------------------------------------------------------------
@@ -492,6 +503,7 @@ class Agent:
             self.vtep_mac = load_or_create_vtep_mac(self.opts.state_dir, self.rng)
         self.lease = await self.acquire()
         self.watcher.set_own_subnet(self.lease.subnet)
+        self.apply_masq()
         loop = asyncio.get_running_loop()
         self.dataplane = self.make_dataplane(self)
         self.dataplane.start(loop)
