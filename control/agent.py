@@ -481,7 +481,7 @@ class Agent:
         extra = getattr(self.dataplane, "status", None)
         if callable(extra):
             dp = extra()
-            for key in ("device", "device_kind", "device_mtu", "counters"):
+            for key in ("device", "device_kind", "device_mtu", "counters", "direct_routes"):
                 if key in dp:
                     out[key] = dp[key]
         return out

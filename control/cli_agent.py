@@ -147,7 +147,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def make_dataplane(agent: Any) -> Any:
-    """The userspace engine or the kernel, for the agent's config and lease."""
+    """The userspace engine or the kernel, for the agent's config and lease;
+    wrapped for vxlan DirectRouting (on-link peers get plain kernel routes)."""
+    dataplane = _make_dataplane(agent)
+    backend = agent.config.backend
+    if backend.type == "vxlan" and backend.direct_routing:
+        from control.kernel import DirectRouting
+
+        return DirectRouting(dataplane)
+    return dataplane
+
+
+def _make_dataplane(agent: Any) -> Any:
     cfg = agent.config
     lease = agent.lease
     underlay = agent.underlay

@@ -49,18 +49,40 @@ class KernelDataplane:
         if spec.backend != "vxlan":
             return
         assert spec.vtep_mac is not None
-        netlink.create_vxlan(
-            self.device,
-            vni=spec.vni,
-            local_ip=str(spec.local_ip),
-            dev=spec.underlay_iface,
-            port=spec.port,
-            mac=spec.vtep_mac,
-            mtu=spec.device_mtu,
-        )
+        if netlink.link_exists(self.device):
+            if self._compatible():
+                # flanneld reuses a compatible device, so a restart keeps traffic flowing.
+                netlink.set_link(self.device, mac=spec.vtep_mac, mtu=spec.device_mtu)
+                log.info("reusing existing %s", self.device)
+            else:
+                log.warning("%s exists with other settings; recreating it", self.device)
+                netlink.delete_link(self.device)
+        if not netlink.link_exists(self.device):
+            netlink.create_vxlan(
+                self.device,
+                vni=spec.vni,
+                local_ip=str(spec.local_ip),
+                dev=spec.underlay_iface,
+                port=spec.port,
+                mac=spec.vtep_mac,
+                mtu=spec.device_mtu,
+            )
         netlink.add_address(self.device, f"{spec.subnet.network_address}/32")
         netlink.set_link(self.device, up=True)
         log.info("kernel vxlan device %s up (VNI %d, port %d)", self.device, spec.vni, spec.port)
+
+    def _compatible(self) -> bool:
+        """flanneld's check: same VNI, local IP, underlay link and port."""
+        info = netlink.vxlan_info(self.device)
+        if info is None:
+            return False
+        spec = self.spec
+        return (
+            info.get("id") == spec.vni
+            and str(info.get("local")) == str(spec.local_ip)
+            and info.get("link") == netlink.link_index(spec.underlay_iface)
+            and info.get("port") in (spec.port, 0)
+        )
 
     def add_peer(self, peer: Peer) -> None:
         old = self._peers.get(peer.subnet)
@@ -96,3 +118,52 @@ class KernelDataplane:
 
     def status(self) -> dict[str, Any]:
         return {"device": self.device, "device_kind": "kernel", "device_mtu": self.spec.device_mtu}
+
+
+class DirectRouting:
+    """vxlan `DirectRouting`: peers on our L2 get a plain kernel route, the rest go through
+    the wrapped dataplane (userspace engine or kernel VXLAN), as flanneld does.
+
+    "On our L2" is flannel's test: `ip route get <PublicIP>` gives a route with no
+    gateway. The direct route is `<subnet> via <PublicIP> dev <that device>`.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._direct: dict[IPv4Network, str] = {}
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.inner.start(loop)
+
+    def add_peer(self, peer: Peer) -> None:
+        try:
+            dev, gateway = netlink.route_get(str(peer.public_ip))
+        except netlink.NetlinkError:
+            dev, gateway = "", IPv4Address("0.0.0.0")
+        subnet: IPv4Network = peer.subnet  # type: ignore[assignment]
+        if gateway is None:
+            if subnet not in self._direct:
+                self.inner.remove_peer(subnet)
+            netlink.replace_route(str(subnet), dev=dev, via=str(peer.public_ip))
+            self._direct[subnet] = dev
+            log.info("direct route %s via %s dev %s", subnet, peer.public_ip, dev)
+            return
+        if self._direct.pop(subnet, None) is not None:
+            netlink.delete_route(str(subnet))
+        self.inner.add_peer(peer)
+
+    def remove_peer(self, subnet: IPv4Network) -> Peer | None:
+        dev = self._direct.pop(subnet, None)
+        if dev is not None:
+            netlink.delete_route(str(subnet), dev=dev)
+            return None
+        return self.inner.remove_peer(subnet)
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+    def status(self) -> dict[str, Any]:
+        status = getattr(self.inner, "status", None)
+        out: dict[str, Any] = dict(status()) if callable(status) else {}
+        out["direct_routes"] = {str(s): d for s, d in self._direct.items()}
+        return out

@@ -76,3 +76,40 @@ def send_datagrams(lab: Lab, ns: str, dst: str, port: int, payloads: list[bytes]
         check=True,
         timeout=60,
     )
+
+
+def start_agent(
+    lab: Lab, node: Node, endpoint: str, tmp: Path, extra: list[str] | None = None
+) -> tuple[Any, Path]:
+    """`weft agent` in node's namespace with its files under tmp/<node>; waits until ready."""
+    d = tmp / node.name
+    d.mkdir(exist_ok=True)
+    argv = [
+        *WEFT, "agent", "--etcd-endpoints", endpoint, "--iface", "eth0",
+        "--subnet-file", str(d / "subnet.env"), "--state-dir", str(d / "state"),
+        "--api-socket", str(d / "weft.sock"), *(extra or []),
+    ]  # fmt: skip
+    proc = lab.spawn(node, argv, log=d / "agent.log")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"agent on {node.name} exited {proc.returncode}:\n"
+                                 f"{(d / 'agent.log').read_text()}")  # fmt: skip
+        try:
+            if api_request(str(d / "weft.sock"), {"op": "status"}, timeout=2).get("ready"):
+                return proc, d
+        except (ConnectionError, OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"agent on {node.name} never wrote subnet.env:\n"
+                         f"{(d / 'agent.log').read_text()}")  # fmt: skip
+
+
+def add_pod_from_subnet_env(lab: Lab, node: Node, d: Path) -> Pod:
+    """cni0 and one pod, from subnet.env, as the flannel CNI plugin + bridge would."""
+    from ipaddress import ip_interface
+
+    env = dict(line.split("=", 1) for line in (d / "subnet.env").read_text().split())
+    subnet = ip_interface(env["FLANNEL_SUBNET"]).network
+    lab.add_cni(node, subnet, mtu=int(env["FLANNEL_MTU"]))
+    return lab.add_pod(node)
