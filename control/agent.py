@@ -468,6 +468,8 @@ class Agent:
                 round(lease.expiration - self.clock()) if lease and lease.expiration else None
             ),
             "vtep_mac": mac_to_str(self.vtep_mac) if self.vtep_mac else None,
+            "vni": self.config.backend.vni if self.config else None,
+            "port": self.config.backend.effective_port if self.config else None,
             "peers": [
                 {
                     "subnet": str(p.subnet),
@@ -485,6 +487,16 @@ class Agent:
                 if key in dp:
                     out[key] = dp[key]
         return out
+
+    def trace(self, request: dict[str, Any]) -> Any:
+        """The trace stream of the userspace dataplane (an async iterator), or an error."""
+        stream = getattr(self.dataplane, "trace_stream", None)
+        if stream is None:
+            inner = getattr(self.dataplane, "inner", None)  # DirectRouting wraps it
+            stream = getattr(inner, "trace_stream", None)
+        if stream is None:
+            return {"error": "live tracing needs the userspace dataplane (--dataplane userspace)"}
+        return stream(request)
 
     # -- the whole life ------------------------------------------------------------
 

@@ -18,6 +18,20 @@ from typing import Any
 Handler = Callable[[dict[str, Any]], Any]
 
 
+def api_handlers(status: Callable[[], dict[str, Any]], trace: Handler) -> dict[str, Handler]:
+    """The read-only operations every weft process serves: status, explain, trace."""
+
+    def explain_op(request: dict[str, Any]) -> Any:
+        from control.explain import ExplainError, explain
+
+        try:
+            return explain(str(request.get("dst")), request.get("src"), status())
+        except (ExplainError, KeyError, ValueError) as exc:
+            return {"error": str(exc)}
+
+    return {"status": lambda _req: status(), "explain": explain_op, "trace": trace}
+
+
 class ApiServer:
     def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
         self.path = path
@@ -46,9 +60,21 @@ class ApiServer:
                     reply = handler(request)
             except (ValueError, AttributeError) as exc:
                 reply = {"error": f"bad request: {exc}"}
+            if hasattr(reply, "__aiter__"):
+                # A stream (trace events): one JSON line each until either side stops.
+                try:
+                    async for item in reply:
+                        writer.write(json.dumps(item).encode() + b"\n")
+                        await writer.drain()
+                except ValueError as exc:  # e.g. a bad trace filter
+                    writer.write(json.dumps({"error": str(exc)}).encode() + b"\n")
+                    await writer.drain()
+                finally:
+                    await reply.aclose()
+                return
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, BrokenPipeError):
             pass
         finally:
             writer.close()
@@ -60,6 +86,21 @@ class ApiServer:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def api_stream(path: str, request: dict[str, Any]) -> Any:
+    """Blocking client for streams: yields each decoded line until the server ends."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ConnectionError(
+                f"no weft agent answers on {path}: {exc.strerror or exc}"
+            ) from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                yield json.loads(line)
 
 
 def api_request(path: str, request: dict[str, Any], timeout: float = 5.0) -> Any:

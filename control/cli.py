@@ -116,14 +116,14 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         raise CliError("the vxlan backend needs --vtep-mac (the agent keeps one in its state dir)")
 
     async def main(stop: asyncio.Event) -> int:
-        from control.api import ApiServer
+        from control.api import ApiServer, api_handlers
 
         node = UserspaceDataplane(spec)
         node.start(asyncio.get_running_loop())
         port = getattr(node.backend, "port", 0)
         for subnet, public_ip, mac in args.peer:
             node.add_peer(Peer(subnet, public_ip, mac, port))
-        api = ApiServer(args.api_socket, {"status": lambda _req: node.status()})
+        api = ApiServer(args.api_socket, api_handlers(node.status, node.trace_stream))
         await api.start()
         try:
             await stop.wait()
@@ -221,10 +221,11 @@ EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 def _register_all() -> None:
     if EXTRA_COMMANDS:
         return
-    from control import cli_agent, cli_etcd
+    from control import cli_agent, cli_etcd, cli_trace
 
     EXTRA_COMMANDS.append(cli_agent.register)
     EXTRA_COMMANDS.append(cli_etcd.register)
+    EXTRA_COMMANDS.append(cli_trace.register)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

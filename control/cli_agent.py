@@ -83,7 +83,7 @@ def resolve_underlay(iface: str | None, public_ip: IPv4Address | None) -> Any:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from control.agent import Agent, AgentError, AgentOptions
-    from control.api import ApiServer
+    from control.api import ApiServer, api_handlers
     from control.config import ConfigError
     from control.health import HealthServer
     from control.lease import validate_renew_margin
@@ -121,7 +121,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> int:
         agent = Agent(opts, store, make_dataplane, underlay=underlay)
-        api = ApiServer(opts.api_socket, {"status": lambda _req: agent.status()})
+        api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace))
         health = None
         try:
             await api.start()

@@ -102,6 +102,7 @@ class Forwarder:
         self.out_end = 0
         self.out_peer: Peer | None = None
         self.reply = b""
+        self.drop_reason = 0  # why the last DROP (or ICMP REPLY) happened
         if self.l2:
             self.from_device = self._from_tap  # type: ignore[method-assign]
 
@@ -138,33 +139,34 @@ class Forwarder:
     def peers(self) -> list[Peer]:
         return [peer for _, peer in self.routes.items()]
 
+    def _drop(self, reason: int) -> int:
+        self.counters.drops[reason] += 1
+        self.drop_reason = reason
+        return Verdict.DROP
+
     # -- device → network ----------------------------------------------------------
 
     def from_device(self, buf: bytearray, start: int, end: int) -> int:
         """An IP packet read from the TUN device sits at buf[start:end]."""
         length = end - start
-        drops = self.counters.drops
         if length < 20:
-            drops[DropReason.TRUNCATED] += 1
-            return Verdict.DROP
+            return self._drop(DropReason.TRUNCATED)
         version = buf[start] >> 4
         if version == 4:
             peer = self.routes.lookup_v4(_U32.unpack_from(buf, start + 16)[0])
         elif version == 6 and length >= 40:
             peer = self.routes.lookup_v6(int.from_bytes(buf[start + 24 : start + 40], "big"))
         else:
-            drops[DropReason.BAD_VERSION if version != 6 else DropReason.TRUNCATED] += 1
-            return Verdict.DROP
+            return self._drop(DropReason.BAD_VERSION if version != 6 else DropReason.TRUNCATED)
         if peer is None:
-            drops[DropReason.NO_ROUTE] += 1
+            self._drop(DropReason.NO_ROUTE)
             return self._icmp_no_route(buf, start, end, version)
         if length > self.max_inner:
-            drops[DropReason.TOO_BIG] += 1
+            self._drop(DropReason.TOO_BIG)
             return self._icmp_too_big(buf, start, end, version)
         new_start = self.backend.encap(buf, start, end, peer)
         if new_start < 0:
-            drops[-new_start] += 1
-            return Verdict.DROP
+            return self._drop(-new_start)
         self.out_start = new_start
         self.out_end = end
         self.out_peer = peer
@@ -180,17 +182,14 @@ class Forwarder:
         VtepMAC, as on flannel.1); weft's part is the FDB: VtepMAC → public IP.
         """
         length = end - start
-        drops = self.counters.drops
         if length < 14 + 20:
-            drops[DropReason.TRUNCATED] += 1
-            return Verdict.DROP
+            return self._drop(DropReason.TRUNCATED)
         peer = self.fdb.get(bytes(buf[start : start + 6]))
         if peer is None:
             # Broadcast, multicast (IPv6 ND, …) or a MAC no lease announced.
-            drops[DropReason.UNKNOWN_MAC] += 1
-            return Verdict.DROP
+            return self._drop(DropReason.UNKNOWN_MAC)
         if length - 14 > self.max_inner:
-            drops[DropReason.TOO_BIG] += 1
+            self._drop(DropReason.TOO_BIG)
             version = buf[start + 14] >> 4
             if self._icmp_too_big(buf, start + 14, end, version) == Verdict.REPLY:
                 # Frame it back to the sender as if from the peer's VTEP.
@@ -262,24 +261,19 @@ class Forwarder:
     def from_network(self, buf: bytearray, end: int, source_ip: str) -> int:
         """A datagram payload received from `source_ip` sits at buf[0:end]."""
         start = self.backend.decap(buf, end)
-        drops = self.counters.drops
         if start < 0:
-            drops[-start] += 1
-            return Verdict.DROP
+            return self._drop(-start)
         if not self.accept_any_source:
             # flannel and the kernel take whatever reaches the port; weft takes
             # only what a known peer sends from inside its own subnet.
             subnet = self._sources.get(source_ip)
             if subnet is None:
-                drops[DropReason.UNKNOWN_SOURCE] += 1
-                return Verdict.DROP
+                return self._drop(DropReason.UNKNOWN_SOURCE)
             ip = start + 14 if self.l2 else start
             if end - ip < 20:
-                drops[DropReason.TRUNCATED] += 1
-                return Verdict.DROP
+                return self._drop(DropReason.TRUNCATED)
             if buf[ip] >> 4 != 4 or (_U32.unpack_from(buf, ip + 12)[0] & subnet[1]) != subnet[0]:
-                drops[DropReason.SPOOFED] += 1
-                return Verdict.DROP
+                return self._drop(DropReason.SPOOFED)
         self.out_start = start
         self.out_end = end
         counters = self.counters

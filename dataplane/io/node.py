@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Literal
@@ -29,6 +31,7 @@ from dataplane.packet.arp import ArpOp, build_arp, parse_arp
 from dataplane.packet.errors import DecodeError
 from dataplane.packet.ethernet import mac_to_str
 from dataplane.peers import Peer
+from dataplane.trace import Subscription, TraceFilter, Tracer
 
 log = logging.getLogger("weft.dataplane")
 
@@ -81,6 +84,7 @@ class UserspaceDataplane:
         self.packet_sock: socket.socket | None = None
         self.arp_sock: socket.socket | None = None
         self.engine: Engine | None = None
+        self.tracer: Tracer | None = None
         self.forwarder: Forwarder | None = None
         self.backend: Backend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,6 +123,15 @@ class UserspaceDataplane:
                 loop.add_reader(self.arp_sock.fileno(), self._on_arp)
                 self._resolver = loop.create_task(self._resolve_loop())
             netlink.sysctl_set("net/ipv4/ip_forward", "1")
+            self.tracer = Tracer(
+                backend.name,
+                local_ip=spec.public_ip,
+                local_mac=underlay_mac,
+                port=getattr(backend, "port", 0),
+                l2_device=tap,
+                clock=time.time,
+            )
+            self.engine.tracer = self.tracer
             self.engine.start(loop)
             self._loop = loop
         except BaseException:
@@ -249,6 +262,8 @@ class UserspaceDataplane:
             "network": str(spec.network),
             "public_ip": str(spec.public_ip),
             "vtep_mac": mac_to_str(spec.vtep_mac) if spec.vtep_mac else None,
+            "vni": spec.vni,
+            "port": getattr(self.backend, "port", None),
             "peers": [
                 {
                     "subnet": str(p.subnet),
@@ -259,6 +274,34 @@ class UserspaceDataplane:
             ],
             "counters": fwd.counters.as_dict() if fwd else {},
         }
+
+    async def trace_stream(self, request: dict[str, object]) -> AsyncIterator[dict[str, object]]:
+        """`weft trace live`: events as they come, a heartbeat each second meanwhile."""
+        if self.tracer is None:
+            yield {"error": "the dataplane is not running"}
+            return
+        sub = Subscription(
+            TraceFilter.parse(str(request.get("filter") or "")),
+            sample=max(1, int(request.get("sample") or 1)),  # type: ignore[call-overload]
+            max_rate=float(request.get("rate") or 1000),  # type: ignore[arg-type]
+            limit=int(request.get("count") or 0),  # type: ignore[call-overload]
+        )
+        ready = asyncio.Event()
+        sub.wakeup = ready.set
+        self.tracer.subscribe(sub)
+        try:
+            while True:
+                while sub.events:
+                    yield sub.events.popleft()
+                if sub.done:
+                    return
+                ready.clear()
+                try:
+                    await asyncio.wait_for(ready.wait(), 1.0)
+                except TimeoutError:
+                    yield {"heartbeat": time.time(), "lost": sub.lost}
+        finally:
+            self.tracer.unsubscribe(sub)
 
     # -- teardown ------------------------------------------------------------------
 

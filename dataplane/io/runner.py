@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
+from dataplane.trace import Tracer
 
 BATCH = 64
 BUFFER_SIZE = 65536 + 64
@@ -48,6 +49,8 @@ class Engine:
         #: called (outside the hot loop) once a batch left work for the edge, e.g.
         #: host-gw gateways to resolve.
         self.after_batch: Callable[[], None] | None = None
+        #: set while someone runs `weft trace live`; checked once per batch.
+        self.tracer: Tracer | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -74,6 +77,9 @@ class Engine:
         sendto = self.send_socket.sendto if self.forwarder.backend.transport == "udp" else None
         send = self.send_socket.send
         drops = fwd.counters.drops
+        tracer = self.tracer if self.tracer is not None and self.tracer.active else None
+        if tracer is not None:
+            tracer.start_batch()
         for _ in range(BATCH):
             try:
                 n = readv(fd, views)
@@ -82,6 +88,8 @@ class Engine:
             except OSError:
                 break  # device went away; the agent notices and stops
             verdict = fwd.from_device(buf, head, head + n)
+            if tracer is not None:
+                tracer.from_device(buf, head, head + n, verdict, fwd)
             if verdict == Verdict.SEND:
                 try:
                     if sendto is not None:
@@ -106,6 +114,9 @@ class Engine:
         fd = self.device_fd
         write = os.write
         drops = fwd.counters.drops
+        tracer = self.tracer if self.tracer is not None and self.tracer.active else None
+        if tracer is not None:
+            tracer.start_batch()
         for _ in range(BATCH):
             try:
                 n, addr = recv(buf)
@@ -115,7 +126,10 @@ class Engine:
                 # ICMP errors queued on the socket (port unreachable from a peer)
                 # surface here; they are not packets, so just carry on.
                 continue
-            if fwd.from_network(buf, n, addr[0]) == Verdict.DELIVER:
+            verdict = fwd.from_network(buf, n, addr[0])
+            if tracer is not None:
+                tracer.from_network(buf, n, addr, verdict, fwd)
+            if verdict == Verdict.DELIVER:
                 try:
                     write(fd, out[fwd.out_start : fwd.out_end])
                 except OSError:
