@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from dataplane.backends.base import Backend, DropReason
+from dataplane.packet.ipv4 import ipv4_decrement_ttl
 from dataplane.peers import Peer
 
 UDP_PORT = 8285
@@ -18,17 +19,7 @@ UDP_PORT = 8285
 def decrement_ttl(buf: bytearray, start: int) -> bool:
     """Decrement the IPv4 TTL / IPv6 hop limit at buf[start]; False when it runs out."""
     if buf[start] >> 4 == 4:
-        ttl = buf[start + 8]
-        if ttl <= 1:
-            return False
-        buf[start + 8] = ttl - 1
-        # RFC 1624: the word holding the TTL dropped by 0x0100, so the checksum
-        # rises by 0x0100 with end-around carry (as Linux's ip_decrease_ttl).
-        csum = ((buf[start + 10] << 8) | buf[start + 11]) + 0x0100
-        csum = (csum & 0xFFFF) + (csum >> 16)
-        buf[start + 10] = csum >> 8
-        buf[start + 11] = csum & 0xFF
-        return True
+        return ipv4_decrement_ttl(buf, start) != 0  # RFC 1624 checksum patch included
     hop_limit = buf[start + 7]
     if hop_limit <= 1:
         return False
