@@ -221,11 +221,12 @@ EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 def _register_all() -> None:
     if EXTRA_COMMANDS:
         return
-    from control import cli_agent, cli_etcd, cli_trace
+    from control import cli_agent, cli_etcd, cli_lab, cli_trace
 
     EXTRA_COMMANDS.append(cli_agent.register)
     EXTRA_COMMANDS.append(cli_etcd.register)
     EXTRA_COMMANDS.append(cli_trace.register)
+    EXTRA_COMMANDS.append(cli_lab.register)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
