@@ -378,13 +378,25 @@ class Agent:
         )
 
     async def watch_loop(self) -> None:
-        """List, then watch from revision+1; on any break, back off, re-list, apply the diff."""
+        """List, then watch from revision+1; on any break, back off, re-list, apply the diff.
+
+        An etcd outage is logged once when it starts and once when it ends; the
+        dataplane keeps its routes meanwhile.
+        """
         prefix = subnets_prefix(self.opts.etcd_prefix)
         backoff = WATCH_BACKOFF_MIN_S
         first = True
+        outage_since: float | None = None
         while True:
             try:
                 revision, leases = await self.list_leases()
+                if outage_since is not None:
+                    log.warning(
+                        "etcd is back after %.1fs; re-listed %d leases",
+                        self.clock() - outage_since,
+                        len(leases),
+                    )
+                    outage_since = None
                 if not first:
                     self.stats["watch_resyncs"] += 1
                 first = False
@@ -399,7 +411,17 @@ class Agent:
             except WatchBroken as exc:
                 log.warning("watch on %s ended: %s; re-listing", prefix, exc)
             except StoreError as exc:
-                log.warning("etcd: %s; retrying in %.1fs", exc, backoff)
+                if outage_since is None:
+                    outage_since = self.clock()
+                    log.warning(
+                        "etcd unreachable: %s; keeping the %d routes we have and retrying "
+                        "with backoff (up to %.0fs)",
+                        exc,
+                        len(self._peers),
+                        WATCH_BACKOFF_MAX_S,
+                    )
+                else:
+                    log.debug("etcd still unreachable: %s", exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, WATCH_BACKOFF_MAX_S)
 
