@@ -218,12 +218,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     print_nodes(state)
     first = nodes[0]
-    print("\ntry:")
-    if len(nodes) > 1 and first.pods and nodes[1].pods:
-        print(f"  weft lab exec {first.pod.name} -- ping -c 3 {nodes[1].pod.ip}")
-    print(f"  weft lab exec etcd -- etcdctl get --prefix {cluster.prefix}")
-    print(f"  weft lab exec {first.name} -- weft status --api-socket {first.api_socket}")
     suffix = "" if name == "weft" else f" --name {name}"
+    print(f"\nagent logs: {workdir}/<node>/agent.log\ntry:")
+    if len(nodes) > 1 and first.pods and nodes[1].pods:
+        print(f"  weft lab exec{suffix} {first.pod.name} -- ping -c 3 {nodes[1].pod.ip}")
+    print(f"  weft lab exec{suffix} etcd -- etcdctl get --prefix {cluster.prefix}")
+    print(f"  weft lab exec{suffix} {first.name} -- weft status --api-socket {first.api_socket}")
     print(f"  weft lab status{suffix}")
     print(f"  weft lab down{suffix}")
     return 0
