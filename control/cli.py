@@ -227,6 +227,7 @@ def _register_all() -> None:
     EXTRA_COMMANDS.append(cli_etcd.register)
     EXTRA_COMMANDS.append(cli_trace.register)
     EXTRA_COMMANDS.append(cli_lab.register)
+    EXTRA_COMMANDS.append(__import__("bench.cli", fromlist=["register"]).register)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

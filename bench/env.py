@@ -1,0 +1,325 @@
+"""The benchmark's lab environments: one two-node lab (a pod on each node) per mode.
+
+Every mode gets its own ``Lab`` (its own namespaces), built with the lab's
+``ip``/``bridge`` helpers; traffic runs pod1 (on n1) → pod2 (on n2), so n1's
+``eth0`` transmit counters see the data direction on the underlay.
+
+Underlay settings (the ethtool knobs on the nodes' underlay veth ``eth0``; the
+hub bridge's veth ends keep their defaults, GRO off, so the hub forwards frames
+as they come):
+
+* ``wire`` — ``ethtool -K eth0 tx off tso off gso off gro on`` on both nodes, in
+  every mode: the sender's stack segments and checksums every frame (MTU-sized
+  frames with real checksums, as a NIC puts on a wire) and the receiving node
+  coalesces with GRO, as it would behind a NIC.
+* ``offload`` — veth defaults (TSO/GSO on: 64 KB super-packets cross the
+  underlay unsegmented, checksums left partial), except that modes with a weft
+  node get ``ethtool -K eth0 tx off`` on both nodes: a userspace receiver reads
+  inner packets whose checksums a veth never filled in. ``tx off`` also drops
+  TSO (it depends on checksum offload); GSO stays on and GRO stays off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from control.lab.topology import (
+    Lab,
+    Node,
+    Pod,
+    add_kernel_hostgw_route,
+    add_kernel_vxlan_peer,
+    make_kernel_vxlan,
+)
+
+NETWORK = "10.244.0.0/16"
+SUBNET1 = "10.244.1.0/24"
+SUBNET2 = "10.244.2.0/24"
+WEFT_MAC1 = "02:77:00:00:00:01"
+WEFT_MAC2 = "02:77:00:00:00:02"
+WEFT_START_TIMEOUT_S = 20.0
+PING_READY_TIMEOUT_S = 15.0
+
+SETTINGS = ("wire", "offload")
+WIRE_KNOBS = ("tx", "off", "tso", "off", "gso", "off", "gro", "on")
+WEFT_OFFLOAD_KNOBS = ("tx", "off")
+
+
+@dataclass(frozen=True)
+class Mode:
+    key: str
+    label: str
+    encap: str  # key into bench.overhead.OVERHEAD
+    n1: str  # what n1 runs: "kernel" (routes or flannel.1) or a weft backend
+    n2: str
+    note: str = ""
+
+    @property
+    def weft_nodes(self) -> tuple[str, ...]:
+        return tuple(n for n, what in (("n1", self.n1), ("n2", self.n2)) if what != "kernel")
+
+    @property
+    def has_weft(self) -> bool:
+        return bool(self.weft_nodes)
+
+
+MODES: dict[str, Mode] = {
+    m.key: m
+    for m in (
+        Mode(
+            "plain",
+            "plain routing",
+            "none",
+            "kernel",
+            "kernel",
+            "kernel routes <peer subnet> via <peer node ip> (flannel host-gw's dataplane)",
+        ),
+        Mode(
+            "kernel-vxlan",
+            "kernel VXLAN",
+            "vxlan",
+            "kernel",
+            "kernel",
+            "flannel.1 on both nodes as flanneld makes it (also weft --dataplane kernel)",
+        ),
+        Mode(
+            "weft-vxlan",
+            "weft vxlan",
+            "vxlan",
+            "vxlan",
+            "vxlan",
+            "weft dataplane run --backend vxlan (TUN) on both nodes",
+        ),
+        Mode(
+            "weft-udp",
+            "weft udp",
+            "udp",
+            "udp",
+            "udp",
+            "weft dataplane run --backend udp on both nodes",
+        ),
+        Mode(
+            "weft-hostgw",
+            "weft host-gw",
+            "host-gw",
+            "host-gw",
+            "host-gw",
+            "weft dataplane run --backend host-gw on both nodes",
+        ),
+        Mode(
+            "weft-vxlan-kernel",
+            "weft vxlan → kernel",
+            "vxlan",
+            "vxlan",
+            "kernel",
+            "weft vxlan on the sending node, kernel flannel.1 on the receiver",
+        ),
+    )
+}
+DEFAULT_MODES = tuple(MODES)
+QUICK_MODES = ("plain", "kernel-vxlan", "weft-vxlan")
+
+
+def node_knobs(setting: str, mode: Mode) -> tuple[str, ...]:
+    """The ``ethtool -K eth0`` arguments each node gets (empty: veth defaults)."""
+    if setting == "wire":
+        return WIRE_KNOBS
+    if setting == "offload":
+        return WEFT_OFFLOAD_KNOBS if mode.has_weft else ()
+    raise ValueError(f"unknown underlay setting {setting!r} (have: {', '.join(SETTINGS)})")
+
+
+def pod_mtu(underlay_mtu: int, mode: Mode) -> int:
+    from bench.overhead import OVERHEAD
+
+    return underlay_mtu - OVERHEAD[mode.encap]
+
+
+@dataclass
+class Env:
+    """One built lab for (setting, MTU, mode), with what we started in it."""
+
+    mode: Mode
+    setting: str
+    underlay_mtu: int
+    lab: Lab
+    n1: Node
+    n2: Node
+    pod1: Pod
+    pod2: Pod
+    knobs: tuple[str, ...]
+    pod_mtu: int
+    weft: dict[str, subprocess.Popen] = field(default_factory=dict)  # node name → process
+    weft_sockets: dict[str, Path] = field(default_factory=dict)
+    iperf_server: subprocess.Popen | None = None
+
+    @property
+    def weft_pids(self) -> list[int]:
+        return [p.pid for p in self.weft.values()]
+
+    def wire_counters(self) -> tuple[int, int]:
+        """n1's eth0 transmit (bytes, packets): the data direction on the underlay."""
+        stats = self.lab.ip_json(self.n1, "-s", "link", "show", "dev", "eth0")[0]["stats64"]
+        return int(stats["tx"]["bytes"]), int(stats["tx"]["packets"])
+
+    def weft_status(self) -> dict[str, dict]:
+        from control.api import api_request
+
+        out: dict[str, dict] = {}
+        for name, sock in self.weft_sockets.items():
+            with contextlib.suppress(ConnectionError, OSError, ValueError):
+                out[name] = api_request(str(sock), {"op": "status"}, timeout=2)
+        return out
+
+    def close(self) -> None:
+        self.lab.close()
+
+
+def _weft_argv(
+    mode_backend: str,
+    node: Node,
+    subnet: str,
+    peer: Node,
+    peer_subnet: str,
+    peer_mac: str | None,
+    own_mac: str,
+    mtu: int,
+    sock: Path,
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "control.cli",
+        "dataplane",
+        "run",
+        "--backend",
+        mode_backend,
+        "--network",
+        NETWORK,
+        "--subnet",
+        subnet,
+        "--public-ip",
+        str(node.underlay_ip),
+        "--underlay-mtu",
+        str(mtu),
+        "--api-socket",
+        str(sock),
+    ]
+    if mode_backend == "vxlan":
+        argv += ["--vtep-mac", own_mac, "--peer", f"{peer_subnet},{peer.underlay_ip},{peer_mac}"]
+    else:
+        argv += ["--peer", f"{peer_subnet},{peer.underlay_ip}"]
+    return argv
+
+
+def _start_weft(env: Env, node: Node, argv: list[str], log: Path, sock: Path) -> None:
+    from control.api import api_request
+
+    proc = env.lab.spawn(node, argv, log=log)
+    env.weft[node.name] = proc
+    env.weft_sockets[node.name] = sock
+    deadline = time.monotonic() + WEFT_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"weft on {node.name} exited {proc.returncode}: "
+                f"{log.read_text(errors='replace')[-1500:]}"
+            )
+        if sock.exists():
+            try:
+                api_request(str(sock), {"op": "status"}, timeout=2)
+                return
+            except (ConnectionError, OSError, json.JSONDecodeError):
+                pass
+        time.sleep(0.1)
+    raise RuntimeError(f"weft on {node.name} did not come up within {WEFT_START_TIMEOUT_S}s")
+
+
+def build(mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: Path) -> Env:
+    """A fresh lab for ``mode``; closed again if anything in the setup fails."""
+    lab = Lab()
+    try:
+        lab.add_underlay(mtu=underlay_mtu)
+        n1, n2 = lab.add_node("n1"), lab.add_node("n2")
+        knobs = node_knobs(setting, mode)
+        for node in (n1, n2):
+            if knobs:
+                lab.run(node, "ethtool", "-K", "eth0", *knobs)
+        mtu = pod_mtu(underlay_mtu, mode)
+        lab.add_cni(n1, SUBNET1, mtu=mtu)
+        lab.add_cni(n2, SUBNET2, mtu=mtu)
+        pod1, pod2 = lab.add_pod(n1), lab.add_pod(n2)
+        env = Env(mode, setting, underlay_mtu, lab, n1, n2, pod1, pod2, knobs, mtu)
+        _program(env, workdir, sockdir)
+        for src, dst in ((pod1, pod2), (pod2, pod1)):
+            if not lab.wait_ping(src, dst.ip, timeout_s=PING_READY_TIMEOUT_S):
+                raise RuntimeError(f"{mode.key}: {src.name} cannot ping {dst.ip}")
+        env.iperf_server = lab.spawn(
+            pod2, ["iperf3", "-s", "-B", str(pod2.ip)], log=workdir / f"{lab.tag}-iperf3-server.log"
+        )
+        return env
+    except BaseException:
+        lab.close()
+        raise
+
+
+def _program(env: Env, workdir: Path, sockdir: Path) -> None:
+    lab, n1, n2, mode = env.lab, env.n1, env.n2, env.mode
+    kernel_macs: dict[str, str] = {}
+    nodes = {"n1": (n1, SUBNET1, WEFT_MAC1), "n2": (n2, SUBNET2, WEFT_MAC2)}
+    # Kernel side first: a weft vxlan node needs the kernel peer's VtepMAC.
+    if mode.key == "plain":
+        add_kernel_hostgw_route(lab, n1, SUBNET2, n2.underlay_ip)
+        add_kernel_hostgw_route(lab, n2, SUBNET1, n1.underlay_ip)
+        return
+    for name, what in (("n1", mode.n1), ("n2", mode.n2)):
+        if what == "kernel":
+            node, subnet, _ = nodes[name]
+            kernel_macs[name] = make_kernel_vxlan(lab, node, subnet)
+
+    def mac_of(name: str) -> str:
+        return kernel_macs.get(name) or nodes[name][2]
+
+    for name, what in (("n1", mode.n1), ("n2", mode.n2)):
+        other = "n2" if name == "n1" else "n1"
+        node, subnet, own_mac = nodes[name]
+        peer, peer_subnet, _ = nodes[other]
+        if what == "kernel":
+            add_kernel_vxlan_peer(
+                lab,
+                node,
+                peer_subnet=peer_subnet,
+                peer_mac=mac_of(other),
+                peer_public_ip=peer.underlay_ip,
+            )
+            continue
+        sock = sockdir / f"{lab.tag}-{name}.sock"
+        argv = _weft_argv(
+            what, node, subnet, peer, peer_subnet, mac_of(other), own_mac, env.underlay_mtu, sock
+        )
+        _start_weft(env, node, argv, workdir / f"{lab.tag}-{name}-weft.log", sock)
+
+
+def check_tools() -> list[str]:
+    """What is missing to run the dataplane benchmark here (empty: all good)."""
+    import os
+    import shutil
+
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (network namespaces, TUN, ethtool)")
+    for tool in ("ip", "bridge", "ethtool", "iperf3", "ping"):
+        if shutil.which(tool) is None:
+            missing.append(tool)
+    return missing
+
+
+def nets() -> tuple[IPv4Network, IPv4Network]:
+    return IPv4Network(SUBNET1), IPv4Network(SUBNET2)

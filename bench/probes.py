@@ -1,0 +1,116 @@
+"""The measurements run inside an environment's pods: iperf3 TCP/UDP, ping, rr.py.
+
+Each probe is bounded: iperf3 and ping get their duration plus a fixed grace as a
+subprocess timeout, and rr.py's server and client stop at their own deadlines.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.env import Env
+from bench.parse import (
+    ParseError,
+    TcpResult,
+    UdpResult,
+    parse_iperf3_tcp,
+    parse_iperf3_udp,
+    parse_rr,
+    ping_stats,
+)
+
+IPERF_GRACE_S = 20.0
+IPERF_RETRIES = 10  # the server may still be closing the previous test ("busy")
+SMALL_PAYLOAD = 64
+RR_PORT = 5301
+RR_SCRIPT = Path(__file__).with_name("rr.py")
+
+
+def _iperf3(env: Env, args: list[str], seconds: float) -> str:
+    argv = [
+        "iperf3",
+        "-c",
+        str(env.pod2.ip),
+        "-J",
+        "--connect-timeout",
+        "3000",
+        "-t",
+        str(seconds),
+        *args,
+    ]
+    last = ""
+    for _ in range(IPERF_RETRIES):
+        cp = env.lab.run(env.pod1, *argv, check=False, timeout=seconds + IPERF_GRACE_S)
+        if cp.returncode == 0:
+            return cp.stdout
+        last = (cp.stdout + cp.stderr)[-500:]
+        if "busy" not in last and "refused" not in last:
+            break
+        time.sleep(0.2)
+    raise ParseError(f"iperf3 {' '.join(args)} failed: {last}")
+
+
+def tcp(env: Env, seconds: float, streams: int = 1) -> TcpResult:
+    args = ["-P", str(streams)] if streams > 1 else []
+    return parse_iperf3_tcp(_iperf3(env, args, seconds))
+
+
+def udp_small(env: Env, seconds: float, payload: int = SMALL_PAYLOAD) -> UdpResult:
+    """As many ``payload``-byte datagrams as one iperf3 sender can make (``-b 0``)."""
+    out = _iperf3(env, ["-u", "-l", str(payload), "-b", "0"], seconds)
+    return parse_iperf3_udp(out, payload)
+
+
+def ping(env: Env, count: int, interval_s: float) -> dict[str, float | int | None]:
+    deadline = max(2, int(count * interval_s * 2 + 2))
+    cp = env.lab.run(
+        env.pod1,
+        "ping",
+        "-n",
+        "-c",
+        str(count),
+        "-i",
+        str(interval_s),
+        "-W",
+        "1",
+        "-w",
+        str(deadline),
+        str(env.pod2.ip),
+        check=False,
+        timeout=deadline + 10,
+    )
+    stats = ping_stats(cp.stdout)
+    if stats["received"] == 0:
+        raise ParseError(f"ping got no replies: {(cp.stdout + cp.stderr)[-300:]}")
+    return stats
+
+
+def rr(env: Env, seconds: float) -> dict[str, float]:
+    """1-byte TCP ping-pong (Python on both ends) for ``seconds``: transactions/s."""
+    host = str(env.pod2.ip)
+    srv = env.lab.spawn(
+        env.pod2, [sys.executable, str(RR_SCRIPT), "server", host, str(RR_PORT), str(seconds + 10)]
+    )
+    try:
+        cp = env.lab.run(
+            env.pod1,
+            sys.executable,
+            str(RR_SCRIPT),
+            "client",
+            host,
+            str(RR_PORT),
+            str(seconds),
+            check=False,
+            timeout=seconds + 20,
+        )
+        return parse_rr(cp.stdout + cp.stderr)
+    finally:
+        env.lab.stop(srv, grace_s=1.0)
+
+
+def stop_quietly(proc: subprocess.Popen | None, env: Env) -> None:
+    if proc is not None:
+        env.lab.stop(proc, grace_s=1.0)

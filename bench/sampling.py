@@ -1,0 +1,91 @@
+"""Counters read before and after each measurement: CPU of our processes and of the
+machine, and the underlay interface's byte and packet counters."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.parse import pid_stat_ticks, pid_status_rss_kb, proc_stat_cpu
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def pid_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` (all its threads) in seconds; None if it is gone."""
+    try:
+        return pid_stat_ticks(Path(f"/proc/{pid}/stat").read_text()) / CLK_TCK
+    except (OSError, ValueError):
+        return None
+
+
+def pid_rss_kb(pid: int) -> int | None:
+    try:
+        return pid_status_rss_kb(Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return None
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot (all CPUs)."""
+    busy, total = proc_stat_cpu(Path("/proc/stat").read_text())
+    return busy / CLK_TCK, total / CLK_TCK
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    wall: float
+    procs_cpu: float | None  # sum over the PIDs given (None if there were none)
+    machine_busy: float
+    machine_total: float
+    wire_bytes: int | None
+    wire_packets: int | None
+
+
+def snapshot(pids: Sequence[int], wire: tuple[int, int] | None) -> Snapshot:
+    cpu: float | None = None
+    if pids:
+        cpu = 0.0
+        for pid in pids:
+            cpu += pid_cpu_seconds(pid) or 0.0
+    busy, total = machine_cpu_seconds()
+    return Snapshot(
+        time.monotonic(),
+        cpu,
+        busy,
+        total,
+        wire[0] if wire else None,
+        wire[1] if wire else None,
+    )
+
+
+@dataclass(frozen=True)
+class Delta:
+    wall_s: float
+    procs_cpu_s: float | None
+    machine_cpu_s: float
+    machine_util: float  # busy / total over the interval (0..1, all CPUs)
+    wire_bytes: int | None
+    wire_packets: int | None
+
+
+def delta(a: Snapshot, b: Snapshot) -> Delta:
+    total = b.machine_total - a.machine_total
+    busy = b.machine_busy - a.machine_busy
+    return Delta(
+        wall_s=b.wall - a.wall,
+        procs_cpu_s=(b.procs_cpu - a.procs_cpu)
+        if a.procs_cpu is not None and b.procs_cpu is not None
+        else None,
+        machine_cpu_s=busy,
+        machine_util=busy / total if total > 0 else 0.0,
+        wire_bytes=(b.wire_bytes - a.wire_bytes)
+        if a.wire_bytes is not None and b.wire_bytes is not None
+        else None,
+        wire_packets=(b.wire_packets - a.wire_packets)
+        if a.wire_packets is not None and b.wire_packets is not None
+        else None,
+    )
