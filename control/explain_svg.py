@@ -266,6 +266,16 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
     overhead = int(result.get("overhead") or 50)
     underlay_mtu, pod_mtu = _underlay_mtu(result, overhead)
     device = _fmt(node.get("device"))
+    if node.get("device_kind") == "kernel":
+        sport_fields = ["sport: hash", "of inner flow"]
+        sport_text = (
+            "the kernel picks the source port from a hash of the inner flow, "
+            "so routers can spread flows over paths."
+        )
+    else:
+        # weft sends every datagram from its one socket, bound to the VXLAN port.
+        sport_fields = [f"sport {dport}", "(weft's socket)"]
+        sport_text = f"weft sends from its socket bound to {dport}, so the source port is {dport}."
     stations += [
         Station(
             device,
@@ -322,9 +332,7 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
             "outer-ip",
             overhead=True,
         ),
-        Segment(
-            "UDP", "8 B", [f"dport {dport}", "sport: hash", "of inner flow"], "udp", overhead=True
-        ),
+        Segment("UDP", "8 B", [f"dport {dport}", *sport_fields], "udp", overhead=True),
         Segment(
             "VXLAN", "8 B", [f"VNI {vni}", f"flags {_fmt(vx.get('flags'))}"], "vxlan", overhead=True
         ),
@@ -360,7 +368,7 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
             "udp",
             "UDP · 8 B",
             f"to port {dport}, where the peer's VXLAN listens (Linux and flannel use 8472); "
-            "the source port is a hash of the inner flow, so routers spread flows.",
+            + sport_text,
         ),
         (
             "vxlan",
