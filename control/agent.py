@@ -170,6 +170,10 @@ class Agent:
         self.dataplane: Dataplane | None = None
         self.watcher = LeaseWatcher()
         self.schedule = RenewSchedule.from_minutes(opts.subnet_lease_renew_margin)
+        if self.schedule.margin_s >= opts.lease_ttl:
+            # A test-sized TTL under the margin would make every renewal due at once:
+            # renew at half the TTL instead.
+            self.schedule = RenewSchedule(margin_s=opts.lease_ttl / 2)
         self.ready = False
         self.stats: dict[str, int] = {
             "watch_resyncs": 0,
@@ -361,9 +365,11 @@ class Agent:
             log.error("ignoring lease %s: it overlaps our own %s", subnet, own)
             return
         if peer.public_ip == self.underlay.public_ip:
-            log.error(
-                "ignoring lease %s: it claims our own public IP %s", subnet, peer.public_ip
-            )
+            if lease.attrs != self.my_attrs():
+                log.error(
+                    "ignoring lease %s: it claims our own public IP %s", subnet, peer.public_ip
+                )
+            # else: our own lease (a new one, seen before we recorded it): not a peer.
             return
         if self._peers.get(subnet) == peer:
             return  # a renewal: nothing changed

@@ -169,6 +169,7 @@ def _make_dataplane(agent: Any) -> Any:
         return KernelDataplane(
             KernelSpec(
                 backend=cfg.backend_type,
+                network=cfg.network,
                 subnet=lease.subnet,
                 local_ip=underlay.address.ip,
                 underlay_iface=underlay.iface,

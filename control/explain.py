@@ -81,7 +81,8 @@ def explain(dst: str, src: str | None, node: dict[str, Any]) -> dict[str, Any]:
     out["peer"] = peer
     out["route"] = {"prefix": str(prefix), "candidates": len(table)}
     public_ip = peer["public_ip"]
-    if backend == "host-gw" or peer.get("direct"):
+    direct = str(prefix) in (node.get("direct_routes") or {})
+    if backend == "host-gw" or direct:
         out["kind"] = "host-gw"
         line = f"{prefix} via {public_ip} dev {node.get('iface', 'eth0')}"
         out["route"]["line"] = line
@@ -137,7 +138,9 @@ def explain(dst: str, src: str | None, node: dict[str, Any]) -> dict[str, Any]:
     out["outer"] = [
         {"layer": "Ethernet", "bytes": 14, "underlay": True},
         {"layer": "IPv4", "bytes": 20, "src": node.get("public_ip"), "dst": public_ip},
-        {"layer": "UDP", "bytes": 8, "sport": "hash of the inner flow", "dport": port},
+        # The kernel hashes the inner flow into the source port; weft's socket is
+        # bound to the VXLAN port, so it sends from that.
+        {"layer": "UDP", "bytes": 8, "sport": "flow hash" if kernel else port, "dport": port},
         {"layer": "VXLAN", "bytes": 8, "flags": "0x08", "vni": vni},
         {"layer": "Ethernet (inner)", "bytes": 14, "src": node.get("vtep_mac"), "dst": mac},
     ]

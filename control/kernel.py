@@ -31,6 +31,7 @@ class KernelSpec:
     vni: int = 1
     port: int = 8472
     vtep_mac: bytes | None = None
+    network: IPv4Network | None = None  # the cluster network (stale addresses in it go)
 
 
 class KernelDataplane:
@@ -67,7 +68,12 @@ class KernelDataplane:
                 mac=spec.vtep_mac,
                 mtu=spec.device_mtu,
             )
-        netlink.add_address(self.device, f"{spec.subnet.network_address}/32")
+        own = f"{spec.subnet.network_address}/32"
+        netlink.add_address(self.device, own)
+        # As flanneld: no other address of the network stays on the device (an old
+        # lease's .0 would make this node answer for a subnet another node holds).
+        if spec.network is not None:
+            netlink.flush_addresses_in(self.device, spec.network, keep=own)
         netlink.set_link(self.device, up=True)
         log.info("kernel vxlan device %s up (VNI %d, port %d)", self.device, spec.vni, spec.port)
 

@@ -386,12 +386,6 @@ def test_an_agent_whose_subnet_was_taken_moves_and_its_peers_follow(moved: dict)
     assert by_subnet[str(moved["kmode"]["new"])] == str(cluster.nodes["kmode"].underlay_ip)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/kernel bug: after a subnet change in kernel mode, flannel.1 keeps the old "
-    "lease's .0/32 next to the new one (flannel removes any other address inside Network "
-    "from flannel.1); the node then answers for an address of a subnet it no longer holds",
-)
 def test_kernel_mode_subnet_change_leaves_only_the_new_address_on_flannel_1(
     moved: dict,
 ) -> None:
@@ -405,12 +399,6 @@ def test_kernel_mode_subnet_change_leaves_only_the_new_address_on_flannel_1(
     assert addrs == [f"{moved['kmode']['new'].network_address}/32"], addrs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent bug (cosmetic): while re-acquiring, the watch delivers the PUT of our own "
-    "new lease before self.lease is updated, so the agent logs "
-    "'ERROR ... ignoring lease <new>: it claims our own public IP' about itself",
-)
 def test_a_subnet_change_logs_no_error_about_our_own_new_lease(moved: dict) -> None:
     for name in ("kmode", "user"):
         seen = moved[name]
@@ -495,13 +483,6 @@ def test_exhausted_network_second_agent_exits_with_no_free_subnet(
     assert first.proc is not None and first.proc.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent bug: with --lease-ttl shorter than the renew margin (60 min by default) "
-    "RenewSchedule.next_renew_at clamps the renew time to 'now', so renew_loop renews "
-    "in a hot loop (hundreds of etcd puts and lease grants per second, each one a PUT "
-    "event at every peer) instead of refusing the flags or clamping the margin",
-)
 def test_a_short_lease_ttl_does_not_renew_in_a_hot_loop(errors_cluster: Cluster) -> None:
     prefix = "/short-ttl/network"
     errors_cluster.set_config("10.244.0.0/16", "vxlan", prefix=prefix)

@@ -184,11 +184,6 @@ def test_bad_destination_is_an_explain_error(dst: str) -> None:
         explain(dst, None, status())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="control/explain.py looks for peer['direct'], but the agent reports DirectRouting "
-    "as status['direct_routes'] = {subnet: dev}; a directly routed peer is explained as vxlan",
-)
 def test_direct_routing_peer_is_explained_as_a_plain_route() -> None:
     st = status(direct_routes={"10.244.2.0/24": "eth0"})
     r = explain("10.244.2.5", None, st)
@@ -196,12 +191,6 @@ def test_direct_routing_peer_is_explained_as_a_plain_route() -> None:
     assert r["route"]["line"] == "10.244.2.0/24 via 192.168.77.11 dev eth0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="control/explain.py says the outer UDP source port is 'hash of the inner flow' for "
-    "every vxlan node, but weft's userspace dataplane sends from its socket bound to the VXLAN "
-    "port (tcpdump on the underlay shows 8472 > 8472); only the kernel hashes the flow",
-)
 def test_userspace_vxlan_source_port_is_the_socket_port() -> None:
     udp = {o["layer"]: o for o in explain("10.244.2.5", None, status())["outer"]}["UDP"]
     assert udp["sport"] == 8472
