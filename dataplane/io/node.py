@@ -151,6 +151,10 @@ class UserspaceDataplane:
     def _configure_device(self, tap: bool) -> None:
         spec = self.spec
         name = spec.device_name
+        # weft's overlay is IPv4: without this the kernel's IPv6 link-local chatter
+        # (router solicitations, MLD) reaches the engine and shows up as drops.
+        with contextlib.suppress(netlink.NetlinkError):
+            netlink.sysctl_set(f"net/ipv6/conf/{name}/disable_ipv6", 1)
         if tap:
             netlink.set_link(name, mac=spec.vtep_mac)
         netlink.set_link(name, mtu=self.device_mtu, up=True)
@@ -160,10 +164,6 @@ class UserspaceDataplane:
         # ICMP errors weft writes back come from the device's own address: the
         # kernel calls that a martian unless the device accepts local sources.
         netlink.sysctl_set(f"net/ipv4/conf/{name}/accept_local", 1)
-        # weft's overlay is IPv4: without this the kernel's IPv6 link-local chatter
-        # (router solicitations, MLD) reaches the engine and shows up as drops.
-        with contextlib.suppress(netlink.NetlinkError):
-            netlink.sysctl_set(f"net/ipv6/conf/{name}/disable_ipv6", 1)
         if not tap:
             # Everything in the cluster network that is not local goes to weft;
             # the node's own subnet stays on cni0 (a longer prefix).
