@@ -260,3 +260,21 @@ def test_garbage_from_the_device_never_raises(data: bytes) -> None:
         fwd.add_peer(PEER)
         buf, start, end = load(fwd, data)
         assert fwd.from_device(buf, start, end) in (Verdict.DROP, Verdict.SEND, Verdict.REPLY)
+
+
+def test_ipv6_too_big_gets_packet_too_big_when_the_device_has_an_ipv6_address() -> None:
+    from ipaddress import IPv6Address, IPv6Network
+
+    from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+
+    fwd = Forwarder(VxlanBackend(1, OUR_MAC), local_ip=LOCAL, local_ip6=IPv6Address("fd00:1::"))
+    fwd.add_peer(Peer(IPv6Network("fd00:2::/64"), PEER.public_ip, PEER_MAC, 8472))
+    packet = bytes(IPv6(src="fd00:1::5", dst="fd00:2::5") / UDP() / (b"z" * 1452))
+    buf, start, end = load(fwd, packet)
+    assert fwd.from_device(buf, start, end) == Verdict.REPLY
+    reply = IPv6(fwd.reply)
+    assert reply.dst == "fd00:1::5" and reply[ICMPv6PacketTooBig].mtu == 1450
+    assert len(fwd.reply) <= 1280
+    small = bytes(IPv6(src="fd00:1::5", dst="fd00:2::5") / UDP() / b"ok")
+    buf, start, end = load(fwd, small)
+    assert fwd.from_device(buf, start, end) == Verdict.SEND
