@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--modes",
         type=_csv,
-        help=f"comma-separated, from: {', '.join(envmod.MODES)} (default: all)",
+        help=f"comma-separated, from: {', '.join(envmod.MODES)}; or 'all' "
+        "(default: all but weft-kernel)",
     )
     p.add_argument(
         "--settings", type=_csv, help="underlay settings, from: wire, offload (default: both)"
@@ -89,6 +90,8 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
 
     quick = bool(args.quick)
     modes = args.modes or (envmod.QUICK_MODES if quick else envmod.DEFAULT_MODES)
+    if modes == ("all",):
+        modes = tuple(envmod.MODES)
     settings = args.settings or envmod.SETTINGS
     tests = args.tests or TESTS
     for m in modes:

@@ -131,6 +131,7 @@ def measure(env: Env, record: RunRecord, test: str, p: Params) -> str:
         st = probes.ping(env, p.ping_count, p.ping_interval_s)
         record.add("ping_p50_ms", st["p50_ms"])
         record.add("ping_p99_ms", st["p99_ms"])
+        record.add("ping_loss_pct", st["loss_pct"])
         return f"p50 {st['p50_ms']:.3f} ms, p99 {st['p99_ms']:.3f} ms"
     if test == "rr":
         res = probes.rr(env, p.rr_seconds)
@@ -198,7 +199,10 @@ def run(
             "wire": "ethtool -K eth0 " + " ".join(envmod.WIRE_KNOBS) + " on both nodes, every mode",
             "offload": "veth defaults for plain and kernel-vxlan; ethtool -K eth0 "
             + " ".join(envmod.WEFT_OFFLOAD_KNOBS)
-            + " on both nodes for modes with a weft node",
+            + " on both nodes for modes where weft decapsulates in userspace"
+            + " (weft-kernel: ethtool -K eth0 "
+            + " ".join(envmod.KERNEL_AGENT_OFFLOAD_KNOBS)
+            + ", back to the defaults)",
         },
         "modes": {m.key: {"label": m.label, "encap": m.encap, "note": m.note} for m in modes},
         "computed": computed_costs([mtu for _, mtu in blocks]),

@@ -14,9 +14,12 @@ as they come):
   coalesces with GRO, as it would behind a NIC.
 * ``offload`` — veth defaults (TSO/GSO on: 64 KB super-packets cross the
   underlay unsegmented, checksums left partial), except that modes with a weft
-  node get ``ethtool -K eth0 tx off`` on both nodes: a userspace receiver reads
-  inner packets whose checksums a veth never filled in. ``tx off`` also drops
-  TSO (it depends on checksum offload); GSO stays on and GRO stays off.
+  node that decapsulates in userspace get ``ethtool -K eth0 tx off`` on both
+  nodes: a userspace receiver reads inner packets whose checksums a veth never
+  filled in. ``tx off`` also drops TSO (it depends on checksum offload); GSO
+  stays on and GRO stays off. (weft-kernel gets ``tx on tso on``: the lab
+  Cluster it runs in turns tx off on every node, and the kernel receiver does
+  not need it.)
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Any
 
 from control.lab.topology import (
     Lab,
@@ -50,6 +53,7 @@ PING_READY_TIMEOUT_S = 15.0
 SETTINGS = ("wire", "offload")
 WIRE_KNOBS = ("tx", "off", "tso", "off", "gso", "off", "gro", "on")
 WEFT_OFFLOAD_KNOBS = ("tx", "off")
+KERNEL_AGENT_OFFLOAD_KNOBS = ("tx", "on", "tso", "on")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class Mode:
     @property
     def has_weft(self) -> bool:
         return bool(self.weft_nodes)
+
+    @property
+    def userspace_receiver(self) -> bool:
+        """A node decapsulates in userspace (so senders must fill checksums)."""
+        return any(what in ("vxlan", "udp", "host-gw") for what in (self.n1, self.n2))
 
 
 MODES: dict[str, Mode] = {
@@ -114,6 +123,15 @@ MODES: dict[str, Mode] = {
             "weft dataplane run --backend host-gw on both nodes",
         ),
         Mode(
+            "weft-kernel",
+            "weft kernel mode",
+            "vxlan",
+            "agent-kernel",
+            "agent-kernel",
+            "weft agent --dataplane kernel on both nodes, leases in a real etcd in the lab "
+            "(weft programs flannel.1; opt-in: --modes all or --modes ...,weft-kernel)",
+        ),
+        Mode(
             "weft-vxlan-kernel",
             "weft vxlan → kernel",
             "vxlan",
@@ -123,7 +141,8 @@ MODES: dict[str, Mode] = {
         ),
     )
 }
-DEFAULT_MODES = tuple(MODES)
+#: weft-kernel is the kernel's data path again (weft only programs it), so it is opt-in.
+DEFAULT_MODES = tuple(m for m in MODES if m != "weft-kernel")
 QUICK_MODES = ("plain", "kernel-vxlan", "weft-vxlan")
 
 
@@ -132,7 +151,10 @@ def node_knobs(setting: str, mode: Mode) -> tuple[str, ...]:
     if setting == "wire":
         return WIRE_KNOBS
     if setting == "offload":
-        return WEFT_OFFLOAD_KNOBS if mode.has_weft else ()
+        if mode.userspace_receiver:
+            return WEFT_OFFLOAD_KNOBS
+        # weft-kernel: the lab Cluster turns tx off on every node; undo it (veth defaults).
+        return KERNEL_AGENT_OFFLOAD_KNOBS if mode.has_weft else ()
     raise ValueError(f"unknown underlay setting {setting!r} (have: {', '.join(SETTINGS)})")
 
 
@@ -159,6 +181,7 @@ class Env:
     weft: dict[str, subprocess.Popen] = field(default_factory=dict)  # node name → process
     weft_sockets: dict[str, Path] = field(default_factory=dict)
     iperf_server: subprocess.Popen | None = None
+    cluster: Any = None  # weft-kernel: the control.lab.cluster.Cluster that owns ``lab``
 
     @property
     def weft_pids(self) -> list[int]:
@@ -179,6 +202,8 @@ class Env:
         return out
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()  # agents, etcd, then the lab
         self.lab.close()
 
 
@@ -244,6 +269,8 @@ def _start_weft(env: Env, node: Node, argv: list[str], log: Path, sock: Path) ->
 
 def build(mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: Path) -> Env:
     """A fresh lab for ``mode``; closed again if anything in the setup fails."""
+    if mode.key == "weft-kernel":
+        return _build_cluster(mode, setting, underlay_mtu, workdir, sockdir)
     lab = Lab()
     try:
         lab.add_underlay(mtu=underlay_mtu)
@@ -258,15 +285,71 @@ def build(mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: P
         pod1, pod2 = lab.add_pod(n1), lab.add_pod(n2)
         env = Env(mode, setting, underlay_mtu, lab, n1, n2, pod1, pod2, knobs, mtu)
         _program(env, workdir, sockdir)
-        for src, dst in ((pod1, pod2), (pod2, pod1)):
-            if not lab.wait_ping(src, dst.ip, timeout_s=PING_READY_TIMEOUT_S):
-                raise RuntimeError(f"{mode.key}: {src.name} cannot ping {dst.ip}")
-        env.iperf_server = lab.spawn(
-            pod2, ["iperf3", "-s", "-B", str(pod2.ip)], log=workdir / f"{lab.tag}-iperf3-server.log"
-        )
+        _finish(env, workdir)
         return env
     except BaseException:
         lab.close()
+        raise
+
+
+def _finish(env: Env, workdir: Path) -> None:
+    """Both pods reach each other; an iperf3 server waits in pod2."""
+    lab, mode, pod1, pod2 = env.lab, env.mode, env.pod1, env.pod2
+    for src, dst in ((pod1, pod2), (pod2, pod1)):
+        if not lab.wait_ping(src, dst.ip, timeout_s=PING_READY_TIMEOUT_S):
+            raise RuntimeError(f"{mode.key}: {src.name} cannot ping {dst.ip}")
+    env.iperf_server = lab.spawn(
+        pod2, ["iperf3", "-s", "-B", str(pod2.ip)], log=workdir / f"{lab.tag}-iperf3-server.log"
+    )
+
+
+def _build_cluster(
+    mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: Path
+) -> Env:
+    """weft-kernel: two ``weft agent --dataplane kernel`` nodes and etcd, via the lab's
+    Cluster (which also turns tx checksum offload off on every node's eth0)."""
+    from control.lab.cluster import Cluster
+
+    if underlay_mtu != 1500:
+        raise RuntimeError("weft-kernel runs on the lab cluster's 1500-byte underlay only")
+    # Under the short temp dir: the agents' API sockets live in it (108-byte path limit).
+    cluster = Cluster(sockdir / f"cluster-{setting}-{underlay_mtu}")
+    try:
+        cluster.set_config(NETWORK, "vxlan")
+        knobs = node_knobs(setting, mode)
+        cns = []
+        for name in ("n1", "n2"):
+            node = cluster.add_node(name)
+            if knobs:
+                cluster.lab.run(node, "ethtool", "-K", "eth0", *knobs)
+            cns.append(cluster.start_weft_node(name, dataplane="kernel", node=node))
+        for cn in cns:
+            cluster.wait_ready(cn)
+            cluster.wire_pods(cn, 1)
+        for cn, other in ((cns[0], cns[1]), (cns[1], cns[0])):
+            assert other.subnet is not None
+            cluster.wait_peers(cn, [other.subnet])
+        env = Env(
+            mode,
+            setting,
+            underlay_mtu,
+            cluster.lab,
+            cns[0].node,
+            cns[1].node,
+            cns[0].pods[0],
+            cns[1].pods[0],
+            knobs,
+            cns[0].mtu or 0,
+            cluster=cluster,
+        )
+        for cn in cns:
+            assert cn.proc is not None
+            env.weft[cn.name] = cn.proc
+            env.weft_sockets[cn.name] = cn.api_socket
+        _finish(env, workdir)
+        return env
+    except BaseException:
+        cluster.close()
         raise
 
 
@@ -319,7 +402,3 @@ def check_tools() -> list[str]:
         if shutil.which(tool) is None:
             missing.append(tool)
     return missing
-
-
-def nets() -> tuple[IPv4Network, IPv4Network]:
-    return IPv4Network(SUBNET1), IPv4Network(SUBNET2)

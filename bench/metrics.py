@@ -24,6 +24,7 @@ METRICS: dict[str, Metric] = {
         Metric("udp64_loss_pct", "UDP 64 B loss", "%", False, "{:.1f}"),
         Metric("ping_p50_ms", "ping RTT p50", "ms", False, "{:.3f}"),
         Metric("ping_p99_ms", "ping RTT p99", "ms", False, "{:.3f}"),
+        Metric("ping_loss_pct", "ping loss", "%", False, "{:.1f}"),
         Metric("rr_per_s", "TCP 1-byte request/response", "trans/s", True, "{:.0f}"),
         Metric("tcp1_weft_cpu_s_per_gb", "weft CPU per GB (TCP 1)", "s/GB", False),
         Metric("tcp1_machine_cpu_s_per_gb", "machine CPU per GB (TCP 1)", "s/GB", False),

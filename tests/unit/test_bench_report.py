@@ -118,6 +118,7 @@ def test_knobs_per_setting_and_mode() -> None:
     assert "gso" in envmod.node_knobs("wire", plain)
     assert envmod.node_knobs("offload", plain) == ()
     assert envmod.node_knobs("offload", weft) == ("tx", "off")
+    assert envmod.node_knobs("offload", envmod.MODES["weft-kernel"]) == ("tx", "on", "tso", "on")
     assert envmod.pod_mtu(1500, weft) == 1450
     assert envmod.pod_mtu(9000, envmod.MODES["weft-udp"]) == 8972
     assert envmod.MODES["weft-vxlan-kernel"].weft_nodes == ("n1",)
