@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, help="output directory (default results/<timestamp>/)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after measuring, sample the weft processes with py-spy during one "
+        "extra TCP and one extra 64-byte UDP run (not counted in the figures)",
+    )
     sub = p.add_subparsers(dest="bench_what", metavar="{micro,control}")
     micro = sub.add_parser("micro", help="in-memory microbenchmarks (codec, routes, forwarder)")
     micro.add_argument("--quick", action="store_true", default=argparse.SUPPRESS)
@@ -121,6 +127,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         tests=tuple(tests),
         budget_s=budget * 60,
         quick=quick,
+        profile=args.profile,
         command=command,
     )
 

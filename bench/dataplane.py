@@ -27,7 +27,7 @@ from bench.env import MODES, Env
 from bench.overhead import tcp_wire_cost, udp_frame_bytes, wire_table
 from bench.parse import cpuinfo_model
 from bench.progress import Progress
-from bench.sampling import delta, machine_cpu_seconds, snapshot
+from bench.sampling import delta, machine_cpu_seconds, pid_rss_kb, snapshot
 from bench.stats import per_unit, ratio, summarize
 
 TESTS = ("tcp1", "tcp4", "udp64", "ping", "rr")
@@ -48,6 +48,7 @@ class Params:
     tests: tuple[str, ...] = TESTS
     budget_s: float = 20 * 60.0
     quick: bool = False
+    profile: bool = False
     command: str = ""
 
     def blocks(self) -> list[tuple[str, int]]:
@@ -87,6 +88,7 @@ def machine_info() -> dict[str, Any]:
     time.sleep(1.0)
     b1, t1 = machine_cpu_seconds()
     return {
+        "git": git_state(),
         "nproc": os.cpu_count(),
         "cpu_model": cpuinfo_model(read("/proc/cpuinfo")),
         "kernel": platform.release(),
@@ -94,6 +96,57 @@ def machine_info() -> dict[str, Any]:
         "loadavg": read("/proc/loadavg").split()[:3],
         "busy_pct_before": round(100 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None,
     }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and which tracked files differ from it (others may be
+    editing the tree while the bench runs; docs/benchmarks.md runs from an export)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    exported = os.environ.get("WEFT_BENCH_COMMIT")  # a `git archive` export has no .git
+    if exported:
+        return {"commit": exported, "modified": [], "source": str(root)}
+
+    def git(*args: str) -> str:
+        try:
+            cp = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return cp.stdout if cp.returncode == 0 else ""
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    changed = [line[3:] for line in status.splitlines() if len(line) > 3]
+    return {"commit": git("rev-parse", "--short=12", "HEAD").strip() or None, "modified": changed}
+
+
+def profile_block(envs: dict[str, Env], p: Params, out: Path, progress: Progress) -> dict[str, Any]:
+    """Extra, uncounted runs of tcp1 and udp64 with py-spy on the weft processes."""
+    from bench.profile import profile_run
+
+    profiles: dict[str, Any] = {}
+    for key, e in envs.items():
+        if not e.weft or not e.mode.userspace_receiver:
+            continue
+        tag = f"{e.setting}-{e.underlay_mtu}-{key}"
+        entry: dict[str, Any] = {}
+        for test in ("tcp1", "udp64"):
+
+            def one(test: str = test, e: Env = e) -> str:
+                if test == "tcp1":
+                    return f"{probes.tcp(e, p.seconds).bits_per_second / 1e9:.2f} Gbit/s"
+                res = probes.udp_small(e, p.seconds)
+                return f"{res.received_pps / 1e3:.0f} kpps"
+
+            try:
+                entry[test] = profile_run(e, one, p.seconds, out, f"{tag}-{test}")
+            except Exception as exc:
+                entry[test] = {"error": str(exc)[:300]}
+            progress.note(f"{tag} {test}: profiled ({entry[test].get('run', 'failed')})")
+        profiles[f"{e.setting}/{e.underlay_mtu}/{key}"] = entry
+    return profiles
 
 
 def measure(env: Env, record: RunRecord, test: str, p: Params) -> str:
@@ -207,6 +260,7 @@ def run(
         "modes": {m.key: {"label": m.label, "encap": m.encap, "note": m.note} for m in modes},
         "computed": computed_costs([mtu for _, mtu in blocks]),
         "runs": [],
+        "profiles": {},
         "budget_exhausted": False,
     }
     records: list[RunRecord] = []
@@ -256,14 +310,14 @@ def run(
                             except Exception as exc:
                                 rec.errors.append(f"#{rep + 1} {test}: {exc}")
                                 progress.step(f"{where}: FAILED: {str(exc)[:200]}")
+                if p.profile:
+                    doc["profiles"].update(profile_block(envs, p, out, progress))
                 for key, e in envs.items():
                     block_records[key].weft_final = {
                         name: {"counters": st.get("counters"), "device_mtu": st.get("device_mtu")}
                         for name, st in e.weft_status().items()
                     }
                     for name, pid in zip(e.weft, e.weft_pids, strict=True):
-                        from bench.sampling import pid_rss_kb
-
                         block_records[key].weft_final.setdefault(name, {})["rss_kb"] = pid_rss_kb(
                             pid
                         )

@@ -98,6 +98,12 @@ def markdown(doc: dict[str, Any], charts: list[str] | None = None) -> str:
             if doc.get("budget_exhausted")
             else ""
         ),
+        f"- measured: commit {m.get('git', {}).get('commit')}"
+        + (
+            f" with uncommitted changes to {', '.join(m['git']['modified'])}"
+            if m.get("git", {}).get("modified")
+            else ""
+        ),
         f"- machine: {m.get('nproc')} CPUs, {m.get('cpu_model')}, Linux {m.get('kernel')}, "
         f"Python {m.get('python')}; load average at start {' '.join(m.get('loadavg', []))}, "
         f"{m.get('busy_pct_before')}% busy in the second before",
@@ -131,6 +137,23 @@ def markdown(doc: dict[str, Any], charts: list[str] | None = None) -> str:
         for chart in charts or []:
             if f"_{setting}_{mtu}" in chart:
                 lines += ["", f"![{Path(chart).stem}]({chart})"]
+    profiles = doc.get("profiles") or {}
+    if profiles:
+        lines += ["", "## Where the time goes (py-spy, busy samples only, extra runs)", ""]
+        for where, entry in profiles.items():
+            for test, res in entry.items():
+                lines += [f"**{where} {test}** ({res.get('run', res.get('error', '?'))}):", ""]
+                for node, prof in res.items():
+                    if node in ("run", "error") or not isinstance(prof, dict):
+                        continue
+                    top = ", ".join(
+                        f"{name} {100 * share:.0f}%" for name, share in prof.get("top", [])[:6]
+                    )
+                    lines.append(
+                        f"- {node} ({prof.get('samples', 0)} samples): "
+                        f"{top or prof.get('error', '')}"
+                    )
+                lines.append("")
     comp = doc.get("computed", {})
     if comp:
         lines += [

@@ -161,3 +161,20 @@ def test_rr_output() -> None:
     }
     with pytest.raises(ParseError):
         parse_rr("Traceback: ConnectionRefusedError")
+
+
+def test_pyspy_raw_leaf_shares() -> None:
+    from bench.profile import leaf_shares
+
+    raw = (
+        "<module> (weft.py:1);run (asyncio/runners.py:118) 50\n"
+        "<module> (weft.py:1);_on_device (dataplane/io/runner.py:80);readv (x/os.py:3) 30\n"
+        "<module> (weft.py:1);_on_device (dataplane/io/runner.py:90);readv (x/os.py:4) 10\n"
+        "garbage line\n"
+        "<module> (weft.py:1);encap (backends/vxlan.py:50) 10\n"
+    )
+    total, top = leaf_shares(raw)
+    assert total == 100
+    assert top[0] == ("run (asyncio/runners.py)", 0.5)
+    assert top[1] == ("readv (x/os.py)", 0.4)  # two lines of one function, merged
+    assert leaf_shares("") == (0, [])
