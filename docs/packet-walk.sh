@@ -136,6 +136,16 @@ setv WMAC "$(python3 -c "import json,sys; print(json.load(sys.stdin)['vtep_mac']
 say <<'EOF'
 ## 1. vxlan
 
+VXLAN in one paragraph: it makes many hosts look like one Ethernet switch. Each
+host has a *VTEP* (VXLAN Tunnel End Point), a virtual network device with its
+own MAC address. An Ethernet frame sent to another host's VTEP MAC is wrapped
+in an 8-byte VXLAN header (which carries a 24-bit network number, the *VNI*),
+put in a UDP datagram and sent over the ordinary network (the *underlay*) to
+the host that owns that MAC; that host unwraps it and the frame comes out of
+its VTEP as if it had arrived on a cable. flannel uses one VTEP per node
+(`flannel.1`, VNI 1, UDP port 8472) and tells every node, through etcd, each
+other node's subnet, public IP and VTEP MAC.
+
 ### The lab
 
 Two nodes on one underlay segment (`192.168.77.0/24`), an etcd, one pod per
