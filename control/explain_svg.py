@@ -266,7 +266,12 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
     overhead = int(result.get("overhead") or 50)
     underlay_mtu, pod_mtu = _underlay_mtu(result, overhead)
     device = _fmt(node.get("device"))
-    if node.get("device_kind") == "kernel":
+    sport = udp.get("sport")
+    if isinstance(sport, int):
+        # weft sends every datagram from its one socket, bound to the VXLAN port.
+        sport_fields = [f"sport {sport}", "(weft's socket)"]
+        sport_text = f"weft sends from its socket bound to {sport}, so the source port is {sport}."
+    elif sport is not None or node.get("device_kind") == "kernel":
         sport_fields = ["sport: hash", "of inner flow"]
         sport_text = (
             "the kernel picks the source port from a hash of the inner flow, "
@@ -389,13 +394,13 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
         ),
     ]
     mtu_lines = [
-        f"MTU arithmetic: the underlay carries IP packets of up to {underlay_mtu} bytes. "
-        f"Inside each one: 20 (outer IPv4) + 8 (UDP) + 8 (VXLAN) + 14 (inner Ethernet) = "
-        f"{overhead} bytes of overhead,",
-        f"so a pod's IP packet may be at most {underlay_mtu} − {overhead} = {pod_mtu} bytes: "
-        f"the MTU of {device} and of cni0 (FLANNEL_MTU={pod_mtu}).",
+        "MTU arithmetic: 20 (outer IPv4) + 8 (UDP) + 8 (VXLAN) + 14 (inner Ethernet) = "
+        f"{overhead} bytes of overhead in every underlay IP packet,",
+        f"so on a {underlay_mtu}-byte underlay a pod's IP packet may be at most "
+        f"{underlay_mtu} − {overhead} = {pod_mtu} bytes: the MTU of {device} and of cni0 "
+        f"(FLANNEL_MTU={pod_mtu}).",
         "The outer Ethernet header is not counted (an MTU measures the IP packet, not the "
-        "frame); the inner one is, because it travels inside the outer IP packet.",
+        "frame); the inner one is: it travels inside the outer IP packet.",
     ]
     return Scene(
         title=f"weft trace explain {_fmt(result.get('dst'))} — vxlan",
@@ -527,9 +532,10 @@ def _hostgw_scene(result: dict[str, Any]) -> Scene:
     peer_ip = _fmt(peer.get("public_ip"))
     our_ip = _fmt(node.get("public_ip"))
     iface = _fmt(node.get("iface"))
-    if node.get("device_kind") in ("tun", "tap") and not result.get("direct"):
+    if node.get("device_kind") in ("tun", "tap") and node.get("backend") == "host-gw":
         # weft's userspace host-gw: the network routes to its TUN, weft frames the
         # packet to the gateway's MAC itself and sends it on the underlay (AF_PACKET).
+        # (A vxlan DirectRouting peer also comes here, but through a kernel route.)
         first = Station(
             _fmt(node.get("device")),
             [_device_kind_label(node), f"via {peer_ip}"],

@@ -250,6 +250,22 @@ def test_svg_of_userspace_vxlan_draws_the_real_source_port() -> None:
     assert "sport 8472" in text and "sport: hash" not in text
 
 
+def test_svg_of_a_direct_routing_peer_is_a_kernel_route() -> None:
+    r = explain("10.244.2.5", None, status(direct_routes={"10.244.2.0/24": "eth0"}))
+    root = ET.fromstring(render_svg(r))
+    stations = [g.get("data-name") for g in root.iter(f"{SVG}g") if g.get("class") == "station"]
+    assert stations[2] == "kernel routing", stations  # not through weft.1
+    text = svg_texts(render_svg(r))
+    assert "10.244.2.0/24 via 192.168.77.11 dev eth0" in text and "VXLAN" not in text
+
+
+def test_svg_of_userspace_hostgw_goes_through_weft0() -> None:
+    st = status(backend="host-gw", device="weft0", vtep_mac=None, device_mtu=1500)
+    root = ET.fromstring(render_svg(explain("10.244.2.5", None, st)))
+    stations = [g.get("data-name") for g in root.iter(f"{SVG}g") if g.get("class") == "station"]
+    assert stations[2] == "weft0", stations
+
+
 def test_svg_of_udp_shows_28_bytes_and_no_inner_ethernet() -> None:
     st = status(backend="udp", device="weft0", port=8285, vtep_mac=None, device_mtu=1472)
     text = svg_texts(render_svg(explain("10.244.2.5", None, st)))
