@@ -21,6 +21,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from dataplane.backends.base import DROP_REASON_NAMES
+from dataplane.packet.checksum import checksum_update16
 from dataplane.packet.ethernet import build_ethernet
 from dataplane.packet.ipv4 import IPProto, build_ipv4
 from dataplane.packet.udp import build_udp
@@ -235,8 +236,15 @@ class Tracer:
                 src = IPv4Address(source[0])
             except ValueError:
                 src = IPv4Address(0)
+            datagram = bytearray(buf[:end])
+            if self.backend == "udp" and verdict == 3 and end >= 20 and datagram[0] >> 4 == 4:
+                # The udp backend decremented the TTL in place; show it as received.
+                old = datagram[8] << 8 | datagram[9]
+                datagram[8] += 1
+                csum = checksum_update16(datagram[10] << 8 | datagram[11], old, old + 0x100)
+                datagram[10:12] = csum.to_bytes(2, "big")
             ev["frame"] = self._outer(
-                src, source[1], self.local_ip, self.port, bytes(buf[:end])
+                src, source[1], self.local_ip, self.port, bytes(datagram)
             ).hex()
             return ev
 

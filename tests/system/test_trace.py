@@ -338,12 +338,6 @@ def test_a_stopped_trace_reader_does_not_stall_the_dataplane(pair: Pair) -> None
 # -- the pcap of received udp-backend packets ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dataplane/trace.py Tracer.from_network builds the rx frame from the buffer after "
-    "the forwarder decremented the inner TTL in place (udp backend), so the pcap shows "
-    "TTL 61 where the wire carried 62",
-)
 def test_udp_rx_pcap_shows_the_datagram_as_received(lab: Lab, tmp_path: Path) -> None:
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1472)
     subnets = {n1: "10.244.1.0/24", n2: "10.244.2.0/24"}
