@@ -357,11 +357,9 @@ the udp backend: the packet is *routed* through a userspace process on each
 node, and each one decrements the TTL, as flannel's does. The request left pod
 1 with TTL 64, node 1's kernel made it 63 and weft 62 (tshark's first line);
 the reply left pod 2 with 64 and crossed the wire with 62 (node 2's kernel and
-weft); weft on node 1 made it 61 and node 1's kernel 60 — the `ttl=60` ping
-prints. (tshark's second line says 61, not 62: the trace records a received
-packet after weft has decremented its TTL — a known flaw of the trace, see
-tests/system/test_trace.py.) With vxlan the same ping says `ttl=62`: a VTEP is
-a link, not a hop.
+weft: tshark's second line, the datagram as received); weft on node 1 made it
+61 and node 1's kernel 60 — the `ttl=60` ping prints. With vxlan the same ping
+says `ttl=62`: a VTEP is a link, not a hop.
 EOF
 
 # -- host-gw -----------------------------------------------------------------------------
