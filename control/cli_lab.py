@@ -229,6 +229,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def dataplane_label(dataplane: str, device: str | None) -> str:
+    """userspace/tun, userspace/tap, or kernel (which has no TUN/TAP to name)."""
+    return "kernel" if dataplane == "kernel" else f"{dataplane}/{device}"
+
+
 def print_nodes(state: dict[str, Any]) -> None:
     print(f"{'NODE':<6} {'NAMESPACE':<16} {'UNDERLAY':<15} {'SUBNET':<18} "
           f"{'DATAPLANE':<15} PODS")  # fmt: skip
@@ -236,7 +241,7 @@ def print_nodes(state: dict[str, Any]) -> None:
         pods = ", ".join(f"{p} {v['ip']}" for p, v in n.get("pods", {}).items()) or "-"
         print(
             f"{name:<6} {n['ns']:<16} {n['underlay_ip']:<15} {n.get('subnet') or '-':<18} "
-            f"{n['dataplane'] + '/' + n['device']:<15} {pods}"
+            f"{dataplane_label(n['dataplane'], n['device']):<15} {pods}"
         )
 
 
@@ -344,7 +349,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         c = st.get("counters", {}) or {}
         drops = ", ".join(f"{k} {v}" for k, v in sorted((c.get("drops") or {}).items()))
-        dp = f"{st.get('dataplane')}/{st.get('device_kind') or n.get('device')}"
+        dp = dataplane_label(str(st.get("dataplane")), st.get("device_kind") or n.get("device"))
         print(
             f"{name:<6} {st.get('subnet') or '-':<18} {st.get('backend') or '-':<8} {dp:<15} "
             f"{len(st.get('peers', [])):<6} {c.get('tx_packets', '-'):>9} "

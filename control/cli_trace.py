@@ -38,7 +38,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def format_event(ev: dict[str, Any]) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(ev["t"])) + f".{int(ev['t'] % 1 * 1e6):06d}"
-    where = f"{ev.get('src', '?')}"
+    if "src" not in ev:
+        # A datagram dropped before its inner packet was looked at.
+        verdict = ev["verdict"] + (f" ({ev['reason']})" if "reason" in ev else "")
+        return f"{t} {ev['dir']} {ev['backend']} datagram of {ev.get('len', '?')}B " \
+            f"from {ev.get('peer', '?')} {verdict}"
+    where = f"{ev['src']}"
     if "sport" in ev:
         where += f":{ev['sport']}"
     where += f" > {ev.get('dst', '?')}"

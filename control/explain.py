@@ -86,7 +86,16 @@ def explain(dst: str, src: str | None, node: dict[str, Any]) -> dict[str, Any]:
         out["kind"] = "host-gw"
         line = f"{prefix} via {public_ip} dev {node.get('iface', 'eth0')}"
         out["route"]["line"] = line
-        steps.append(f"route: {line}")
+        if kernel or direct:
+            steps.append(f"route: {line}")
+        else:
+            # Userspace host-gw: the kernel hands the whole network to weft, and weft
+            # does what the kernel route above would do.
+            steps.append(f"route: {tunnel_route}")
+            steps.append(
+                f"weft lookup: {dst_ip} matches {prefix} (longest prefix of {len(table)}), "
+                f"gateway {public_ip} — as the kernel route `{line}` would"
+            )
         steps.append(
             f"the IP packet goes unchanged in an Ethernet frame to {public_ip}'s MAC; "
             "the peer's kernel routes it to its cni0. Overhead: 0 bytes."

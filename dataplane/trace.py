@@ -228,6 +228,7 @@ class Tracer:
         def make() -> dict[str, Any]:
             ev = self._base("rx", verdict, reason)
             ev["peer"] = source[0]
+            ev["len"] = end  # the datagram; replaced by the inner length when delivered
             if verdict == 3:
                 inner_off = out_start + 14 if self.l2_device else out_start
                 ev.update(packet_summary(memoryview(buf)[inner_off:end]))
