@@ -111,6 +111,7 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         port=args.port,
         vtep_mac=args.vtep_mac,
         accept_any_source=args.accept_any_source,
+        offload=args.offload,
     )
     if spec.backend == "vxlan" and spec.vtep_mac is None:
         raise CliError("the vxlan backend needs --vtep-mac (the agent keeps one in its state dir)")
@@ -201,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SUBNET,PUBLIC_IP[,VTEPMAC]",
     )
     run.add_argument("--accept-any-source", action="store_true")
+    run.add_argument(
+        "--offload", choices=["auto", "on", "off"], default="auto",
+        help="fast paths (TSO/GSO through TAP, UDP GRO, recvmmsg): auto uses what the "
+        "kernel accepts, on fails when it refuses one, off runs the plain engine",
+    )  # fmt: skip
     run.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
     run.set_defaults(func=cmd_dataplane_run)
 

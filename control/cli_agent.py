@@ -120,7 +120,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     store = make_store(args)
 
     async def main(stop: asyncio.Event) -> int:
-        agent = Agent(opts, store, make_dataplane, underlay=underlay)
+        offload = args.offload
+
+        def dataplane_factory(agent: Any) -> Any:
+            return make_dataplane(agent, offload=offload)
+
+        agent = Agent(opts, store, dataplane_factory, underlay=underlay)
         api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace))
         health = None
         try:
@@ -146,10 +151,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_until_signal(main)
 
 
-def make_dataplane(agent: Any) -> Any:
+def make_dataplane(agent: Any, *, offload: str = "auto") -> Any:
     """The userspace engine or the kernel, for the agent's config and lease;
     wrapped for vxlan DirectRouting (on-link peers get plain kernel routes)."""
-    dataplane = _make_dataplane(agent)
+    dataplane = _make_dataplane(agent, offload)
     backend = agent.config.backend
     if backend.type == "vxlan" and backend.direct_routing:
         from control.kernel import DirectRouting
@@ -158,7 +163,7 @@ def make_dataplane(agent: Any) -> Any:
     return dataplane
 
 
-def _make_dataplane(agent: Any) -> Any:
+def _make_dataplane(agent: Any, offload: str = "auto") -> Any:
     cfg = agent.config
     lease = agent.lease
     underlay = agent.underlay
@@ -198,6 +203,7 @@ def _make_dataplane(agent: Any) -> Any:
             port=cfg.backend.effective_port or 0,
             vtep_mac=agent.vtep_mac,
             accept_any_source=opts.accept_any_source,
+            offload=offload,  # type: ignore[arg-type]
         )
     )
 
@@ -232,6 +238,13 @@ def register(sub: Any) -> None:
         action="store_true",
         default=env_flag("--accept-any-source"),
         help="accept encapsulated packets from anyone, as flannel does",
+    )
+    p.add_argument(
+        "--offload",
+        choices=["auto", "on", "off"],
+        default=env_default("--offload", "auto"),
+        help="userspace fast paths (TSO/GSO through TAP, UDP GRO, recvmmsg): "
+        "auto uses what the kernel accepts, on fails when it refuses one",
     )
     p.add_argument(
         "--lease-ttl",

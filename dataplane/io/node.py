@@ -24,10 +24,11 @@ from dataplane.backends.hostgw import HostGwBackend
 from dataplane.backends.udp import UdpBackend
 from dataplane.backends.vxlan import VxlanBackend
 from dataplane.forwarder import Forwarder
-from dataplane.io import netlink
+from dataplane.io import fastpath, netlink
+from dataplane.io.fastpath import FastPaths
 from dataplane.io.runner import Engine
 from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
-from dataplane.io.tun import TunDevice, open_tun
+from dataplane.io.tun import TunDevice, open_tun, set_offload
 from dataplane.packet.arp import ArpOp, build_arp, parse_arp
 from dataplane.packet.errors import DecodeError
 from dataplane.packet.ethernet import mac_to_str
@@ -55,12 +56,19 @@ class NodeSpec:
     vtep_mac: bytes | None = None
     accept_any_source: bool = False
     device_name: str = field(default="")
+    #: Fast paths (dataplane/io/fastpath.py): auto uses what the kernel accepts,
+    #: on fails start-up when it refuses one, off runs the plain engine.
+    offload: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.device == "tap" and self.backend != "vxlan":
             raise ValueError("--device tap is only for the vxlan backend")
         if not self.device_name:
             self.device_name = f"weft.{self.vni}" if self.backend == "vxlan" else "weft0"
+        if self.offload not in ("auto", "on", "off"):
+            raise ValueError(f"--offload {self.offload!r}: expected auto, on or off")
+        if self.offload == "on" and self.backend == "host-gw":
+            raise ValueError("--offload on: host-gw has no fast path (it sends through AF_PACKET)")
 
 
 def make_backend(spec: NodeSpec, underlay_mac: bytes) -> Backend:
@@ -91,6 +99,7 @@ class UserspaceDataplane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resolver: asyncio.Task[None] | None = None
         self._want_resolve = asyncio.Event()
+        self.fast: FastPaths | None = None
 
     @property
     def device_mtu(self) -> int:
@@ -107,13 +116,21 @@ class UserspaceDataplane:
             accept_any_source=spec.accept_any_source,
         )
         tap = spec.device == "tap"
-        self.tun = open_tun(spec.device_name, tap=tap)
+        if spec.offload != "off" and backend.transport == "udp":
+            self.tun, self.fast = fastpath.open_pod_device(
+                spec.device_name, tap=tap, mode=spec.offload
+            )
+        else:
+            self.tun = open_tun(spec.device_name, tap=tap)
         try:
             self._configure_device(tap)
             if backend.transport == "udp":
                 port = backend.port  # type: ignore[attr-defined]
                 self.sock = open_udp_socket(str(spec.public_ip), port)
-                self.engine = Engine(self.forwarder, self.tun.fileno(), self.sock)
+                if self.fast is not None:
+                    self.engine = self._fast_engine(underlay_mac, port)
+                else:
+                    self.engine = Engine(self.forwarder, self.tun.fileno(), self.sock)
             else:
                 self.packet_sock = open_packet_socket(spec.underlay_iface)
                 self.arp_sock = open_packet_socket(spec.underlay_iface, ETH_P_ARP)
@@ -148,6 +165,38 @@ class UserspaceDataplane:
             spec.public_ip,
         )
 
+    def _fast_engine(self, underlay_mac: bytes, port: int) -> Engine:
+        """The probes that need the device up and the socket open, then the engine."""
+        fast, spec = self.fast, self.spec
+        assert fast is not None and self.tun is not None and self.sock is not None
+        assert self.forwarder is not None
+        if fast.on["tso_read"]:
+            fastpath.open_egress_tap(fast, spec.device_name)
+            if fast.egress is None:
+                # Super-packets could not leave segmented: do not ask for them.
+                set_offload(self.tun, 0)
+                fast.refuse("tso_read", "no TAP with UDP-tunnel GSO to send super-packets through")
+            else:
+                try:
+                    fastpath.limit_gso_size(spec.device_name)
+                except OSError as exc:
+                    log.debug("gso_max_size on %s: %s", spec.device_name, exc)
+        else:
+            fast.why_off.setdefault("tunnel_gso", "used only with tso_read")
+        fastpath.setup_socket(fast, self.sock)
+        engine = fastpath.FastEngine(
+            self.forwarder,
+            self.tun.fileno(),
+            self.sock,
+            fast,
+            public_ip=str(spec.public_ip),
+            underlay_mac=underlay_mac,
+            port=port,
+        )
+        engine.on_first_error = lambda what: log.warning("fast path: %s", what)
+        fast.log_summary()
+        return engine
+
     def _configure_device(self, tap: bool) -> None:
         spec = self.spec
         name = spec.device_name
@@ -176,9 +225,7 @@ class UserspaceDataplane:
             # weft's forwarder holds the FDB (VtepMAC → public IP).
             gw = str(peer.subnet.network_address)
             netlink.replace_neigh(gw, peer.vtep_mac, self.spec.device_name)
-            netlink.replace_route(
-                str(peer.subnet), dev=self.spec.device_name, via=gw, onlink=True
-            )
+            netlink.replace_route(str(peer.subnet), dev=self.spec.device_name, via=gw, onlink=True)
         if isinstance(self.backend, HostGwBackend) and not self.backend.is_onlink(peer.public_ip):
             log.error(
                 "host-gw peer %s (subnet %s) is not on a connected network of %s: "
@@ -278,7 +325,18 @@ class UserspaceDataplane:
                 for p in (fwd.peers() if fwd else [])
             ],
             "counters": fwd.counters.as_dict() if fwd else {},
+            "offload": self._offload_status(),
         }
+
+    def _offload_status(self) -> dict[str, object]:
+        """Which fast paths are on (dataplane/io/fastpath.py), and why the others are off."""
+        if self.fast is not None:
+            return self.fast.status()
+        if self.spec.offload == "off":
+            why = "--offload off"
+        else:
+            why = f"{self.spec.backend} sends through AF_PACKET; no fast path"
+        return {"mode": self.spec.offload, "on": [], "off": dict.fromkeys(fastpath.PATHS, why)}
 
     async def trace_stream(self, request: dict[str, object]) -> AsyncIterator[dict[str, object]]:
         """`weft trace live`: events as they come, a heartbeat each second meanwhile."""
@@ -327,6 +385,8 @@ class UserspaceDataplane:
             if sock is not None:
                 sock.close()
         self.sock = self.packet_sock = None
+        if self.fast is not None:
+            self.fast.close()  # the egress TAP (its reader is gone with the engine)
         if self.tun is not None:
             self.tun.close()  # the kernel removes the device with its routes
             self.tun = None

@@ -1,0 +1,209 @@
+"""Batched socket system calls through ctypes: recvmmsg with a UDP_GRO cmsg per message.
+
+Python's socket module has recvmsg but not recvmmsg. One `recvmmsg` call
+fills up to `slots` messages; each message lands in its own fixed slot of one
+preallocated buffer, with its source address and, when the socket has UDP_GRO
+on, the segment size of a coalesced message (the kernel's UDP GRO glues
+same-size datagrams of one flow together and says how to cut them apart).
+
+The message headers, addresses and control buffers live in ctypes arrays
+that are allocated once; after a call the lengths, sizes and addresses are
+read through memoryview casts (one list per batch, not one ctypes attribute
+access per field). Linux only; `available()` says whether libc has recvmmsg.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import struct
+
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, the segment size for a send
+UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, the segment size in a cmsg
+MSG_DONTWAIT = 0x40
+MSG_TRUNC = 0x20
+MSG_CTRUNC = 0x08
+
+SLOT_SIZE = 65536 + 64  # one GRO message can hold up to 64 KiB of datagrams
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = (
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(_Iovec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    )
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = (("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint))
+
+
+class _SockaddrIn(ctypes.Structure):
+    _fields_ = (
+        ("sin_family", ctypes.c_ushort),
+        ("sin_port", ctypes.c_uint16),  # network byte order
+        ("sin_addr", ctypes.c_uint8 * 4),
+        ("sin_zero", ctypes.c_uint8 * 8),
+    )
+
+
+# struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; } + an int, aligned.
+_CMSG_HDR = ctypes.sizeof(ctypes.c_size_t) + 8
+_CMSG_SPACE_INT = _CMSG_HDR + ctypes.sizeof(ctypes.c_size_t)  # CMSG_SPACE(sizeof(int))
+_CMSG = struct.Struct(f"={'Q' if ctypes.sizeof(ctypes.c_size_t) == 8 else 'I'}iii")
+
+_libc: ctypes.CDLL | None = None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c") or "libc.so.6"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+            fn = lib.recvmmsg
+        except (OSError, AttributeError):
+            return None
+        fn.argtypes = (
+            ctypes.c_int,
+            ctypes.POINTER(_Mmsghdr),
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        )
+        fn.restype = ctypes.c_int
+        _libc = lib
+    return _libc
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def enable_udp_gro(sock: socket.socket) -> None:
+    """UDP_GRO on: recv may return many same-size datagrams glued, with their size in a cmsg.
+    Raises OSError (ENOPROTOOPT before Linux 5.0)."""
+    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+
+
+class MmsgReceiver:
+    """recvmmsg into `slots` fixed slots of one buffer.
+
+        n = rx.receive(fd)            # messages received (0: nothing queued)
+        rx.lengths[i], rx.segment_sizes[i], rx.sources[i], rx.ports[i]   # for i < n
+        rx.buf[rx.offsets[i] : rx.offsets[i] + rx.lengths[i]]
+
+    segment_sizes[i] is the UDP GRO segment size, or the message length when
+    the message is a single datagram. `truncated[i]` is True when a datagram
+    did not fit its slot (the kernel cut it).
+    """
+
+    def __init__(self, slots: int = 32, slot_size: int = SLOT_SIZE) -> None:
+        lib = _load()
+        if lib is None:
+            raise OSError(errno.ENOSYS, "libc has no recvmmsg")
+        self._recvmmsg = lib.recvmmsg
+        self.slots = slots
+        self.slot_size = slot_size
+        # A little tail room: readers may look a few bytes past a message's end.
+        self.buf = bytearray(slots * slot_size + 256)
+        self.offsets = [i * slot_size for i in range(slots)]
+        self._cbuf = (ctypes.c_char * len(self.buf)).from_buffer(self.buf)
+        base = ctypes.addressof(self._cbuf)
+        self._iov = (_Iovec * slots)()
+        self._names = (_SockaddrIn * slots)()
+        self._control = (ctypes.c_char * (_CMSG_SPACE_INT * slots))()
+        self._msgs = (_Mmsghdr * slots)()
+        for i in range(slots):
+            self._iov[i].iov_base = base + i * slot_size
+            self._iov[i].iov_len = slot_size
+            hdr = self._msgs[i].msg_hdr
+            hdr.msg_name = ctypes.addressof(self._names[i])
+            hdr.msg_iov = ctypes.pointer(self._iov[i])
+            hdr.msg_iovlen = 1
+            hdr.msg_control = ctypes.addressof(self._control) + i * _CMSG_SPACE_INT
+        self._msgs_ptr = ctypes.cast(self._msgs, ctypes.POINTER(_Mmsghdr))
+        # Views over the arrays, for reading all results at once and resetting
+        # the in/out fields (namelen, controllen) before the next call.
+        stride = ctypes.sizeof(_Mmsghdr)
+        self._msg_raw = memoryview(self._msgs).cast("B")
+        self._stride = stride
+        self._off_namelen = _Msghdr.msg_namelen.offset
+        self._off_controllen = _Msghdr.msg_controllen.offset
+        self._off_flags = _Msghdr.msg_flags.offset
+        self._off_len = _Mmsghdr.msg_len.offset
+        self._names_raw = memoryview(self._names).cast("B")
+        self._control_raw = memoryview(self._control).cast("B")
+        self._size_t = "Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I"
+        self._reset_template = bytes(self._msg_raw)  # namelen/controllen as set above
+        self._addr_cache: dict[bytes, str] = {}
+        self.lengths: list[int] = []
+        self.segment_sizes: list[int] = []
+        self.sources: list[str] = []
+        self.ports: list[int] = []
+        self.truncated: list[bool] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        raw, stride = self._msg_raw, self._stride
+        for i in range(self.slots):
+            struct.pack_into("I", raw, i * stride + self._off_namelen, ctypes.sizeof(_SockaddrIn))
+            struct.pack_into(self._size_t, raw, i * stride + self._off_controllen, _CMSG_SPACE_INT)
+        self._reset_template = bytes(raw)
+
+    def receive(self, fd: int) -> int:
+        """One recvmmsg; returns the number of messages (0 when none were queued).
+
+        Other errors (an ICMP error queued on the socket, ENOMEM) raise OSError."""
+        self._msg_raw[:] = self._reset_template
+        n = self._recvmmsg(fd, self._msgs_ptr, self.slots, MSG_DONTWAIT, None)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return 0
+            raise OSError(err, os.strerror(err))
+        raw, stride = self._msg_raw, self._stride
+        names, control = self._names_raw, self._control_raw
+        cache = self._addr_cache
+        lengths = self.lengths = []
+        sizes = self.segment_sizes = []
+        sources = self.sources = []
+        ports = self.ports = []
+        truncated = self.truncated = []
+        unpack_from = struct.unpack_from
+        size_t = self._size_t
+        for i in range(n):
+            at = i * stride
+            length = unpack_from("I", raw, at + self._off_len)[0]
+            flags = unpack_from("i", raw, at + self._off_flags)[0]
+            controllen = unpack_from(size_t, raw, at + self._off_controllen)[0]
+            gso = length
+            if controllen >= _CMSG_HDR + 4:
+                _clen, level, ctype, value = _CMSG.unpack_from(control, i * _CMSG_SPACE_INT)
+                if level == SOL_UDP and ctype == UDP_GRO and value > 0:
+                    gso = value
+            addr = bytes(names[i * 16 + 4 : i * 16 + 8])
+            src = cache.get(addr)
+            if src is None:
+                if len(cache) >= 4096:  # spoofed floods must not grow it without bound
+                    cache.clear()
+                src = cache[addr] = socket.inet_ntoa(addr)
+            lengths.append(length)
+            sizes.append(gso)
+            sources.append(src)
+            ports.append((names[i * 16 + 2] << 8) | names[i * 16 + 3])
+            truncated.append(bool(flags & MSG_TRUNC))
+        return n

@@ -1,0 +1,227 @@
+"""Receive coalescing (dataplane/io/gro.py) on segments built with scapy.
+
+Every run the coalescer plans must be something the kernel's TCP GRO would
+merge, and every segment in a run must have valid IP and TCP checksums; the
+rest stays single (the kernel validates those when they are written).
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
+
+from dataplane.io.gro import MAX_SEGMENTS, Coalescer, split_messages
+from dataplane.packet.checksum import internet_checksum
+
+MAC = "02:77:00:00:00:01"
+SLOT = 65600
+TS = [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]
+
+
+def segment(
+    seq: int,
+    payload: bytes,
+    flags: str = "A",
+    *,
+    sport: int = 5201,
+    ack: int = 1,
+    window: int = 500,
+    options: list | None = None,
+    src: str = "10.244.2.2",
+    tos: int = 0,
+    vxlan: bool = True,
+) -> bytes:
+    inner = IP(src=src, dst="10.244.1.2", flags="DF", id=seq & 0xFFFF, tos=tos) / TCP(
+        sport=sport, dport=40000, seq=seq, ack=ack, flags=flags, window=window,
+        options=TS if options is None else options,
+    ) / payload  # fmt: skip
+    if not vxlan:
+        return bytes(inner)
+    return bytes(VXLAN(vni=1, flags=0x08) / Ether(dst=MAC, src="02:00:00:00:00:09") / inner)
+
+
+class Rx:
+    """A receive buffer with messages placed as recvmmsg would place them."""
+
+    def __init__(self, ip_off: int = 22, slots: int = 8, slot: int = SLOT) -> None:
+        self.slot = slot
+        self.buf = bytearray(slots * slot + 256)
+        self.messages: list[tuple[int, int, int, int]] = []
+        self.coalescer = Coalescer(self.buf, ip_off)
+
+    def datagram(self, data: bytes, peer: int = 0) -> None:
+        off = len(self.messages) * self.slot
+        self.buf[off : off + len(data)] = data
+        self.messages.append((off, len(data), 0, peer))
+
+    def gro(self, datagrams: list[bytes], peer: int = 0) -> None:
+        """A UDP GRO message: same-size datagrams glued, the last may be shorter."""
+        size = len(datagrams[0])
+        assert all(len(d) == size for d in datagrams[:-1]) and len(datagrams[-1]) <= size
+        off = len(self.messages) * self.slot
+        data = b"".join(datagrams)
+        self.buf[off : off + len(data)] = data
+        self.messages.append((off, len(data), size, peer))
+
+    def runs(self) -> list[tuple[int, int]]:
+        return self.coalescer.plan(self.messages).runs
+
+
+def stream(count: int, size: int = 1398, start: int = 1000, last: int | None = None, **kw):
+    out = []
+    seq = start
+    for i in range(count):
+        n = size if i < count - 1 or last is None else last
+        out.append(segment(seq, bytes([i & 0xFF]) * n, **kw))
+        seq += n
+    return out
+
+
+@pytest.mark.parametrize("gro", [False, True])
+@pytest.mark.parametrize("last", [1398, 100, 101])
+def test_a_contiguous_stream_is_one_run(gro: bool, last: int) -> None:
+    rx = Rx()
+    segs = stream(8, last=last)
+    if gro:
+        rx.gro(segs)
+        # The vectorised path (whole message at once) took it, not the fallback.
+        assert rx.coalescer._whole_message(*rx.messages[0][:3]) is not None
+    else:
+        for s in segs:
+            rx.datagram(s)
+    plan = rx.coalescer.plan(rx.messages)
+    assert plan.runs == [(0, 8)]
+    assert plan.hlens == [22 + 20 + 32] * 8
+    assert plan.lengths[-1] == len(segs[-1])
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_psh_ends_a_run_and_only_the_last_may_carry_it(gro: bool) -> None:
+    rx = Rx()
+    psh = segment(1000 + 3 * 1398, b"x" * 1398, "PA")
+    segs = [*stream(3), psh, *stream(2, start=1000 + 4 * 1398)]
+    if gro:
+        rx.gro(segs)
+    else:
+        for s in segs:
+            rx.datagram(s)
+    assert rx.runs() == [(0, 4), (4, 2)]
+
+
+@pytest.mark.parametrize("gro", [False, True])
+@pytest.mark.parametrize("where", [0, 3, 7])
+def test_a_corrupt_segment_is_never_merged(gro: bool, where: int) -> None:
+    rx = Rx()
+    segs = [bytearray(s) for s in stream(8)]
+    segs[where][200] ^= 0x40  # payload bit flip: only the TCP checksum notices
+    if where == 7:
+        segs[where][-1] ^= 0x01  # and the last byte of the last segment
+    if gro:
+        rx.gro([bytes(s) for s in segs])
+    else:
+        for s in segs:
+            rx.datagram(bytes(s))
+    for first, count in rx.runs():
+        assert count == 1 or not first <= where < first + count
+
+
+def test_a_corrupt_ip_header_is_never_merged() -> None:
+    rx = Rx()
+    segs = [bytearray(s) for s in stream(4)]
+    segs[1][22 + 8] -= 1  # TTL changed, IP checksum not: the next row differs anyway
+    segs[2][22 + 4] ^= 1  # IP ID changed (allowed to differ), IP checksum now wrong
+    rx.gro([bytes(s) for s in segs])
+    for first, count in rx.runs():
+        assert count == 1 or not first <= 2 < first + count
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sport": 5202},
+        {"ack": 2},
+        {"window": 501},
+        {"src": "10.244.2.3"},
+        {"tos": 4},
+        {"options": [("NOP", None), ("NOP", None), ("Timestamp", (1, 3))]},
+    ],
+)
+def test_a_different_flow_or_header_breaks_the_run(change: dict) -> None:
+    rx = Rx()
+    segs = stream(3)
+    segs.append(segment(1000 + 3 * 1398, b"y" * 1398, **change))
+    for s in segs:
+        rx.datagram(s)
+    assert rx.runs() == [(0, 3), (3, 1)]
+
+
+def test_a_gap_in_sequence_numbers_breaks_the_run() -> None:
+    rx = Rx()
+    segs = stream(3) + stream(2, start=1000 + 4 * 1398)
+    rx.gro(segs)
+    assert rx.runs() == [(0, 3), (3, 2)]
+
+
+def test_a_short_segment_ends_the_run() -> None:
+    rx = Rx()
+    short = segment(1000 + 2 * 1398, b"s" * 500)
+    segs = [*stream(2), short, *stream(2, start=1000 + 2 * 1398 + 500)]
+    for s in segs:
+        rx.datagram(s)
+    assert rx.runs() == [(0, 3), (3, 2)]
+
+
+def test_different_peers_never_share_a_run() -> None:
+    rx = Rx()
+    segs = stream(4)
+    rx.datagram(segs[0], peer=0)
+    rx.datagram(segs[1], peer=0)
+    rx.datagram(segs[2], peer=1)
+    rx.datagram(segs[3], peer=1)
+    assert rx.runs() == [(0, 2), (2, 2)]
+
+
+def test_non_tcp_syn_fin_and_empty_segments_stay_single() -> None:
+    rx = Rx()
+    rx.datagram(segment(1000, b"x" * 100, "S"))
+    rx.datagram(segment(1100, b"x" * 100, "FA"))
+    rx.datagram(segment(1200, b"", "A"))  # a pure ACK: nothing to merge
+    rx.datagram(b"")
+    rx.datagram(b"\x08\x00\x00\x00\x00\x00\x01\x00" + bytes(20))
+    assert rx.runs() == [(i, 1) for i in range(5)]
+
+
+def test_runs_are_capped_in_count_and_size() -> None:
+    rx = Rx(slots=MAX_SEGMENTS + 6, slot=2048)
+    for s in stream(MAX_SEGMENTS + 6, size=200):
+        rx.datagram(s)
+    assert rx.runs() == [(0, MAX_SEGMENTS), (MAX_SEGMENTS, 6)]
+    rx = Rx(slots=60, slot=2048)
+    for s in stream(60, size=1398):
+        rx.datagram(s)
+    runs = rx.runs()
+    assert [c for _, c in runs] == [46, 14]  # 46 × 1398 ≤ 64 KiB of payload, 47 × not
+
+
+def test_udp_backend_offsets() -> None:
+    rx = Rx(ip_off=0)
+    segs = stream(5, vxlan=False)
+    rx.gro(segs)
+    plan = rx.coalescer.plan(rx.messages)
+    assert plan.runs == [(0, 5)] and plan.hlens == [52] * 5
+
+
+def test_split_messages_cuts_without_merging() -> None:
+    plan = split_messages([(0, 3000, 1000, 0), (65600, 0, 0, 0), (131200, 10, 0, 1)])
+    assert plan.starts == [0, 1000, 2000, 65600, 131200]
+    assert plan.lengths == [1000, 1000, 1000, 0, 10]
+    assert plan.messages == [0, 0, 0, 1, 2]
+    assert plan.runs == [(i, 1) for i in range(5)]
+
+
+def test_scapy_segments_have_valid_checksums() -> None:
+    # The premise of the tests above: scapy fills in checksums.
+    inner = segment(5, b"abc", vxlan=False)
+    assert internet_checksum(inner[:20]) == 0
