@@ -414,6 +414,21 @@ class Lab:
         self.stop(proc)
         raise LabError(f"tcpdump on {iface} in {_ns_of(ns)} did not start")
 
+    def stop_capture(
+        self, proc: subprocess.Popen, path: str | Path, *, timeout_s: float = 5.0
+    ) -> None:
+        """Stop a ``capture`` once its pcap holds at least one packet (or after
+        ``timeout_s``): tcpdump loses what is still queued in the kernel when it
+        is stopped, so stopping right after the traffic can leave the file empty."""
+        path = Path(path)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if path.exists() and path.stat().st_size > 24:  # more than the pcap header
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # the rest of the burst
+        self.stop(proc)
+
 
 # -- kernel peers made as flanneld makes them (flannel-facts §3b, §3c) ----------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -93,8 +92,7 @@ def test_tshark_decodes_weft_vxlan(lab: Lab, tmp_path: Path) -> None:
     pcap = tmp_path / "outer.pcap"
     cap = lab.capture(n2, "eth0", pcap, "udp port 8472")
     assert lab.ping(pod1, pod2.ip, count=3)
-    time.sleep(1)  # let tcpdump drain its ring before SIGTERM
-    lab.stop(cap)
+    lab.stop_capture(cap, pcap)
     out = subprocess.run(
         ["tshark", "-r", str(pcap), "-d", "udp.port==8472,vxlan",
          "-Y", f"ip.src=={n1.underlay_ip} && icmp",

@@ -104,7 +104,7 @@ def test_kernel_vxlan_interop_baseline(lab: Lab, two_nodes, tmp_path: Path) -> N
     assert lab.ping(p2, p1.ip)
     # a full-size packet (1450 MTU - 28) crosses without fragmentation
     assert lab.ping(p1, p2.ip, count=2, size=1422, dont_fragment=True)
-    lab.stop(cap)
+    lab.stop_capture(cap, pcap)
 
     if shutil.which("tshark"):
         out = subprocess.run(

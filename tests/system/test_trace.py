@@ -359,8 +359,7 @@ def test_udp_rx_pcap_shows_the_datagram_as_received(lab: Lab, tmp_path: Path) ->
         log=tmp_path / "trace.out",
     )  # fmt: skip
     drive_until_done(proc, lambda: lab.ping(pod1, pod2.ip, count=1, timeout_s=2))
-    time.sleep(0.5)
-    lab.stop(cap)
+    lab.stop_capture(cap, wire)
 
     def inner_ttls(pcap: Path) -> list[str]:
         out = subprocess.run(
