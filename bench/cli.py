@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output directory (default results/<timestamp>/)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument(
+        "--weft-offload",
+        choices=["auto", "on", "off"],
+        help="pass --offload to every `weft dataplane run` (default: weft's own)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after measuring, sample the weft processes with py-spy during one "
@@ -128,6 +133,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         budget_s=budget * 60,
         quick=quick,
         profile=args.profile,
+        weft_offload=args.weft_offload,
         command=command,
     )
 

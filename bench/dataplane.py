@@ -49,6 +49,11 @@ class Params:
     budget_s: float = 20 * 60.0
     quick: bool = False
     profile: bool = False
+    weft_offload: str | None = None  # passed as --offload to weft dataplane run when set
+
+    def weft_extra(self) -> tuple[str, ...]:
+        return ("--offload", self.weft_offload) if self.weft_offload else ()
+
     command: str = ""
 
     def blocks(self) -> list[tuple[str, int]]:
@@ -285,7 +290,9 @@ def run(
                     block_records[mode.key] = rec
                     records.append(rec)
                     try:
-                        envs[mode.key] = envmod.build(mode, setting, mtu, logdir, Path(sockdir))
+                        envs[mode.key] = envmod.build(
+                            mode, setting, mtu, logdir, Path(sockdir), p.weft_extra()
+                        )
                         progress.step(
                             f"{setting} mtu {mtu} {mode.key}: lab up (pod MTU {rec.pod_mtu})"
                         )

@@ -267,8 +267,16 @@ def _start_weft(env: Env, node: Node, argv: list[str], log: Path, sock: Path) ->
     raise RuntimeError(f"weft on {node.name} did not come up within {WEFT_START_TIMEOUT_S}s")
 
 
-def build(mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: Path) -> Env:
-    """A fresh lab for ``mode``; closed again if anything in the setup fails."""
+def build(
+    mode: Mode,
+    setting: str,
+    underlay_mtu: int,
+    workdir: Path,
+    sockdir: Path,
+    weft_extra: tuple[str, ...] = (),
+) -> Env:
+    """A fresh lab for ``mode``; closed again if anything in the setup fails.
+    ``weft_extra`` is appended to every ``weft dataplane run`` (e.g. ``--offload off``)."""
     if mode.key == "weft-kernel":
         return _build_cluster(mode, setting, underlay_mtu, workdir, sockdir)
     lab = Lab()
@@ -284,7 +292,7 @@ def build(mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: P
         lab.add_cni(n2, SUBNET2, mtu=mtu)
         pod1, pod2 = lab.add_pod(n1), lab.add_pod(n2)
         env = Env(mode, setting, underlay_mtu, lab, n1, n2, pod1, pod2, knobs, mtu)
-        _program(env, workdir, sockdir)
+        _program(env, workdir, sockdir, weft_extra)
         _finish(env, workdir)
         return env
     except BaseException:
@@ -353,7 +361,7 @@ def _build_cluster(
         raise
 
 
-def _program(env: Env, workdir: Path, sockdir: Path) -> None:
+def _program(env: Env, workdir: Path, sockdir: Path, weft_extra: tuple[str, ...] = ()) -> None:
     lab, n1, n2, mode = env.lab, env.n1, env.n2, env.mode
     kernel_macs: dict[str, str] = {}
     nodes = {"n1": (n1, SUBNET1, WEFT_MAC1), "n2": (n2, SUBNET2, WEFT_MAC2)}
@@ -386,7 +394,7 @@ def _program(env: Env, workdir: Path, sockdir: Path) -> None:
         sock = sockdir / f"{lab.tag}-{name}.sock"
         argv = _weft_argv(
             what, node, subnet, peer, peer_subnet, mac_of(other), own_mac, env.underlay_mtu, sock
-        )
+        ) + list(weft_extra)
         _start_weft(env, node, argv, workdir / f"{lab.tag}-{name}-weft.log", sock)
 
 

@@ -110,6 +110,9 @@ def markdown(doc: dict[str, Any], charts: list[str] | None = None) -> str:
         f"- each figure: {p.get('repeat')} repeat(s) of {p.get('seconds')} s (ping: "
         f"{p.get('ping_count')} × {p.get('ping_interval_s')} s; request/response: "
         f"{p.get('rr_seconds')} s), shown as median (min–max); pod1 → pod2 across the underlay",
+        f"- weft dataplane run with: `--offload {p['weft_offload']}`"
+        if p.get("weft_offload")
+        else "- weft dataplane run with its default options",
         "",
         "Underlay settings:",
         "",
