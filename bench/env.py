@@ -76,7 +76,7 @@ class Mode:
     @property
     def userspace_receiver(self) -> bool:
         """A node decapsulates in userspace (so senders must fill checksums)."""
-        return any(what in ("vxlan", "udp", "host-gw") for what in (self.n1, self.n2))
+        return any(what in ("vxlan", "udp", "host-gw", "naive") for what in (self.n1, self.n2))
 
 
 MODES: dict[str, Mode] = {
@@ -123,6 +123,15 @@ MODES: dict[str, Mode] = {
             "weft dataplane run --backend host-gw on both nodes",
         ),
         Mode(
+            "naive-udp",
+            "naive Python udp (reference)",
+            "udp",
+            "naive",
+            "naive",
+            "bench/naive.py on both nodes: the simplest Python TUN↔UDP loop, no lookup or "
+            "checks (opt-in reference)",
+        ),
+        Mode(
             "weft-kernel",
             "weft kernel mode",
             "vxlan",
@@ -141,8 +150,10 @@ MODES: dict[str, Mode] = {
         ),
     )
 }
-#: weft-kernel is the kernel's data path again (weft only programs it), so it is opt-in.
-DEFAULT_MODES = tuple(m for m in MODES if m != "weft-kernel")
+#: Opt-in: weft-kernel is the kernel's data path again (weft only programs it), and
+#: naive-udp is a reference point, not weft.
+OPT_IN_MODES = ("naive-udp", "weft-kernel")
+DEFAULT_MODES = tuple(m for m in MODES if m not in OPT_IN_MODES)
 QUICK_MODES = ("plain", "kernel-vxlan", "weft-vxlan")
 
 
@@ -391,11 +402,37 @@ def _program(env: Env, workdir: Path, sockdir: Path, weft_extra: tuple[str, ...]
                 peer_public_ip=peer.underlay_ip,
             )
             continue
+        if what == "naive":
+            _start_naive(env, node, subnet, peer, workdir / f"{lab.tag}-{name}-naive.log")
+            continue
         sock = sockdir / f"{lab.tag}-{name}.sock"
         argv = _weft_argv(
             what, node, subnet, peer, peer_subnet, mac_of(other), own_mac, env.underlay_mtu, sock
         ) + list(weft_extra)
         _start_weft(env, node, argv, workdir / f"{lab.tag}-{name}-weft.log", sock)
+
+
+def _start_naive(env: Env, node: Node, subnet: str, peer: Node, log: Path) -> None:
+    script = Path(__file__).with_name("naive.py")
+    argv = [
+        sys.executable,
+        str(script),
+        str(node.underlay_ip),
+        str(peer.underlay_ip),
+        subnet,
+        NETWORK,
+        str(env.pod_mtu),
+    ]
+    proc = env.lab.spawn(node, argv, log=log)
+    env.weft[node.name] = proc
+    deadline = time.monotonic() + WEFT_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"naive.py on {node.name} exited: {log.read_text()[-800:]}")
+        if log.exists() and "up" in log.read_text():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"naive.py on {node.name} did not come up")
 
 
 def check_tools() -> list[str]:

@@ -26,9 +26,14 @@ METRICS: dict[str, Metric] = {
         Metric("ping_p99_ms", "ping RTT p99", "ms", False, "{:.3f}"),
         Metric("ping_loss_pct", "ping loss", "%", False, "{:.1f}"),
         Metric("rr_per_s", "TCP 1-byte request/response", "trans/s", True, "{:.0f}"),
-        Metric("tcp1_weft_cpu_s_per_gb", "weft CPU per GB (TCP 1)", "s/GB", False),
+        Metric("tcp1_weft_cpu_s_per_gb", "forwarder processes CPU per GB (TCP 1)", "s/GB", False),
         Metric("tcp1_machine_cpu_s_per_gb", "machine CPU per GB (TCP 1)", "s/GB", False),
-        Metric("udp64_weft_cpu_s_per_mpkt", "weft CPU per Mpkt (UDP 64 B)", "s/Mpkt", False),
+        Metric(
+            "udp64_weft_cpu_s_per_mpkt",
+            "forwarder processes CPU per Mpkt (UDP 64 B)",
+            "s/Mpkt",
+            False,
+        ),
         Metric("udp64_machine_cpu_s_per_mpkt", "machine CPU per Mpkt (UDP 64 B)", "s/Mpkt", False),
         Metric(
             "tcp1_wire_bytes_per_payload",
