@@ -21,6 +21,8 @@ import os
 import socket
 import struct
 
+import numpy as np
+
 SOL_UDP = 17
 UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, the segment size for a send
 UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, the segment size in a cmsg
@@ -63,7 +65,7 @@ class _SockaddrIn(ctypes.Structure):
 # struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; } + an int, aligned.
 _CMSG_HDR = ctypes.sizeof(ctypes.c_size_t) + 8
 _CMSG_SPACE_INT = _CMSG_HDR + ctypes.sizeof(ctypes.c_size_t)  # CMSG_SPACE(sizeof(int))
-_CMSG = struct.Struct(f"={'Q' if ctypes.sizeof(ctypes.c_size_t) == 8 else 'I'}iii")
+_CMSG_LEVEL_AT = ctypes.sizeof(ctypes.c_size_t)  # cmsg_level, then cmsg_type
 
 _libc: ctypes.CDLL | None = None
 
@@ -145,11 +147,25 @@ class MmsgReceiver:
         self._off_controllen = _Msghdr.msg_controllen.offset
         self._off_flags = _Msghdr.msg_flags.offset
         self._off_len = _Mmsghdr.msg_len.offset
-        self._names_raw = memoryview(self._names).cast("B")
-        self._control_raw = memoryview(self._control).cast("B")
         self._size_t = "Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I"
         self._reset_template = bytes(self._msg_raw)  # namelen/controllen as set above
-        self._addr_cache: dict[bytes, str] = {}
+        self._addr_cache: dict[int, str] = {}
+        # numpy views over the ctypes arrays: one field of every message at once.
+        msgs_buf, names_buf, ctl_buf = self._msgs, self._names, self._control
+        count = (slots,)
+        self._views = {
+            "len": np.ndarray(count, np.uint32, msgs_buf, self._off_len, (stride,)),
+            "flags": np.ndarray(count, np.int32, msgs_buf, self._off_flags, (stride,)),
+            "controllen": np.ndarray(
+                count, np.uint64 if self._size_t == "Q" else np.uint32, msgs_buf,
+                self._off_controllen, (stride,),
+            ),
+            "level": np.ndarray(count, np.int32, ctl_buf, _CMSG_LEVEL_AT, (_CMSG_SPACE_INT,)),
+            "type": np.ndarray(count, np.int32, ctl_buf, _CMSG_LEVEL_AT + 4, (_CMSG_SPACE_INT,)),
+            "value": np.ndarray(count, np.int32, ctl_buf, _CMSG_HDR, (_CMSG_SPACE_INT,)),
+            "addr": np.ndarray(count, ">u4", names_buf, 4, (ctypes.sizeof(_SockaddrIn),)),
+            "port": np.ndarray(count, ">u2", names_buf, 2, (ctypes.sizeof(_SockaddrIn),)),
+        }  # fmt: skip
         self.lengths: list[int] = []
         self.segment_sizes: list[int] = []
         self.sources: list[str] = []
@@ -175,35 +191,27 @@ class MmsgReceiver:
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return 0
             raise OSError(err, os.strerror(err))
-        raw, stride = self._msg_raw, self._stride
-        names, control = self._names_raw, self._control_raw
+        v = self._views
+        self.lengths = v["len"][:n].tolist()
+        gro = np.where(
+            (v["controllen"][:n] >= _CMSG_HDR + 4)
+            & (v["level"][:n] == SOL_UDP)
+            & (v["type"][:n] == UDP_GRO)
+            & (v["value"][:n] > 0),
+            v["value"][:n],
+            v["len"][:n],
+        )
+        self.segment_sizes = gro.tolist()
+        self.truncated = ((v["flags"][:n] & MSG_TRUNC) != 0).tolist()
+        self.ports = v["port"][:n].tolist()
         cache = self._addr_cache
-        lengths = self.lengths = []
-        sizes = self.segment_sizes = []
-        sources = self.sources = []
-        ports = self.ports = []
-        truncated = self.truncated = []
-        unpack_from = struct.unpack_from
-        size_t = self._size_t
-        for i in range(n):
-            at = i * stride
-            length = unpack_from("I", raw, at + self._off_len)[0]
-            flags = unpack_from("i", raw, at + self._off_flags)[0]
-            controllen = unpack_from(size_t, raw, at + self._off_controllen)[0]
-            gso = length
-            if controllen >= _CMSG_HDR + 4:
-                _clen, level, ctype, value = _CMSG.unpack_from(control, i * _CMSG_SPACE_INT)
-                if level == SOL_UDP and ctype == UDP_GRO and value > 0:
-                    gso = value
-            addr = bytes(names[i * 16 + 4 : i * 16 + 8])
+        if len(cache) >= 4096:  # spoofed floods must not grow it without bound
+            cache.clear()
+        sources = []
+        for addr in v["addr"][:n].tolist():
             src = cache.get(addr)
             if src is None:
-                if len(cache) >= 4096:  # spoofed floods must not grow it without bound
-                    cache.clear()
-                src = cache[addr] = socket.inet_ntoa(addr)
-            lengths.append(length)
-            sizes.append(gso)
+                src = cache[addr] = socket.inet_ntoa(addr.to_bytes(4, "big"))
             sources.append(src)
-            ports.append((names[i * 16 + 2] << 8) | names[i * 16 + 3])
-            truncated.append(bool(flags & MSG_TRUNC))
+        self.sources = sources
         return n

@@ -632,12 +632,15 @@ class FastEngine(Engine):
         # length, PSH from the last segment, and the TCP checksum field holding
         # the pseudo-header sum (NEEDS_CSUM; every segment's checksum was checked).
         header = bytearray(view0[out:hl0])
+        stop = first + count
         iov: list[bytes | bytearray | memoryview] = [b"", header]
-        payload = 0
-        for k in range(first, first + count):
-            s = starts[k]
-            iov.append(rxv[s + hlens[k] : s + lengths[k]])
-            payload += lengths[k] - hlens[k]
+        iov += [
+            rxv[s + h : s + n]
+            for s, h, n in zip(
+                starts[first:stop], hlens[first:stop], lengths[first:stop], strict=True
+            )
+        ]
+        payload = sum(lengths[first:stop]) - sum(hlens[first:stop])
         ipo = ip - out  # inner IP header within `header`
         tcp = ipo + 20
         thl = hl0 - ip - 20

@@ -1,0 +1,463 @@
+"""The fast paths (dataplane/io/fastpath.py) against the Linux kernel and each other.
+
+The kernel-interop scenario of test_dataplane_interop.py (a weft node and a
+kernel VXLAN node made as flanneld makes it, pods on both, ping and iperf3
+both ways) runs again with `--offload on` and `--offload off`, TUN and TAP;
+then: the datagrams weft's GSO path puts on the wire are standard VXLAN with
+valid checksums (tshark checks every one), path MTU discovery still works for
+super-packets, two weft nodes (vxlan and udp) with the fast paths on, the
+fallback when a path is switched off, and recvmmsg + UDP_GRO on a socket.
+
+`WEFT_FASTPATH_BENCH=1 pytest -s tests/system/test_fastpath.py -k bench` runs
+the measurements behind the "Fast paths" section of docs/benchmarks.md
+(no timing is asserted anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from weft_helpers import WEFT, iperf3_transfer, status
+
+from control.api import api_request
+from control.lab.netns import in_netns
+from control.lab.topology import Lab, Node, Pod, add_kernel_vxlan_peer, make_kernel_vxlan
+from dataplane.io import batch, fastpath
+
+NETWORK = "10.244.0.0/16"
+SUBNET1 = "10.244.1.0/24"
+SUBNET2 = "10.244.2.0/24"
+WEFT_MAC = "02:77:00:00:00:01"
+WEFT_MAC2 = "02:77:00:00:00:02"
+ALL_PATHS = list(fastpath.PATHS)
+
+
+# -- helpers (the interop test's, with --offload and an environment) ----------------
+
+
+def start(
+    lab: Lab, node: Node, args: list[str], tmp: Path, name: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """`weft <args> --api-socket …` in node's namespace; waits until its API answers."""
+    sock = tmp / f"{name}.sock"
+    log = tmp / f"{name}.log"
+    proc = lab.spawn(
+        node, [*WEFT, *args, "--api-socket", str(sock)], log=log, env={**os.environ, **(env or {})}
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"weft {name} exited {proc.returncode}:\n{log.read_text()}")
+        if sock.exists():
+            try:
+                api_request(str(sock), {"op": "status"}, timeout=2)
+                return proc, sock
+            except (ConnectionError, OSError, json.JSONDecodeError):
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"weft {name} did not come up:\n{log.read_text()}")
+
+
+def underlay(lab: Lab, node: Node, *, gro: bool = False) -> None:
+    """Checksums filled in on the node, as a NIC puts them on a wire (the interop
+    tests' wire_like); with gro, also what the benchmark's wire setting does."""
+    knobs = ["tx", "off"] + (["tso", "off", "gso", "off", "gro", "on"] if gro else [])
+    lab.run(node, "ethtool", "-K", "eth0", *knobs)
+
+
+def effective_gro(lab: Lab) -> None:
+    """Make GRO on the nodes' eth0 actually happen: a veth hands packets to its
+    peer's NAPI (where GRO runs) only when the sending end has no TSO
+    (veth_skb_is_eligible_for_gro), and the sending ends here are the hub's."""
+    for i in range(len(lab.nodes)):
+        lab.run(lab.hub, "ethtool", "-K", f"vn{i}", "tso", "off")  # type: ignore[arg-type]
+
+
+def two_node_pods(lab: Lab, mtu: int, *, gro: bool = False) -> tuple[Node, Node, Pod, Pod]:
+    lab.add_underlay()
+    n1, n2 = lab.add_node("n1"), lab.add_node("n2")
+    for node in (n1, n2):
+        underlay(lab, node, gro=gro)
+    if gro:
+        effective_gro(lab)
+    lab.add_cni(n1, SUBNET1, mtu=mtu)
+    lab.add_cni(n2, SUBNET2, mtu=mtu)
+    return n1, n2, lab.add_pod(n1), lab.add_pod(n2)
+
+
+def vxlan_args(
+    node: Node, subnet: str, peer: Node, peer_subnet: str, own_mac: str, peer_mac: str,
+    offload: str, device: str = "tun",
+) -> list[str]:  # fmt: skip
+    return [
+        "dataplane", "run", "--backend", "vxlan", "--device", device,
+        "--network", NETWORK, "--subnet", subnet, "--public-ip", str(node.underlay_ip),
+        "--vtep-mac", own_mac, "--peer", f"{peer_subnet},{peer.underlay_ip},{peer_mac}",
+        "--offload", offload,
+    ]  # fmt: skip
+
+
+def udp_args(node: Node, subnet: str, peer: Node, peer_subnet: str, offload: str) -> list[str]:
+    return [
+        "dataplane", "run", "--backend", "udp", "--network", NETWORK, "--subnet", subnet,
+        "--public-ip", str(node.underlay_ip), "--peer", f"{peer_subnet},{peer.underlay_ip}",
+        "--offload", offload,
+    ]  # fmt: skip
+
+
+def kernel_vxlan_node(lab: Lab, node: Node, weft_node: Node, subnet: str = SUBNET2) -> str:
+    mac = make_kernel_vxlan(lab, node, subnet)
+    add_kernel_vxlan_peer(
+        lab, node, peer_subnet=SUBNET1, peer_mac=WEFT_MAC, peer_public_ip=weft_node.underlay_ip
+    )
+    return mac
+
+
+def iperf3_bytes(lab: Lab, client: Pod, server: Pod, nbytes: str) -> dict[str, Any]:
+    """One TCP iperf3 transfer of `nbytes` (e.g. "4M") from client to server."""
+    srv = lab.spawn(server, ["iperf3", "-s", "-1"])
+    try:
+        for _ in range(50):
+            cp = lab.run(
+                client, "iperf3", "-c", str(server.ip), "-n", nbytes, "-J",
+                check=False, timeout=60,
+            )  # fmt: skip
+            result = json.loads(cp.stdout) if cp.stdout.startswith("{") else {}
+            if cp.returncode == 0 and "sum_received" in result.get("end", {}):
+                return result["end"]
+            if "refused" not in (result.get("error") or cp.stderr):
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"iperf3 failed: {cp.stdout[-1500:]} {cp.stderr[-500:]}")
+    finally:
+        lab.stop(srv)
+
+
+def nstat(lab: Lab, ns: Pod | Node, *names: str) -> dict[str, int]:
+    out = lab.run(ns, "nstat", "-a", "-z", "-j").stdout
+    counters = next(iter(json.loads(out).values()))
+    return {n: int(counters.get(n, 0)) for n in names}
+
+
+# -- the kernel-interop scenario, fast paths on and off -----------------------------
+
+
+@pytest.mark.parametrize("device", ["tun", "tap"])
+@pytest.mark.parametrize("offload", ["on", "off"])
+def test_kernel_interop(lab: Lab, tmp_path: Path, offload: str, device: str) -> None:
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, offload, device)
+    _, sock = start(lab, n1, args, tmp_path, "n1")
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10), "pod1 → pod2 through weft → kernel"
+    assert lab.ping(pod1, pod2.ip, count=5)
+    assert lab.ping(pod2, pod1.ip, count=5), "pod2 → pod1 through kernel → weft"
+    before = nstat(lab, pod2, "TcpInCsumErrors", "TcpExtTCPCsumErrors")
+    end = iperf3_transfer(lab, pod1, pod2)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    assert nstat(lab, pod2, "TcpInCsumErrors", "TcpExtTCPCsumErrors") == before
+    end = iperf3_transfer(lab, pod2, pod1)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    st = status(sock)
+    assert st["device_kind"] == device
+    c = st["counters"]
+    assert c["tx_packets"] > 0 and c["rx_packets"] > 0
+    assert not {"write_failed", "send_failed", "truncated"} & set(c["drops"]), c["drops"]
+    off = st["offload"]
+    assert off["mode"] == offload
+    if offload == "on":
+        assert off["on"] == ALL_PATHS and not off["off"]
+        fc = off["counters"]
+        # pod1's TCP handed weft super-packets and the kernel cut them up …
+        assert fc["gso_sends"] > 0 and fc["gso_segments"] > 2 * fc["gso_sends"]
+        # … and received segments were batched and coalesced into GSO writes.
+        assert fc["rx_calls"] > 0 and fc["rx_messages"] > fc["rx_calls"]
+        assert fc["gso_writes"] > 0 and fc["gso_written_segments"] > fc["gso_writes"]
+    else:
+        assert off["on"] == [] and set(off["off"]) == set(ALL_PATHS)
+        links = {link["ifname"] for link in lab.ip_json(n1, "link", "show")}
+        assert fastpath.egress_name("weft.1") not in links
+
+
+def test_gso_datagrams_on_the_wire_are_standard_vxlan(lab: Lab, tmp_path: Path) -> None:
+    """Every frame weft's GSO path sends: at most 1514 bytes, VNI 1 to port 8472,
+    weft's VtepMAC to the kernel's, and valid outer IP/UDP and inner IP/TCP
+    checksums (tshark recomputes them; the kernel peer would drop bad ones)."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    _, sock = start(lab, n1, args, tmp_path, "n1")
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    pcap = tmp_path / "outer.pcap"
+    cap = lab.capture(n2, "eth0", pcap, f"udp port 8472 and src host {n1.underlay_ip}")
+    iperf3_bytes(lab, pod1, pod2, "3M")
+    time.sleep(1)  # let tcpdump drain its ring before SIGTERM
+    lab.stop(cap)
+    assert status(sock)["offload"]["counters"]["gso_sends"] > 0
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", "udp.port==8472,vxlan",
+         "-o", "ip.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
+         "-o", "tcp.check_checksum:TRUE",
+         "-T", "fields", "-E", "separator=|", "-e", "frame.len", "-e", "vxlan.vni",
+         "-e", "udp.dstport", "-e", "eth.src", "-e", "eth.dst", "-e", "ip.checksum.status",
+         "-e", "udp.checksum.status", "-e", "tcp.checksum.status", "-e", "tcp.len"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line]
+    data = [r for r in rows if r[8] and int(r[8]) > 0]
+    assert len(data) > 1000, f"only {len(data)} data segments captured"
+    for length, vni, dport, eth_src, eth_dst, ip_ok, udp_ok, tcp_ok, _ in rows:
+        assert int(length) <= 1514
+        assert vni == "1" and dport.split(",")[0] == "8472"
+        assert eth_src.split(",")[-1] == WEFT_MAC and eth_dst.split(",")[-1] == kmac
+        # 1 = good; both IP headers (outer, inner) and the outer UDP checksum.
+        assert set(ip_ok.split(",")) == {"1"} and udp_ok.split(",")[0] == "1", (ip_ok, udp_ok)
+        assert tcp_ok == "1"
+    # Full-size segments: the inner IP packets fill the 1450-byte pod MTU.
+    assert max(int(r[0]) for r in rows) == 1514
+
+
+def test_path_mtu_discovery_with_super_packets(lab: Lab, tmp_path: Path) -> None:
+    """A pod whose route allows 1500 bytes: weft gets super-packets whose segments
+    do not fit the underlay, answers frag-needed (mtu 1450), and TCP goes on with
+    smaller segments."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1500)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    _, sock = start(lab, n1, args, tmp_path, "n1")
+    lab.ip(n1, "link", "set", "weft.1", "mtu", "1500")
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    out = lab.ping_output(pod1, pod2.ip, count=2, size=1472, dont_fragment=True)
+    assert "mtu = 1450" in out.stdout + out.stderr or "mtu=1450" in out.stdout + out.stderr
+    end = iperf3_transfer(lab, pod1, pod2)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    st = status(sock)
+    assert st["counters"]["drops"]["too_big"] >= 1
+    assert st["counters"]["icmp_sent"] >= 1
+    assert st["offload"]["counters"]["gso_sends"] > 0
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "udp"])
+def test_two_weft_nodes(lab: Lab, tmp_path: Path, backend: str) -> None:
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450 if backend == "vxlan" else 1472, gro=True)
+    if backend == "vxlan":
+        a1 = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, WEFT_MAC2, "on")
+        a2 = vxlan_args(n2, SUBNET2, n1, SUBNET1, WEFT_MAC2, WEFT_MAC, "on")
+    else:
+        a1 = udp_args(n1, SUBNET1, n2, SUBNET2, "on")
+        a2 = udp_args(n2, SUBNET2, n1, SUBNET1, "on")
+    _, s1 = start(lab, n1, a1, tmp_path, "n1")
+    _, s2 = start(lab, n2, a2, tmp_path, "n2")
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    assert lab.ping(pod2, pod1.ip, count=3)
+    before = nstat(lab, pod2, "TcpInCsumErrors")
+    end = iperf3_transfer(lab, pod1, pod2)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    assert nstat(lab, pod2, "TcpInCsumErrors") == before
+    end = iperf3_transfer(lab, pod2, pod1)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    for sock in (s1, s2):
+        st = status(sock)
+        fc = st["offload"]["counters"]
+        assert st["offload"]["on"] == ALL_PATHS
+        assert fc["gso_sends"] > 0 and fc["gso_writes"] > 0
+        # With GRO effective on eth0, the kernel glued datagrams: fewer messages.
+        assert fc["rx_segments"] > fc["rx_messages"]
+        assert not {"write_failed", "send_failed"} & set(st["counters"]["drops"])
+
+
+def test_a_path_switched_off_falls_back_and_says_so(lab: Lab, tmp_path: Path) -> None:
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
+    env = {fastpath.DISABLE_ENV: "tunnel_gso,udp_gro"}
+    _, sock = start(lab, n1, args, tmp_path, "n1", env=env)
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    end = iperf3_transfer(lab, pod1, pod2)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    end = iperf3_transfer(lab, pod2, pod1)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    off = status(sock)["offload"]
+    assert off["on"] == ["recvmmsg", "gso_write"]
+    assert "tso_read" in off["off"] and "WEFT_OFFLOAD_DISABLE" in off["off"]["tunnel_gso"]
+    assert off["counters"]["gso_sends"] == 0
+    log = (tmp_path / "n1.log").read_text()
+    assert log.count("fast paths on: recvmmsg, gso_write") == 1
+    assert "fast path tso_read off: no TAP with UDP-tunnel GSO" in log
+
+
+def test_recvmmsg_with_udp_gro_on_a_socket(lab: Lab) -> None:
+    """MmsgReceiver: lengths, sources, ports, a GRO segment size from the cmsg,
+    truncation; in a lab namespace's loopback."""
+    ns = lab.add_netns("rx")
+    with in_netns(ns):
+        rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            rx_sock.bind(("127.0.0.1", 0))
+            rx_sock.setblocking(False)
+            batch.enable_udp_gro(rx_sock)
+            tx.bind(("127.0.0.1", 0))
+            dst = rx_sock.getsockname()
+            receiver = batch.MmsgReceiver(slots=4, slot_size=4096)
+            assert receiver.receive(rx_sock.fileno()) == 0  # nothing queued: no error
+            tx.sendto(b"a" * 100, dst)
+            tx.sendto(b"b" * 5000, dst)  # bigger than a slot
+            # UDP GSO on loopback arrives as one message of 3 × 1000 bytes.
+            tx.setsockopt(batch.SOL_UDP, batch.UDP_SEGMENT, 1000)
+            tx.sendto(b"c" * 2500, dst)
+            time.sleep(0.2)
+            n = receiver.receive(rx_sock.fileno())
+            assert n == 3
+            assert receiver.sources == ["127.0.0.1"] * 3
+            assert receiver.ports == [tx.getsockname()[1]] * 3
+            assert receiver.lengths[0] == 100 and receiver.segment_sizes[0] == 100
+            assert receiver.truncated == [False, True, False]
+            assert receiver.lengths[2] == 2500 and receiver.segment_sizes[2] == 1000
+            off = receiver.offsets[2]
+            assert bytes(receiver.buf[off : off + 2500]) == b"c" * 2500
+            assert receiver.receive(rx_sock.fileno()) == 0
+        finally:
+            rx_sock.close()
+            tx.close()
+
+
+# -- measurements (opt-in) -----------------------------------------------------------
+
+BENCH = os.environ.get("WEFT_FASTPATH_BENCH")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BenchLab:
+    """Two nodes with one pod each; n1 → n2 is the measured direction."""
+
+    def __init__(self, kind: str, offload: str, tmp: Path, disable: str = "") -> None:
+        self.kind, self.offload = kind, offload
+        self.lab = Lab()
+        self.pids: list[int] = []
+        try:
+            self._build(tmp, disable)
+        except BaseException:
+            self.lab.close()
+            raise
+
+    def _build(self, tmp: Path, disable: str) -> None:
+        lab = self.lab
+        n1, n2, self.pod1, self.pod2 = two_node_pods(lab, mtu=1450, gro=True)
+        sender, receiver = self.kind.split("-")  # kernel|weft - kernel|weft
+        env = {fastpath.DISABLE_ENV: disable} if disable else None
+        macs = {}
+        for node, what, subnet, mac in (
+            (n1, sender, SUBNET1, WEFT_MAC),
+            (n2, receiver, SUBNET2, WEFT_MAC2),
+        ):
+            macs[node.name] = make_kernel_vxlan(lab, node, subnet) if what == "kernel" else mac
+        for node, what, subnet, peer, peer_subnet in (
+            (n1, sender, SUBNET1, n2, SUBNET2),
+            (n2, receiver, SUBNET2, n1, SUBNET1),
+        ):
+            if what == "kernel":
+                add_kernel_vxlan_peer(
+                    lab, node, peer_subnet=peer_subnet, peer_mac=macs[peer.name],
+                    peer_public_ip=peer.underlay_ip,
+                )  # fmt: skip
+                continue
+            args = vxlan_args(
+                node, subnet, peer, peer_subnet, macs[node.name], macs[peer.name], self.offload
+            )
+            proc, _ = start(lab, node, args, tmp, f"{lab.tag}-{node.name}", env=env)
+            self.pids.append(proc.pid)
+        for a, b in ((self.pod1, self.pod2), (self.pod2, self.pod1)):
+            assert lab.wait_ping(a, b.ip, timeout_s=15)
+        self.server = lab.spawn(self.pod2, ["iperf3", "-s"])
+        time.sleep(0.3)
+
+    def tcp1(self, seconds: float) -> tuple[float, float, int]:
+        """(Gbit/s received, weft CPU seconds per GB, retransmits) for one stream."""
+        cpu0 = sum(_cpu_seconds(p) for p in self.pids)
+        cp = self.lab.run(
+            self.pod1, "iperf3", "-c", str(self.pod2.ip), "-t", str(seconds), "-J",
+            check=False, timeout=seconds + 30,
+        )  # fmt: skip
+        cpu = sum(_cpu_seconds(p) for p in self.pids) - cpu0
+        end = json.loads(cp.stdout)["end"]
+        nbytes = end["sum_received"]["bytes"]
+        return (
+            end["sum_received"]["bits_per_second"] / 1e9,
+            cpu / (nbytes / 1e9) if nbytes else 0.0,
+            end["sum_sent"].get("retransmits", 0),
+        )
+
+    def close(self) -> None:
+        self.lab.close()
+
+
+@pytest.mark.skipif(not BENCH, reason="opt-in measurement: WEFT_FASTPATH_BENCH=1")
+def test_bench_fast_paths(tmp_path: Path) -> None:
+    """kernel↔kernel, weft→kernel, kernel→weft and weft↔weft, one TCP stream, each weft
+    mode with the fast paths off, each technique added, and all on; round-robin
+    repeats so background load hits every mode alike. Prints a Markdown table and
+    writes JSON to WEFT_FASTPATH_BENCH_OUT (default: the test's tmp dir)."""
+    seconds = float(os.environ.get("WEFT_FASTPATH_BENCH_SECONDS", "5"))
+    repeat = int(os.environ.get("WEFT_FASTPATH_BENCH_REPEAT", "3"))
+    configs = [("kernel-kernel", "off", "")]
+    for kind in ("weft-kernel", "kernel-weft", "weft-weft"):
+        configs.append((kind, "off", ""))
+        if kind != "kernel-weft":  # the send path: TSO + tunnel GSO only
+            configs.append((kind, "auto", "udp_gro,recvmmsg,gso_write"))
+        if kind != "weft-kernel":  # the receive path, one technique at a time
+            configs.append((kind, "auto", "tso_read,tunnel_gso,udp_gro,gso_write"))
+            configs.append((kind, "auto", "tso_read,tunnel_gso,gso_write"))
+            configs.append((kind, "auto", "tso_read,tunnel_gso"))
+        configs.append((kind, "on", ""))
+    labs: dict[tuple[str, str, str], BenchLab] = {}
+    results: dict[tuple[str, str, str], list[tuple[float, float, int]]] = {}
+    try:
+        for config in configs:
+            labs[config] = BenchLab(*config[:2], tmp_path, config[2])
+        for _ in range(repeat):
+            for config, bl in labs.items():
+                results.setdefault(config, []).append(bl.tcp1(seconds))
+    finally:
+        for bl in labs.values():
+            bl.close()
+    base = statistics.median(r[0] for r in results[("kernel-kernel", "off", "")])
+    lines = [
+        "| n1 → n2 | weft fast paths | Gbit/s (median, min–max) | ÷ kernel↔kernel "
+        "| weft CPU s/GB | retransmits |",
+        "|---|---|---|---|---|---|",
+    ]
+    out = []
+    for (kind, offload, disable), rs in results.items():
+        gbit = [r[0] for r in rs]
+        on = [p for p in ALL_PATHS if p not in disable.split(",")] if offload != "off" else []
+        label = (
+            "off" if offload == "off" else ("all" if len(on) == len(ALL_PATHS) else "+".join(on))
+        )
+        med = statistics.median(gbit)
+        cpu = statistics.median(r[1] for r in rs)
+        lines.append(
+            f"| {kind.replace('-', ' → ')} | {label if 'weft' in kind else '–'} | {med:.2f} "
+            f"({min(gbit):.2f}–{max(gbit):.2f}) | {med / base:.2f}× | "
+            f"{cpu:.1f} | {sum(r[2] for r in rs)} |"
+        )
+        out.append({"kind": kind, "offload": offload, "disabled": disable, "runs": rs})
+    table = "\n".join(lines)
+    print(f"\none TCP stream, {repeat} × {seconds:.0f} s, load {os.getloadavg()}\n{table}")
+    dest = Path(os.environ.get("WEFT_FASTPATH_BENCH_OUT", tmp_path / "bench.json"))
+    dest.write_text(json.dumps({"seconds": seconds, "repeat": repeat, "results": out}, indent=1))
+    (dest.with_suffix(".md")).write_text(table + "\n")
+    assert sys.version_info  # nothing to assert: a measurement
