@@ -547,7 +547,7 @@ class FastEngine(Engine):
     def _on_network(self) -> None:
         rx = self._rx
         if rx is None:
-            super()._on_network()
+            self._on_network_single()
             return
         fwd = self.forwarder
         drops = fwd.counters.drops
@@ -590,6 +590,35 @@ class FastEngine(Engine):
                     self._deliver_one(plan, first, source, tracer)
                 else:
                     self._deliver_run(plan, first, count, source)
+
+    def _on_network_single(self) -> None:
+        """runner.Engine's receive loop (one datagram per call), for a device whose
+        writes need a vnet header: used when recvmmsg is off."""
+        fwd = self.forwarder
+        buf = self._net_buf
+        out = self._net_view
+        recv = self.sock.recvfrom_into  # type: ignore[union-attr]
+        fd = self.device_fd
+        writev = os.writev
+        drops = fwd.counters.drops
+        tracer = self.tracer if self.tracer is not None and self.tracer.active else None
+        if tracer is not None:
+            tracer.start_batch()
+        for _ in range(BATCH):
+            try:
+                n, addr = recv(buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue
+            verdict = fwd.from_network(buf, n, addr[0])
+            if tracer is not None:
+                tracer.from_network(buf, n, addr, verdict, fwd)
+            if verdict == Verdict.DELIVER:
+                try:
+                    writev(fd, [ZERO_VNET, out[fwd.out_start : fwd.out_end]])
+                except OSError:
+                    drops[DropReason.WRITE_FAILED] += 1
 
     def _deliver_one(self, plan: Batch, k: int, source: int, tracer: Tracer | None) -> None:
         fwd = self.forwarder

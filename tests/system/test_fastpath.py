@@ -275,24 +275,38 @@ def test_two_weft_nodes(lab: Lab, tmp_path: Path, backend: str) -> None:
         assert not {"write_failed", "send_failed"} & set(st["counters"]["drops"])
 
 
-def test_a_path_switched_off_falls_back_and_says_so(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("disable", "left_on"),
+    [
+        ("tunnel_gso,udp_gro", ["recvmmsg", "gso_write"]),
+        ("recvmmsg,gso_write", ["tso_read", "tunnel_gso"]),
+    ],
+)
+def test_a_path_switched_off_falls_back_and_says_so(
+    lab: Lab, tmp_path: Path, disable: str, left_on: list[str]
+) -> None:
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
-    env = {fastpath.DISABLE_ENV: "tunnel_gso,udp_gro"}
-    _, sock = start(lab, n1, args, tmp_path, "n1", env=env)
+    _, sock = start(lab, n1, args, tmp_path, "n1", env={fastpath.DISABLE_ENV: disable})
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    assert lab.ping(pod2, pod1.ip, count=3)
     end = iperf3_transfer(lab, pod1, pod2)
     assert end["sum_received"]["bytes"] > 1_000_000
     end = iperf3_transfer(lab, pod2, pod1)
     assert end["sum_received"]["bytes"] > 1_000_000
     off = status(sock)["offload"]
-    assert off["on"] == ["recvmmsg", "gso_write"]
-    assert "tso_read" in off["off"] and "WEFT_OFFLOAD_DISABLE" in off["off"]["tunnel_gso"]
-    assert off["counters"]["gso_sends"] == 0
+    assert off["on"] == left_on
+    for path in disable.split(","):
+        assert "WEFT_OFFLOAD_DISABLE" in off["off"][path]
     log = (tmp_path / "n1.log").read_text()
-    assert log.count("fast paths on: recvmmsg, gso_write") == 1
-    assert "fast path tso_read off: no TAP with UDP-tunnel GSO" in log
+    assert log.count(f"fast paths on: {', '.join(left_on)}") == 1
+    if "tso_read" not in left_on:
+        assert off["counters"]["gso_sends"] == 0
+        assert "fast path tso_read off: no TAP with UDP-tunnel GSO" in log
+    if "recvmmsg" not in left_on:
+        assert off["counters"]["rx_calls"] == 0
+        assert "fast path udp_gro off: needs recvmmsg" in log
 
 
 def test_recvmmsg_with_udp_gro_on_a_socket(lab: Lab) -> None:
