@@ -121,6 +121,10 @@ class Coalescer:
         key: tuple[object, ...] | None = None
         next_seq = mss = 0
         unchecked: list[int] = []  # indexes in `runs` of runs whose checksums are unchecked
+        # A run made of whole GRO messages that the next one may extend: (its index in
+        # runs, peer, segment size, header length, next sequence number, payload so
+        # far, offset of its first segment).
+        chain: tuple[int, int, int, int, int, int, int] | None = None
         for mi, (off, n, size, peer) in enumerate(messages):
             whole = self._whole_message(off, n, size) if size else None
             if whole is not None:
@@ -131,7 +135,29 @@ class Coalescer:
                     runs.append((first, count))
                     key = None
                 hl, segments, last = whole
-                runs.append((len(starts), segments))
+                seq0 = int.from_bytes(buf[off + ip + 24 : off + ip + 28], "big")
+                pay = n - segments * hl
+                if (
+                    chain is not None
+                    and chain[0] == len(runs) - 1  # the last run is the chained one
+                    and chain[1:4] == (peer, size, hl)
+                    and chain[4] == seq0
+                    and runs[-1][1] + segments <= cap
+                    and chain[5] + pay <= MAX_PAYLOAD
+                    and self._same_flow(chain[6], off, hl)
+                ):
+                    # The same flow went on in the next GRO message: one write for both.
+                    runs[-1] = (runs[-1][0], runs[-1][1] + segments)
+                    pay += chain[5]
+                else:
+                    runs.append((len(starts), segments))
+                    chain = (len(runs) - 1, peer, size, hl, 0, 0, off)
+                last_at = off + n - last
+                if last == size and not buf[last_at + ip + 33] & TCP_PSH:
+                    # Full-size last segment without PSH: the next message may continue it.
+                    chain = (*chain[:4], (seq0 + n - segments * hl) & 0xFFFFFFFF, pay, chain[6])
+                else:
+                    chain = None
                 starts.extend(range(off, off + n, size))
                 lengths.extend([size] * (segments - 1))
                 lengths.append(last)
@@ -268,6 +294,18 @@ class Coalescer:
         if not self._tcp_sums_ok(off, n, size, full, last):
             return None
         return hl, segments, last
+
+    def _same_flow(self, a: int, b: int, hl: int) -> bool:
+        """Do the segments at buf[a:] and buf[b:] (headers of length hl) belong in one
+        run: equal in every header byte except IP length, ID and checksum, sequence
+        number, TCP flags and checksum (the caller checks those)?"""
+        buf = self.buf
+        ip = self.ip_off
+        for lo, hi in ((0, ip + 2), (ip + 6, ip + 10), (ip + 12, ip + 24), (ip + 28, ip + 33),
+                       (ip + 34, ip + 36), (ip + 38, hl)):  # fmt: skip
+            if buf[a + lo : a + hi] != buf[b + lo : b + hi]:
+                return False
+        return True
 
     def _tcp_sums_ok(self, off: int, n: int, size: int, full: int, last: int) -> bool:
         """Every TCP checksum of a GRO message valid?

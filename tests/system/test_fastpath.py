@@ -350,9 +350,11 @@ def test_recvmmsg_with_udp_gro_on_a_socket(lab: Lab) -> None:
 BENCH = os.environ.get("WEFT_FASTPATH_BENCH")
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 class BenchLab:
@@ -399,20 +401,24 @@ class BenchLab:
         self.server = lab.spawn(self.pod2, ["iperf3", "-s"])
         time.sleep(0.3)
 
-    def tcp1(self, seconds: float) -> tuple[float, float, int]:
-        """(Gbit/s received, weft CPU seconds per GB, retransmits) for one stream."""
-        cpu0 = sum(_cpu_seconds(p) for p in self.pids)
+    def tcp1(self, seconds: float) -> tuple[float, float, int, float]:
+        """(Gbit/s received, weft CPU seconds per GB, retransmits, the user-space share
+        of that CPU) for one stream."""
+        before = [_cpu_seconds(p) for p in self.pids]
         cp = self.lab.run(
             self.pod1, "iperf3", "-c", str(self.pod2.ip), "-t", str(seconds), "-J",
             check=False, timeout=seconds + 30,
         )  # fmt: skip
-        cpu = sum(_cpu_seconds(p) for p in self.pids) - cpu0
+        after = [_cpu_seconds(p) for p in self.pids]
+        user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+        system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
         end = json.loads(cp.stdout)["end"]
         nbytes = end["sum_received"]["bytes"]
         return (
             end["sum_received"]["bits_per_second"] / 1e9,
-            cpu / (nbytes / 1e9) if nbytes else 0.0,
+            (user + system) / (nbytes / 1e9) if nbytes else 0.0,
             end["sum_sent"].get("retransmits", 0),
+            user / (user + system) if user + system else 0.0,
         )
 
     def close(self) -> None:
@@ -438,7 +444,7 @@ def test_bench_fast_paths(tmp_path: Path) -> None:
             configs.append((kind, "auto", "tso_read,tunnel_gso"))
         configs.append((kind, "on", ""))
     labs: dict[tuple[str, str, str], BenchLab] = {}
-    results: dict[tuple[str, str, str], list[tuple[float, float, int]]] = {}
+    results: dict[tuple[str, str, str], list[tuple[float, float, int, float]]] = {}
     try:
         for config in configs:
             labs[config] = BenchLab(*config[:2], tmp_path, config[2])
@@ -451,7 +457,7 @@ def test_bench_fast_paths(tmp_path: Path) -> None:
     base = statistics.median(r[0] for r in results[("kernel-kernel", "off", "")])
     lines = [
         "| n1 → n2 | weft fast paths | Gbit/s (median, min–max) | ÷ kernel↔kernel "
-        "| weft CPU s/GB | retransmits |",
+        "| weft CPU s/GB (user share) | retransmits |",
         "|---|---|---|---|---|---|",
     ]
     out = []
@@ -463,10 +469,11 @@ def test_bench_fast_paths(tmp_path: Path) -> None:
         )
         med = statistics.median(gbit)
         cpu = statistics.median(r[1] for r in rs)
+        user = statistics.median(r[3] for r in rs)
         lines.append(
             f"| {kind.replace('-', ' → ')} | {label if 'weft' in kind else '–'} | {med:.2f} "
             f"({min(gbit):.2f}–{max(gbit):.2f}) | {med / base:.2f}× | "
-            f"{cpu:.1f} | {sum(r[2] for r in rs)} |"
+            f"{cpu:.1f} ({user:.0%}) | {sum(r[2] for r in rs)} |"
         )
         out.append({"kind": kind, "offload": offload, "disabled": disable, "runs": rs})
     table = "\n".join(lines)

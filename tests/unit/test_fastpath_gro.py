@@ -225,3 +225,39 @@ def test_scapy_segments_have_valid_checksums() -> None:
     # The premise of the tests above: scapy fills in checksums.
     inner = segment(5, b"abc", vxlan=False)
     assert internet_checksum(inner[:20]) == 0
+
+
+def test_consecutive_gro_messages_of_one_flow_make_one_run() -> None:
+    rx = Rx()
+    segs = stream(30)
+    rx.gro(segs[:10])
+    rx.gro(segs[10:25])
+    rx.gro(segs[25:])
+    assert rx.runs() == [(0, 30)]
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        "gap",
+        "psh",
+        "short",
+        "peer",
+        "flow",
+    ],
+)
+def test_gro_messages_that_cannot_continue_a_run(second: str) -> None:
+    rx = Rx()
+    first = stream(10)
+    nxt = 1000 + 10 * 1398
+    if second == "psh":
+        first[-1] = segment(1000 + 9 * 1398, bytes([9]) * 1398, "PA")
+    if second == "short":
+        first[-1] = segment(1000 + 9 * 1398, b"s" * 700)
+        nxt = 1000 + 9 * 1398 + 700
+    rx.gro(first)
+    if second == "gap":
+        nxt += 1398
+    rest = stream(5, start=nxt, sport=5202 if second == "flow" else 5201)
+    rx.gro(rest, peer=1 if second == "peer" else 0)
+    assert rx.runs() == [(0, 10), (10, 5)]
