@@ -21,6 +21,11 @@ Nothing routes out of the lab: the nodes have only the underlay's connected
 route, and etcd listens on the etcd node's underlay address.  ``close()``
 stops the agents, etcd and every namespace (by PID, also after a failure).
 
+``Cluster(etcd_members=3)`` runs a three-member etcd instead, each member in
+a namespace of its own (``etcd``, ``etcd2``, ``etcd3``: .10, .11, .12, port
+2379); agents are given every member's URL, and ``etcdctl`` talks to whichever
+members are running.
+
 ``detach()`` hands a running cluster over to ``weft lab up``: nothing is torn
 down when this process exits; ``teardown_state(state)`` removes it later.
 """
@@ -42,7 +47,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from control.lab.etcd import EtcdServer, EtcdServerError
+from control.lab.etcd import EtcdServer, EtcdServerError, etcdctl, start_etcd_cluster
 from control.lab.netns import (
     STATE_DIR,
     LabError,
@@ -189,6 +194,7 @@ class Cluster:
         underlay: str = DEFAULT_UNDERLAY,
         prefix: str = DEFAULT_PREFIX,
         etcd_ready_timeout: float = 15.0,
+        etcd_members: int = 1,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -198,10 +204,17 @@ class Cluster:
         self._closed = False
         self._detached = False
         self.etcd: EtcdServer | None = None
+        #: every etcd member (``[self.etcd]`` for a single one); ``etcd_nodes`` theirs
+        self.etcds: list[EtcdServer] = []
+        self.etcd_nodes: list[Node] = []
         self.lab = Lab(tag)
         try:
             self.lab.add_underlay(underlay)
             self.etcd_node = self.lab.add_node("etcd")
+            self.etcd_nodes = [self.etcd_node]
+            if etcd_members > 1:
+                self._start_etcd_cluster(etcd_members, etcd_ready_timeout)
+                return
             etcd = EtcdServer(
                 str(self.etcd_node.underlay_ip),
                 netns=self.etcd_node.ns,
@@ -211,10 +224,19 @@ class Cluster:
             etcd_dir.mkdir(exist_ok=True)
             etcd.tmpdir = etcd_dir  # keep data and log with the cluster's files
             self.etcd = etcd
+            self.etcds = [etcd]
             etcd.start()
         except BaseException:
             self.close()
             raise
+
+    def _start_etcd_cluster(self, count: int, ready_timeout: float) -> None:
+        for i in range(2, count + 1):
+            self.etcd_nodes.append(self.lab.add_node(f"etcd{i}"))
+        members = [(str(n.underlay_ip), n.ns) for n in self.etcd_nodes]
+        dirs = [self.workdir / f"etcd-m{i + 1}" for i in range(count)]
+        self.etcds = start_etcd_cluster(members, tmpdirs=dirs, ready_timeout=ready_timeout)
+        self.etcd = self.etcds[0]
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -233,6 +255,11 @@ class Cluster:
         assert self.etcd is not None
         return self.etcd.endpoint
 
+    @property
+    def endpoints(self) -> str:
+        """Every member's client URL, comma-separated (``--etcd-endpoints``)."""
+        return ",".join(m.endpoint for m in self.etcds) if self.etcds else self.endpoint
+
     def close(self) -> None:
         """Stop every agent, etcd, and delete every namespace. Never raises."""
         if self._closed:
@@ -250,16 +277,21 @@ class Cluster:
             if cn.proc is not None:
                 with contextlib.suppress(Exception):
                     self.lab.stop(cn.proc, grace_s=3.0)
-        if self.etcd is not None:
+        for member in self.etcds or ([self.etcd] if self.etcd is not None else []):
             with contextlib.suppress(Exception):
-                self.etcd.close()
+                member.close()
         self.lab.close()
 
     # -- etcd --------------------------------------------------------------------
 
     def etcdctl(self, *args: str, timeout: float = 15.0) -> str:
         assert self.etcd is not None
-        return self.etcd.etcdctl(*args, timeout=timeout)
+        if len(self.etcds) <= 1:
+            return self.etcd.etcdctl(*args, timeout=timeout)
+        # A cluster: every running member, from the first member's namespace.
+        running = [m.endpoint for m in self.etcds if m.running()] or [self.etcd.endpoint]
+        return etcdctl(",".join(running), *args, netns=self.etcd_node.ns,
+                       extra_args=self.etcd.etcdctl_args, timeout=timeout)  # fmt: skip
 
     def set_config(
         self,
@@ -333,7 +365,7 @@ class Cluster:
     ) -> list[str]:
         argv = [
             *WEFT, "agent",
-            "--etcd-endpoints", endpoints or self.endpoint,
+            "--etcd-endpoints", endpoints or self.endpoints,
             "--etcd-prefix", prefix or cn.prefix,
             "--iface", cn.node.underlay_iface,
             "--subnet-file", str(cn.subnet_file),
@@ -615,8 +647,7 @@ class Cluster:
         /run/weft-lab/<tag>.json, so other runs' stale-lab cleanup leaves it alone."""
         keeper = self.lab.spawn(self.lab.hub or self.etcd_node.ns, ["sleep", "infinity"])
         pids = [p.pid for p in self.lab.processes]
-        if self.etcd is not None and self.etcd.pid is not None:
-            pids.append(self.etcd.pid)
+        pids += [m.pid for m in self.etcds if m.pid is not None]
         run = RunState(self.tag)
         run.data = {
             "owner_pid": keeper.pid,

@@ -17,6 +17,11 @@ and removes the temp dir.
 
 ``etcdctl(endpoint, *args)`` runs ``etcdctl --endpoints=… ARGS`` with
 ``ETCDCTL_API=3`` and returns its stdout.
+
+``start_etcd_cluster(members)`` runs a multi-member cluster, one member per
+``(host, netns)``: every member is launched before any is waited for (a member
+is healthy only once a quorum has formed). Members in namespaces of their own
+use the standard ports 2379/2380.
 """
 
 from __future__ import annotations
@@ -130,7 +135,14 @@ class EtcdServer:
         etcdctl_args: Sequence[str] = (),
         ready_timeout: float = READY_TIMEOUT_S,
         binary: str = ETCD_BIN,
+        client_port: int = 0,
+        peer_port: int = 0,
+        initial_cluster: str | None = None,
+        cluster_token: str | None = None,
     ) -> None:
+        """``client_port``/``peer_port`` fix the ports (0: pick free ones);
+        ``initial_cluster`` (``name=peerURL,…``) and ``cluster_token`` make this
+        member one of a multi-member cluster (see ``start_etcd_cluster``)."""
         _check_host(host)
         self.host = host
         self.netns = netns
@@ -141,8 +153,11 @@ class EtcdServer:
         self.ready_timeout = ready_timeout
         self.binary = binary
         self.tmpdir: Path | None = None
-        self.client_port = 0
-        self.peer_port = 0
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self._fixed_ports = bool(client_port and peer_port)
+        self.initial_cluster = initial_cluster
+        self.cluster_token = cluster_token or f"weft-{secrets.token_hex(4)}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: int | None = None
 
@@ -176,8 +191,12 @@ class EtcdServer:
 
     # -- lifecycle ----------------------------------------------------------
 
-    def start(self) -> EtcdServer:
-        """Start a new member on fresh ports; retry with other ports on a bind clash."""
+    def start(self, *, wait: bool = True) -> EtcdServer:
+        """Start a new member on fresh ports; retry with other ports on a bind clash.
+
+        ``wait=False`` returns once the process runs (call ``wait_ready`` later):
+        the members of a new multi-member cluster must all be up before any of
+        them is healthy."""
         if self._proc is not None:
             raise EtcdServerError("etcd server already started")
         if self.tmpdir is None:
@@ -186,10 +205,14 @@ class EtcdServer:
             for attempt in range(BIND_RETRIES):
                 self._pick_ports()
                 try:
-                    self._launch()
+                    self._launch(wait=wait)
                     return self
                 except EtcdServerError as e:
-                    if _BIND_CLASH not in str(e) or attempt == BIND_RETRIES - 1:
+                    if (
+                        _BIND_CLASH not in str(e)
+                        or attempt == BIND_RETRIES - 1
+                        or self._fixed_ports
+                    ):
                         raise
                     shutil.rmtree(self.data_dir, ignore_errors=True)
             raise AssertionError("unreachable")  # pragma: no cover
@@ -292,6 +315,8 @@ class EtcdServer:
         return self.tmpdir
 
     def _pick_ports(self) -> None:
+        if self._fixed_ports:
+            return
         if self.netns is None:
             self.client_port, self.peer_port = free_ports(self.host, 2)
         else:
@@ -311,13 +336,13 @@ class EtcdServer:
             "--advertise-client-urls", client,
             "--listen-peer-urls", self.peer_url,
             "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", f"{self.name}={self.peer_url}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             "--initial-cluster-state", "new",
-            "--initial-cluster-token", f"weft-{secrets.token_hex(4)}",
+            "--initial-cluster-token", self.cluster_token,
             *self.extra_args,
         ]  # fmt: skip
 
-    def _launch(self) -> None:
+    def _launch(self, *, wait: bool = True) -> None:
         self._close_log()
         self._log_file = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.write(self._log_file, f"--- weft: starting etcd at {time.time():.3f}\n".encode())
@@ -332,6 +357,17 @@ class EtcdServer:
         except OSError as e:
             self._close_log()
             raise EtcdServerError(f"cannot run {self.binary}: {e}") from e
+        if not wait:
+            return
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+
+    def wait_ready(self) -> None:
+        """Wait until the member is healthy (after ``start(wait=False)``); on a
+        timeout or an early exit, kill it and raise ``EtcdServerError``."""
         try:
             self._wait_ready()
         except BaseException:
@@ -375,3 +411,64 @@ class EtcdServer:
         if self._log_file is not None:
             os.close(self._log_file)
             self._log_file = None
+
+
+CLUSTER_CLIENT_PORT = 2379
+CLUSTER_PEER_PORT = 2380
+
+
+def start_etcd_cluster(
+    members: Sequence[tuple[str, str | None]],
+    *,
+    tmpdirs: Sequence[Path] | None = None,
+    extra_args: Sequence[str] = (),
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> list[EtcdServer]:
+    """A new etcd cluster of ``len(members)`` members, member ``i`` named ``m<i+1>``
+    listening on ``members[i] = (host, netns)``; returns them all healthy.
+
+    Members that share a namespace (or none) get free ports; a member alone in
+    its namespace uses 2379/2380. ``tmpdirs`` (one per member) keep data and
+    logs where the caller wants them. On any failure every member is closed.
+    """
+    if not members:
+        raise ValueError("an etcd cluster needs at least one member")
+    namespaces = [ns for _, ns in members]
+    servers: list[EtcdServer] = []
+    for i, (host, ns) in enumerate(members):
+        alone = ns is not None and namespaces.count(ns) == 1
+        if alone:
+            client_port, peer_port = CLUSTER_CLIENT_PORT, CLUSTER_PEER_PORT
+        elif ns is None:
+            client_port, peer_port = free_ports(host, 2)
+        else:
+            client_port, peer_port = random.sample(range(20000, 32000), 2)
+        servers.append(
+            EtcdServer(
+                host,
+                netns=ns,
+                name=f"m{i + 1}",
+                extra_args=extra_args,
+                ready_timeout=ready_timeout,
+                client_port=client_port,
+                peer_port=peer_port,
+            )
+        )
+    initial = ",".join(f"{s.name}={s.peer_url}" for s in servers)
+    token = f"weft-{secrets.token_hex(4)}"
+    try:
+        for i, server in enumerate(servers):
+            server.initial_cluster = initial
+            server.cluster_token = token
+            if tmpdirs is not None:
+                tmpdirs[i].mkdir(parents=True, exist_ok=True)
+                server.tmpdir = tmpdirs[i]
+            server.start(wait=False)
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.close()
+        raise
+    return servers
