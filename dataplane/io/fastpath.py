@@ -250,7 +250,8 @@ def limit_gso_size(name: str, size: int = POD_GSO_MAX_SIZE) -> None:
 
 
 def egress_name(device_name: str) -> str:
-    return f"{device_name[:11]}-gso"
+    """The egress TAP's name: gso-weft.1 beside weft.1 (IFNAMSIZ allows 15 bytes)."""
+    return f"gso-{device_name}"[:15]
 
 
 def open_egress_tap(paths: FastPaths, device_name: str) -> None:
