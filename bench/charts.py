@@ -20,7 +20,7 @@ SHORT = {
     "udp64_kpps": "received",
     "ping_p50_ms": "p50",
     "ping_p99_ms": "p99",
-    "tcp1_weft_cpu_s_per_gb": "weft processes",
+    "tcp1_weft_cpu_s_per_gb": "forwarder processes",
     "tcp1_machine_cpu_s_per_gb": "whole machine",
 }
 

@@ -366,6 +366,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "# weft control plane at scale",
         "",
         f"- command: `{doc.get('command', '')}`",
+        f"- load average when it finished: {' '.join(doc.get('loadavg', []))}",
         "- a real etcd on 127.0.0.1; the agent's own code (control/agent.py) feeding an "
         "in-memory Forwarder; kernel mode programming flannel.1 over netlink in a lab namespace",
         "",
@@ -400,6 +401,7 @@ def main(
         counts, puts = (200,), min(puts, 10)
     doc = run(counts, puts, quick)
     doc["command"] = command
+    doc["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     doc["started"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     (out / "control.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = markdown(doc)

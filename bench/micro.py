@@ -201,6 +201,8 @@ def markdown(res: dict[str, Any]) -> str:
         "# weft microbenchmarks (in memory)",
         "",
         f"- command: `{res.get('command', '')}`",
+        f"- load average when it finished: {' '.join(res.get('loadavg', []))} "
+        "(2 CPUs; a busy machine slows every round, best-of-N cannot hide that)",
         f"- Python {res['python']}, best of {res['best_of']} rounds × {res['iterations']} "
         f"iterations; an empty loop costs {res['loop_overhead_ns']:.1f} ns per iteration "
         "(included in the figures below)",
@@ -231,6 +233,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(out: Path, *, quick: bool = False, best_of: int = 5, command: str = "") -> int:
     res = run(quick=quick, best_of=best_of)
     res["command"] = command
+    res["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     res["started"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     (out / "micro.json").write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)
