@@ -360,9 +360,22 @@ class Agent:
                 self.config.backend_type,
             )
             return
+        if not subnet.subnet_of(self.config.network):
+            # Applying it would route (part of) the underlay into the overlay.
+            log.error(
+                "ignoring lease %s: it is outside the cluster network %s",
+                subnet,
+                self.config.network,
+            )
+            return
         own = self.lease.subnet if self.lease is not None else None
         if own is not None and subnet.overlaps(own):
             log.error("ignoring lease %s: it overlaps our own %s", subnet, own)
+            return
+        clash = next((s for s in self._peers if s != subnet and s.overlaps(subnet)), None)
+        if clash is not None:
+            # First come stays: a more specific lease must not capture a peer's pods.
+            log.error("ignoring lease %s: it overlaps peer %s", subnet, clash)
             return
         if peer.public_ip == self.underlay.public_ip:
             if lease.attrs != self.my_attrs():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -153,6 +154,9 @@ def _classify(e: BaseException) -> _Kind:
     elif isinstance(e, aetcd.exceptions.UnauthenticatedError) and "invalid auth token" in str(e):
         return _Kind.AUTH_EXPIRED
     return _Kind.OTHER
+
+
+_TLS_FAILURE = re.compile(r"TSI_|SSL|handshake|certificate|Unwrap failed", re.I)
 
 
 def _detail(e: BaseException) -> str:
@@ -308,10 +312,11 @@ class EtcdStore:
             for i in range(n):
                 index = (self._next + i) % n
                 endpoint = self._endpoints[index]
+                credentials = self._credentials(endpoint)
                 client = _Client(
                     endpoint,
                     index,
-                    credentials=self._credentials(endpoint),
+                    credentials=credentials,
                     username=self._username,
                     password=self._password,
                     timeout=self._timeout,
@@ -323,8 +328,18 @@ class EtcdStore:
                     )
                 except _CLIENT_ERRORS as e:
                     self._dispose(client)
-                    what = "unreachable" if _classify(e) is _Kind.UNREACHABLE else "failed"
-                    failures.append(f"etcd at {endpoint.url} {what}: {_detail(e)}")
+                    detail = _detail(e)
+                    if credentials is not None and _TLS_FAILURE.search(detail):
+                        # gRPC words a refused client certificate as a dead server.
+                        what = (
+                            "refused the TLS handshake (is the client certificate one its "
+                            "--trusted-ca-file trusts? see --etcd-certfile/--etcd-keyfile)"
+                        )
+                    elif _classify(e) is _Kind.UNREACHABLE:
+                        what = "unreachable"
+                    else:
+                        what = "failed"
+                    failures.append(f"etcd at {endpoint.url} {what}: {detail}")
                     continue
                 except BaseException:
                     self._dispose(client)

@@ -38,6 +38,10 @@ _U16 = struct.Struct("!H")
 _IP_DF = 0x4000
 
 
+def _net_mask(subnet: IPv4Network) -> tuple[int, int]:
+    return int(subnet.network_address), int(subnet.netmask)
+
+
 class Verdict(IntEnum):
     DROP = 0
     SEND = 1
@@ -94,8 +98,9 @@ class Forwarder:
         self.accept_any_source = accept_any_source
         self.routes: RouteTable[Peer] = RouteTable()
         self.fdb: dict[bytes, Peer] = {}  # VtepMAC → peer (TAP mode, as the kernel's FDB)
-        # public IP → (subnet int, mask int) of the peer there, for the source check.
-        self._sources: dict[str, tuple[int, int]] = {}
+        # public IP → the (subnet int, mask int) pairs leased from there, for the
+        # source check (more than one while a node moves to a new lease).
+        self._sources: dict[str, tuple[tuple[int, int], ...]] = {}
         self.counters = Counters()
         # Outputs of the last call (read by the runner right after it).
         self.out_start = 0
@@ -116,10 +121,8 @@ class Forwarder:
         if peer.vtep_mac is not None:
             self.fdb[peer.vtep_mac] = peer
         if isinstance(peer.subnet, IPv4Network):
-            self._sources[str(peer.public_ip)] = (
-                int(peer.subnet.network_address),
-                int(peer.subnet.netmask),
-            )
+            key = str(peer.public_ip)
+            self._sources[key] = (*self._sources.get(key, ()), _net_mask(peer.subnet))
 
     def remove_peer(self, subnet: IPv4Network | IPv6Network) -> Peer | None:
         peer = self.routes.remove(subnet)
@@ -130,11 +133,13 @@ class Forwarder:
     def _forget(self, peer: Peer) -> None:
         if peer.vtep_mac is not None and self.fdb.get(peer.vtep_mac) is peer:
             del self.fdb[peer.vtep_mac]
-        if self._sources.get(str(peer.public_ip)) == (
-            int(peer.subnet.network_address),
-            int(peer.subnet.netmask),
-        ):
-            del self._sources[str(peer.public_ip)]
+        key = str(peer.public_ip)
+        if isinstance(peer.subnet, IPv4Network) and key in self._sources:
+            rest = tuple(n for n in self._sources[key] if n != _net_mask(peer.subnet))
+            if rest:
+                self._sources[key] = rest
+            else:
+                del self._sources[key]
 
     def peers(self) -> list[Peer]:
         return [peer for _, peer in self.routes.items()]
@@ -266,13 +271,19 @@ class Forwarder:
         if not self.accept_any_source:
             # flannel and the kernel take whatever reaches the port; weft takes
             # only what a known peer sends from inside its own subnet.
-            subnet = self._sources.get(source_ip)
-            if subnet is None:
+            subnets = self._sources.get(source_ip)
+            if subnets is None:
                 return self._drop(DropReason.UNKNOWN_SOURCE)
             ip = start + 14 if self.l2 else start
             if end - ip < 20:
                 return self._drop(DropReason.TRUNCATED)
-            if buf[ip] >> 4 != 4 or (_U32.unpack_from(buf, ip + 12)[0] & subnet[1]) != subnet[0]:
+            if buf[ip] >> 4 != 4:
+                return self._drop(DropReason.SPOOFED)
+            inner_src = _U32.unpack_from(buf, ip + 12)[0]
+            for net, mask in subnets:
+                if inner_src & mask == net:
+                    break
+            else:
                 return self._drop(DropReason.SPOOFED)
         self.out_start = start
         self.out_end = end

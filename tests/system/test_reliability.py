@@ -501,16 +501,6 @@ HIJACKS = {
     "overlap": "a stranger's lease for the lower half of n1's subnet, and one for the network",
     "own-public-ip": "a lease for a free subnet claiming n1's public IP",
 }
-HIJACK_BUGS = {
-    "outside-network": "agent applies peer leases outside the Network: TAP and kernel mode "
-    "`ip route replace` the node's connected underlay route (192.168.77.0/24 dev eth0) with "
-    "one via the overlay device; the node loses etcd and every peer, also after the delete",
-    "overlap": "a peer lease overlapping another peer's lease is applied: the /25 is more "
-    "specific, so n3 and n4 send n1's pods' traffic to the stranger",
-    "own-public-ip": "Forwarder._sources keeps one subnet per public IP: the bogus lease "
-    "replaces n1's real subnet (n1's packets dropped as spoofed), and its delete removes n1 "
-    "as a source altogether (unknown_source) until the receiving agent restarts",
-}
 
 
 @pytest.fixture
@@ -531,10 +521,7 @@ def hijack_cluster(tmp_path: Path) -> Iterator[Cluster]:
         cluster.close()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=HIJACK_BUGS[c])) for c in HIJACKS],
-)
+@pytest.mark.parametrize("case", HIJACKS)
 def test_a_hijacking_lease_is_not_applied_and_routing_survives(
     hijack_cluster: Cluster, case: str
 ) -> None:
