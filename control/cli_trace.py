@@ -41,8 +41,10 @@ def format_event(ev: dict[str, Any]) -> str:
     if "src" not in ev:
         # A datagram dropped before its inner packet was looked at.
         verdict = ev["verdict"] + (f" ({ev['reason']})" if "reason" in ev else "")
-        return f"{t} {ev['dir']} {ev['backend']} datagram of {ev.get('len', '?')}B " \
-            f"from {ev.get('peer', '?')} {verdict}"
+        return (
+            f"{t} {ev['dir']} {ev['backend']} datagram {ev.get('len', '?')}B "
+            f"peer {ev.get('peer', '?')} {verdict}"
+        )
     where = f"{ev['src']}"
     if "sport" in ev:
         where += f":{ev['sport']}"
