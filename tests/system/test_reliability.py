@@ -500,6 +500,14 @@ HIJACKS = {
     "outside-network": "leases for 10.99.0.0/24 and for the underlay 192.168.77.0/24",
     "overlap": "a stranger's lease for the lower half of n1's subnet, and one for the network",
     "own-public-ip": "a lease for a free subnet claiming n1's public IP",
+    "overlap-on-restart": "a stranger's lease for the /23 around n1's subnet, then n3 and n4 "
+    "restart: their first listing holds it before n1's (etcd lists keys in byte order)",
+}
+HIJACK_BUGS = {
+    "overlap-on-restart": "'first come stays' follows the listing order on a fresh start: "
+    "a restarted agent applies the stranger's /23 (its key sorts first) and ignores n1's "
+    "real /24 ('overlaps peer 10.244.X.0/23'), so n1's pods are routed to the stranger; "
+    "after the /23 is deleted n1's ignored lease is not reconsidered either",
 }
 
 
@@ -521,7 +529,15 @@ def hijack_cluster(tmp_path: Path) -> Iterator[Cluster]:
         cluster.close()
 
 
-@pytest.mark.parametrize("case", HIJACKS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=HIJACK_BUGS[c]))
+        if c in HIJACK_BUGS
+        else c
+        for c in HIJACKS
+    ],
+)
 def test_a_hijacking_lease_is_not_applied_and_routing_survives(
     hijack_cluster: Cluster, case: str
 ) -> None:
@@ -544,14 +560,24 @@ def test_a_hijacking_lease_is_not_applied_and_routing_survives(
                    f"{sub}/10.244.0.0-16": stranger_lease()}  # fmt: skip
         must_log = [f"ignoring lease {half}: it overlaps our own {n1.subnet}",
                     "ignoring lease 10.244.0.0/16: it overlaps our own"]  # fmt: skip
-    else:
+    elif case == "own-public-ip":
         entries = {f"{sub}/10.244.208.0-24": stranger_lease(str(n1.underlay_ip))}
         must_log = [f"ignoring lease 10.244.208.0/24: it claims our own public IP "
                     f"{n1.underlay_ip}"]  # fmt: skip
+    else:
+        wide = n1.subnet.supernet(new_prefix=23)
+        key = f"{sub}/{wide.network_address}-23"
+        assert key < lease_key(cluster.prefix, n1.subnet)  # listed first
+        entries = {key: stranger_lease()}
+        must_log = [f"ignoring lease {wide}: it overlaps our own {n1.subnet}"]
     bogus = {str(subnet) for key in entries if (subnet := subnet_of(key)) is not None}
     offset = log_size(n1)
     with leases_written(cluster, entries):
         time.sleep(1.5)
+        if case == "overlap-on-restart":
+            for name in ("n3", "n4"):
+                cluster.restart_agent(cluster.nodes[name])
+            time.sleep(1.0)
         text = log_since(n1, offset)
         for line in must_log:
             assert line in text, text
