@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget-min",
         type=float,
-        help="stop measuring after this many minutes (default 20; quick 3)",
+        help="stop measuring after this many minutes (default 20; quick 4)",
     )
     p.add_argument("--out", type=Path, help="output directory (default results/<timestamp>/)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
@@ -118,7 +118,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
     repeat = args.repeat if args.repeat is not None else (1 if quick else 3)
     if seconds <= 0 or seconds > 60 or repeat < 1 or repeat > 20:
         raise ValueError("--seconds must be in (0, 60] and --repeat in 1..20")
-    budget = args.budget_min if args.budget_min is not None else (3.0 if quick else 20.0)
+    budget = args.budget_min if args.budget_min is not None else (4.0 if quick else 20.0)
     return Params(
         seconds=seconds,
         repeat=repeat,

@@ -239,7 +239,7 @@ def run(
     result document."""
     missing = envmod.check_tools()
     if missing:
-        raise RuntimeError("the dataplane benchmark needs: " + ", ".join(missing))
+        raise ValueError("the dataplane benchmark needs: " + ", ".join(missing))
     progress = progress or Progress()
     blocks = p.blocks()
     modes = [MODES[m] for m in p.modes]

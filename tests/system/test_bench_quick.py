@@ -25,7 +25,7 @@ def test_quick_bench_writes_json_markdown_and_charts(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=360,
     )
     assert cp.returncode == 0, cp.stderr[-3000:]
     assert "[bench" in cp.stderr  # the progress lines
