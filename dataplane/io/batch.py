@@ -113,7 +113,7 @@ class MmsgReceiver:
     did not fit its slot (the kernel cut it).
     """
 
-    def __init__(self, slots: int = 32, slot_size: int = SLOT_SIZE) -> None:
+    def __init__(self, slots: int = 32, slot_size: int = SLOT_SIZE, *, shift: int = 0) -> None:
         lib = _load()
         if lib is None:
             raise OSError(errno.ENOSYS, "libc has no recvmmsg")
@@ -122,7 +122,12 @@ class MmsgReceiver:
         self.slot_size = slot_size
         # A little tail room: readers may look a few bytes past a message's end.
         self.buf = bytearray(slots * slot_size + 256)
-        self.offsets = [i * slot_size for i in range(slots)]
+        if not 0 <= shift < 64:
+            raise ValueError("shift must be 0..63")
+        # Each message lands `shift` bytes into its slot, so a reader can choose how
+        # the datagrams' fields align (the fast path's checksum sums want the inner
+        # TCP checksum range 4-byte aligned).
+        self.offsets = [i * slot_size + shift for i in range(slots)]
         self._cbuf = (ctypes.c_char * len(self.buf)).from_buffer(self.buf)
         base = ctypes.addressof(self._cbuf)
         self._iov = (_Iovec * slots)()
@@ -130,8 +135,8 @@ class MmsgReceiver:
         self._control = (ctypes.c_char * (_CMSG_SPACE_INT * slots))()
         self._msgs = (_Mmsghdr * slots)()
         for i in range(slots):
-            self._iov[i].iov_base = base + i * slot_size
-            self._iov[i].iov_len = slot_size
+            self._iov[i].iov_base = base + self.offsets[i]
+            self._iov[i].iov_len = slot_size - shift
             hdr = self._msgs[i].msg_hdr
             hdr.msg_name = ctypes.addressof(self._names[i])
             hdr.msg_iov = ctypes.pointer(self._iov[i])

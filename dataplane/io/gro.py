@@ -38,6 +38,7 @@ well under 1 µs a segment.
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -288,9 +289,13 @@ class Coalescer:
         rows = np.ndarray((segments, hl), np.uint8, buf, off, (size, 1))
         if not ((rows[1:] == rows[0]) | self._may_differ[:hl]).all():
             return None
-        seq = np.ndarray((segments,), ">u4", buf, off + ip + 24, (size,))
-        if ((seq[1:] - seq[:-1]) != size - hl).any():
-            return None
+        seq = np.ndarray((segments,), ">u4", buf, off + ip + 24, (size,)).tolist()
+        pay = size - hl
+        if seq[0] + full * pay < 1 << 32:
+            if seq != list(range(seq[0], seq[0] + segments * pay, pay)):
+                return None
+        elif any((b - a) & 0xFFFFFFFF != pay for a, b in itertools.pairwise(seq)):
+            return None  # (the sequence numbers wrap inside this message)
         if not self._tcp_sums_ok(off, n, size, full, last):
             return None
         return hl, segments, last
@@ -314,34 +319,32 @@ class Coalescer:
         sum of the little-endian 32-bit words of a range, mod 0xFFFF, is its
         big-endian 16-bit sum times 256 (mod 0xFFFF), and a valid checksum makes
         both 0. So the full-size segments are summed as they lie in memory, a
-        full × words matrix of uint32 in one numpy call (a 16-bit matrix takes
-        twice as long). The range starts at the IP addresses (the pseudo-header's),
-        12 bytes into the IP header — or, where that is not 4-byte aligned, 2 bytes
-        later, with the skipped word added from a strided column; the
-        pseudo-header's protocol and length are constants."""
+        matrix of uint32 words in one numpy call (16-bit words take twice as long).
+        Each row runs from the inner IP addresses (the pseudo-header's) to the
+        segment's end; the receiver places datagrams so that the start is 4-byte
+        aligned, and when the row length is not a multiple of 4, it runs on into
+        the first two bytes of the next segment — the VXLAN flags, equal in every
+        segment of the run (the header check saw to it) — which are taken out
+        again with the pseudo-header's protocol and length, all one constant. The
+        last segment is summed on its own."""
         buf = self.buf
-        ip = self.ip_off
-        start = ip + 12
-        tcp_full = size - ip - 20
-        fix = np.uint64((6 + tcp_full) * 256)
-        if size & 3 == 0:
-            skip = (off + start) & 2
-            words = np.ndarray(
-                (full, (size - start - skip) >> 2), "<u4", buf, off + start + skip, (size, 4)
-            )
-            sums = words.sum(axis=1, dtype=np.uint64)
-            if skip:
-                sums += np.ndarray((full,), "<u2", buf, off + start, (size,))
+        start = self.ip_off + 12
+        fix = (6 + size - start - 8) * 256  # protocol and TCP length (× 256: see above)
+        if (off + start) & 3 == 0 and size & 1 == 0:
+            extra = -(size - start) % 4
+            if extra:
+                fix += 0xFFFF - (buf[off] | buf[off + 1] << 8)
+            width = (size - start + extra) >> 2
+            words = np.ndarray((full, width), "<u4", buf, off + start, (size, 4))
         else:
             words = np.ndarray((full, (size - start) >> 1), "<u2", buf, off + start, (size, 2))
-            sums = words.sum(axis=1, dtype=np.uint64)
-        if ((sums + fix) % _ONES).any():
+        if ((words.sum(axis=1, dtype=np.uint64) + np.uint64(fix)) % _ONES).any():
             return False
         at = off + full * size + start
         tail = int(np.ndarray(((last - start) >> 1,), "<u2", buf, at).sum(dtype=np.uint64))
         if (last - start) & 1:
             tail += buf[off + n - 1]  # the odd byte is the high half of a big-endian word
-        return (tail + (6 + last - ip - 20) * 256) % 0xFFFF == 0
+        return (tail + (6 + last - start - 8) * 256) % 0xFFFF == 0
 
     def _check_runs(
         self, messages: list[tuple[int, int, int, int]], out: Batch, unchecked: list[int]

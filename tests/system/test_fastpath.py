@@ -360,8 +360,10 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
 class BenchLab:
     """Two nodes with one pod each; n1 → n2 is the measured direction."""
 
-    def __init__(self, kind: str, offload: str, tmp: Path, disable: str = "") -> None:
-        self.kind, self.offload = kind, offload
+    def __init__(
+        self, kind: str, offload: str, tmp: Path, disable: str = "", *, gro: bool = True
+    ) -> None:
+        self.kind, self.offload, self.gro = kind, offload, gro
         self.lab = Lab()
         self.pids: list[int] = []
         try:
@@ -372,7 +374,7 @@ class BenchLab:
 
     def _build(self, tmp: Path, disable: str) -> None:
         lab = self.lab
-        n1, n2, self.pod1, self.pod2 = two_node_pods(lab, mtu=1450, gro=True)
+        n1, n2, self.pod1, self.pod2 = two_node_pods(lab, mtu=1450, gro=self.gro)
         sender, receiver = self.kind.split("-")  # kernel|weft - kernel|weft
         env = {fastpath.DISABLE_ENV: disable} if disable else None
         macs = {}
@@ -432,6 +434,8 @@ def test_bench_fast_paths(tmp_path: Path) -> None:
     repeats so background load hits every mode alike. Prints a Markdown table and
     writes JSON to WEFT_FASTPATH_BENCH_OUT (default: the test's tmp dir)."""
     seconds = float(os.environ.get("WEFT_FASTPATH_BENCH_SECONDS", "5"))
+    # 0: the interop tests' underlay (tx off only; GRO off, so one datagram per read).
+    gro = os.environ.get("WEFT_FASTPATH_BENCH_GRO", "1") != "0"
     repeat = int(os.environ.get("WEFT_FASTPATH_BENCH_REPEAT", "3"))
     configs = [("kernel-kernel", "off", "")]
     for kind in ("weft-kernel", "kernel-weft", "weft-weft"):
@@ -447,7 +451,7 @@ def test_bench_fast_paths(tmp_path: Path) -> None:
     results: dict[tuple[str, str, str], list[tuple[float, float, int, float]]] = {}
     try:
         for config in configs:
-            labs[config] = BenchLab(*config[:2], tmp_path, config[2])
+            labs[config] = BenchLab(*config[:2], tmp_path, config[2], gro=gro)
         for _ in range(repeat):
             for config, bl in labs.items():
                 results.setdefault(config, []).append(bl.tcp1(seconds))
@@ -477,8 +481,11 @@ def test_bench_fast_paths(tmp_path: Path) -> None:
         )
         out.append({"kind": kind, "offload": offload, "disabled": disable, "runs": rs})
     table = "\n".join(lines)
-    print(f"\none TCP stream, {repeat} × {seconds:.0f} s, load {os.getloadavg()}\n{table}")
+    setting = "wire + effective GRO" if gro else "tx off only (no GRO)"
+    print(f"\none TCP stream, {setting}, {repeat} × {seconds:.0f} s, load {os.getloadavg()}")
+    print(table)
     dest = Path(os.environ.get("WEFT_FASTPATH_BENCH_OUT", tmp_path / "bench.json"))
-    dest.write_text(json.dumps({"seconds": seconds, "repeat": repeat, "results": out}, indent=1))
+    meta = {"seconds": seconds, "repeat": repeat, "gro": gro, "load": os.getloadavg()}
+    dest.write_text(json.dumps({**meta, "results": out}, indent=1))
     (dest.with_suffix(".md")).write_text(table + "\n")
     assert sys.version_info  # nothing to assert: a measurement

@@ -45,14 +45,15 @@ def segment(
 class Rx:
     """A receive buffer with messages placed as recvmmsg would place them."""
 
-    def __init__(self, ip_off: int = 22, slots: int = 8, slot: int = SLOT) -> None:
+    def __init__(self, ip_off: int = 22, slots: int = 8, slot: int = SLOT, shift: int = 0) -> None:
         self.slot = slot
+        self.shift = shift  # where in its slot a message lands (MmsgReceiver's shift)
         self.buf = bytearray(slots * slot + 256)
         self.messages: list[tuple[int, int, int, int]] = []
         self.coalescer = Coalescer(self.buf, ip_off)
 
     def datagram(self, data: bytes, peer: int = 0) -> None:
-        off = len(self.messages) * self.slot
+        off = len(self.messages) * self.slot + self.shift
         self.buf[off : off + len(data)] = data
         self.messages.append((off, len(data), 0, peer))
 
@@ -60,7 +61,7 @@ class Rx:
         """A UDP GRO message: same-size datagrams glued, the last may be shorter."""
         size = len(datagrams[0])
         assert all(len(d) == size for d in datagrams[:-1]) and len(datagrams[-1]) <= size
-        off = len(self.messages) * self.slot
+        off = len(self.messages) * self.slot + self.shift
         data = b"".join(datagrams)
         self.buf[off : off + len(data)] = data
         self.messages.append((off, len(data), size, peer))
@@ -79,10 +80,11 @@ def stream(count: int, size: int = 1398, start: int = 1000, last: int | None = N
     return out
 
 
+@pytest.mark.parametrize("shift", [0, 2])
 @pytest.mark.parametrize("gro", [False, True])
 @pytest.mark.parametrize("last", [1398, 100, 101])
-def test_a_contiguous_stream_is_one_run(gro: bool, last: int) -> None:
-    rx = Rx()
+def test_a_contiguous_stream_is_one_run(gro: bool, last: int, shift: int) -> None:
+    rx = Rx(shift=shift)
     segs = stream(8, last=last)
     if gro:
         rx.gro(segs)
@@ -110,10 +112,11 @@ def test_psh_ends_a_run_and_only_the_last_may_carry_it(gro: bool) -> None:
     assert rx.runs() == [(0, 4), (4, 2)]
 
 
+@pytest.mark.parametrize("shift", [0, 2])
 @pytest.mark.parametrize("gro", [False, True])
 @pytest.mark.parametrize("where", [0, 3, 7])
-def test_a_corrupt_segment_is_never_merged(gro: bool, where: int) -> None:
-    rx = Rx()
+def test_a_corrupt_segment_is_never_merged(gro: bool, where: int, shift: int) -> None:
+    rx = Rx(shift=shift)
     segs = [bytearray(s) for s in stream(8)]
     segs[where][200] ^= 0x40  # payload bit flip: only the TCP checksum notices
     if where == 7:
@@ -261,3 +264,16 @@ def test_gro_messages_that_cannot_continue_a_run(second: str) -> None:
     rest = stream(5, start=nxt, sport=5202 if second == "flow" else 5201)
     rx.gro(rest, peer=1 if second == "peer" else 0)
     assert rx.runs() == [(0, 10), (10, 5)]
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_sequence_numbers_that_wrap_inside_a_run(gro: bool) -> None:
+    rx = Rx(shift=2)
+    segs = [segment(((1 << 32) - 3 * 1398 - 5 + i * 1398) % (1 << 32), bytes([i]) * 1398)
+            for i in range(6)]  # fmt: skip
+    if gro:
+        rx.gro(segs)
+    else:
+        for s in segs:
+            rx.datagram(s)
+    assert rx.runs() == [(0, 6)]
