@@ -138,7 +138,18 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
     )
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every lab's ``finally`` tears it down."""
+    import signal
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    _exit_on_sigterm()
     command = getattr(args, "bench_command", None) or shlex.join(sys.argv)
     out: Path = args.out or default_out()
     out.mkdir(parents=True, exist_ok=True)
