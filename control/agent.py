@@ -349,6 +349,10 @@ class Agent:
                 self.dataplane.remove_peer(subnet)
                 self.stats["route_updates"] += 1
                 log.info("peer %s (%s) removed", subnet, lease.attrs.public_ip)
+                # A lease ignored because it overlapped this one may fit now.
+                for other in self.watcher.peers():
+                    if other.subnet not in self._peers and other.subnet.overlaps(subnet):
+                        self._apply(EventKind.ADDED, other)
             return
         port = self.config.backend.effective_port or 0
         peer = peer_from_lease(lease, self.config.backend_type, port)
@@ -371,6 +375,15 @@ class Agent:
         own = self.lease.subnet if self.lease is not None else None
         if own is not None and subnet.overlaps(own):
             log.error("ignoring lease %s: it overlaps our own %s", subnet, own)
+            return
+        if subnet.prefixlen != self.config.subnet_len:
+            # Every node leases SubnetLen-sized subnets (flannel's allocator does too), so
+            # leases can only coincide, never nest: a /23 over peers' /24s is foreign.
+            log.error(
+                "ignoring lease %s: the network's subnets are /%d",
+                subnet,
+                self.config.subnet_len,
+            )
             return
         clash = next((s for s in self._peers if s != subnet and s.overlaps(subnet)), None)
         if clash is not None:

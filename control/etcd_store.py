@@ -329,7 +329,12 @@ class EtcdStore:
                 except _CLIENT_ERRORS as e:
                     self._dispose(client)
                     detail = _detail(e)
-                    if credentials is not None and _TLS_FAILURE.search(detail):
+                    if credentials is not None and "CERTIFICATE_VERIFY_FAILED" in detail:
+                        what = (
+                            "presented a certificate we do not trust (is its CA the one "
+                            "in --etcd-cafile?)"
+                        )
+                    elif credentials is not None and _TLS_FAILURE.search(detail):
                         # gRPC words a refused client certificate as a dead server.
                         what = (
                             "refused the TLS handshake (is the client certificate one its "

@@ -503,12 +503,6 @@ HIJACKS = {
     "overlap-on-restart": "a stranger's lease for the /23 around n1's subnet, then n3 and n4 "
     "restart: their first listing holds it before n1's (etcd lists keys in byte order)",
 }
-HIJACK_BUGS = {
-    "overlap-on-restart": "'first come stays' follows the listing order on a fresh start: "
-    "a restarted agent applies the stranger's /23 (its key sorts first) and ignores n1's "
-    "real /24 ('overlaps peer 10.244.X.0/23'), so n1's pods are routed to the stranger; "
-    "after the /23 is deleted n1's ignored lease is not reconsidered either",
-}
 
 
 @pytest.fixture
@@ -529,15 +523,7 @@ def hijack_cluster(tmp_path: Path) -> Iterator[Cluster]:
         cluster.close()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=HIJACK_BUGS[c]))
-        if c in HIJACK_BUGS
-        else c
-        for c in HIJACKS
-    ],
-)
+@pytest.mark.parametrize("case", HIJACKS)
 def test_a_hijacking_lease_is_not_applied_and_routing_survives(
     hijack_cluster: Cluster, case: str
 ) -> None:

@@ -315,12 +315,6 @@ def test_etcd_tls_with_client_certificates(tls: dict[str, str]) -> None:
     assert "nope.crt: No such file" in tls["tmissing"], tls["tmissing"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a server certificate our --etcd-cafile does not trust gets the hint meant for a "
-    "refused client certificate ('is the client certificate one its --trusted-ca-file "
-    "trusts? see --etcd-certfile/--etcd-keyfile'): the flag to look at is --etcd-cafile",
-)
 def test_an_untrusted_server_certificate_points_at_the_ca_file(tls: dict[str, str]) -> None:
     line = tls["tuntrusted"]
     assert "CERTIFICATE_VERIFY_FAILED" in line, line
