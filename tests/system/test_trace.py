@@ -190,6 +190,17 @@ def test_live_shows_both_directions_of_a_ping(pair: Pair) -> None:
     assert f"peer {pair.n2.underlay_ip} send" in text and "deliver" in text
 
 
+def test_live_dissect_shows_scapys_layers_outer_and_inner(pair: Pair) -> None:
+    proc, log = pair.live("dissect", "--filter", "icmp and tx", "--count", "2", "--dissect")
+    drive_until_done(proc, lambda: pair.lab.ping(pair.pod1, pair.pod2.ip, count=2, timeout_s=3))
+    text = log.read_text()
+    for layer in ("###[ Ethernet ]###", "###[ IP ]###", "###[ UDP ]###", "###[ VXLAN ]###",
+                  "###[ ICMP ]###"):  # fmt: skip
+        assert layer in text, text
+    assert re.search(r"vni\s+= 0x1\b", text), text
+    assert f"dst       = {pair.kmac}" in text, text  # the inner frame goes to the peer's VTEP
+
+
 # -- (c) live --pcap, read back by tshark ---------------------------------------------
 
 
