@@ -154,7 +154,8 @@ class MmsgReceiver:
         self._off_len = _Mmsghdr.msg_len.offset
         self._size_t = "Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I"
         self._reset_template = bytes(self._msg_raw)  # namelen/controllen as set above
-        self._addr_cache: dict[int, str] = {}
+        self._addr_cache: dict[int | bytes, str] = {}
+        self._control_raw = memoryview(self._control).cast("B")
         # numpy views over the ctypes arrays: one field of every message at once.
         msgs_buf, names_buf, ctl_buf = self._msgs, self._names, self._control
         count = (slots,)
@@ -196,6 +197,9 @@ class MmsgReceiver:
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return 0
             raise OSError(err, os.strerror(err))
+        if n <= 4:
+            self._parse_few(n)
+            return n
         v = self._views
         self.lengths = v["len"][:n].tolist()
         gro = np.where(
@@ -220,3 +224,41 @@ class MmsgReceiver:
             sources.append(src)
         self.sources = sources
         return n
+
+    def _parse_few(self, n: int) -> None:
+        """The results of a small batch, field by field (numpy's per-call cost would
+        dominate: one datagram per wakeup is common when nothing is batched upstream)."""
+        msgs = self._msgs
+        names = self._names
+        control = self._control_raw
+        cache = self._addr_cache
+        lengths: list[int] = []
+        sizes: list[int] = []
+        sources: list[str] = []
+        ports: list[int] = []
+        truncated: list[bool] = []
+        for i in range(n):
+            msg = msgs[i]
+            length = msg.msg_len
+            hdr = msg.msg_hdr
+            gso = length
+            if hdr.msg_controllen >= _CMSG_HDR + 4:
+                level, ctype, value = struct.unpack_from(
+                    "iii", control, i * _CMSG_SPACE_INT + _CMSG_LEVEL_AT
+                )
+                if level == SOL_UDP and ctype == UDP_GRO and value > 0:
+                    gso = value
+            name = names[i]
+            addr = bytes(name.sin_addr)
+            src = cache.get(addr)  # type: ignore[call-overload]
+            if src is None:
+                if len(cache) >= 4096:
+                    cache.clear()
+                src = cache[addr] = socket.inet_ntoa(addr)  # type: ignore[index]
+            lengths.append(length)
+            sizes.append(gso)
+            sources.append(src)
+            ports.append(socket.ntohs(name.sin_port))
+            truncated.append(bool(hdr.msg_flags & MSG_TRUNC))
+        self.lengths, self.segment_sizes, self.sources = lengths, sizes, sources
+        self.ports, self.truncated = ports, truncated

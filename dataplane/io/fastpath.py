@@ -579,6 +579,11 @@ class FastEngine(Engine):
                 break
             fc.rx_calls += 1
             fc.rx_messages += m
+            if m == 1 and rx.segment_sizes[0] >= rx.lengths[0] and not rx.truncated[0]:
+                # One datagram (nothing queued behind it): no batch to plan.
+                fc.rx_segments += 1
+                self._deliver_one(rx.offsets[0], rx.lengths[0], 0, tracer)
+                continue
             # (offset, length, GRO segment size or 0, peer number) per message, and
             # the receiver's index of each (truncated ones are left out).
             messages: list[tuple[int, int, int, int]] = []
@@ -594,12 +599,19 @@ class FastEngine(Engine):
                 n = lengths[i]
                 messages.append((offsets[i], n, sizes[i] if sizes[i] < n else 0, peer))
                 index.append(i)
+            if not any(message[2] for message in messages):
+                # Single datagrams only (no UDP GRO upstream): delivered one by one.
+                # Coalescing them in the interpreter cost more than it saved.
+                fc.rx_segments += len(messages)
+                for (off, n, _, _), i in zip(messages, index, strict=True):
+                    self._deliver_one(off, n, i, tracer)
+                continue
             plan = coalescer.plan(messages) if coalescer is not None else split_messages(messages)
             fc.rx_segments += len(plan.starts)
             for first, count in plan.runs:
                 source = index[plan.messages[first]]
                 if count == 1:
-                    self._deliver_one(plan, first, source, tracer)
+                    self._deliver_one(plan.starts[first], plan.lengths[first], source, tracer)
                 else:
                     self._deliver_run(plan, first, count, source)
 
@@ -632,11 +644,10 @@ class FastEngine(Engine):
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
 
-    def _deliver_one(self, plan: Batch, k: int, source: int, tracer: Tracer | None) -> None:
+    def _deliver_one(self, start: int, length: int, source: int, tracer: Tracer | None) -> None:
         fwd = self.forwarder
         rx = self._rx
         assert rx is not None and self._rx_view is not None
-        start, length = plan.starts[k], plan.lengths[k]
         view = self._rx_view[start : start + length]
         verdict = fwd.from_network(view, length, rx.sources[source])  # type: ignore[arg-type]
         if tracer is not None:

@@ -85,8 +85,19 @@ def split_messages(messages: list[tuple[int, int, int, int]]) -> Batch:
 class Coalescer:
     """Plans GSO runs over messages received into `buf` (never resized while in use)."""
 
-    def __init__(self, buf: bytearray, ip_off: int, *, max_segments: int = MAX_SEGMENTS) -> None:
+    def __init__(
+        self,
+        buf: bytearray,
+        ip_off: int,
+        *,
+        max_segments: int = MAX_SEGMENTS,
+        datagrams: bool = False,
+    ) -> None:
         self.buf = buf
+        #: Also coalesce across single-datagram messages (recvmmsg without UDP GRO),
+        #: one segment at a time in the interpreter. Off in the engine: measured, it
+        #: cost more than the writes it saved (docs/decisions.md, section 7).
+        self.datagrams = datagrams
         self.u8 = np.frombuffer(buf, dtype=np.uint8)
         self.ip_off = ip_off
         self.max_segments = max_segments
@@ -167,7 +178,9 @@ class Coalescer:
                 continue
             stop = off + n
             step = size or n
-            if not step:  # an empty datagram: the forwarder counts it as truncated
+            if not step or not (size or self.datagrams):
+                # One datagram, delivered as it is (or an empty one, which the
+                # forwarder counts as truncated).
                 if key is not None:
                     if count > 1:
                         unchecked.append(len(runs))
@@ -175,7 +188,7 @@ class Coalescer:
                     key = None
                 runs.append((len(starts), 1))
                 starts.append(off)
-                lengths.append(0)
+                lengths.append(n)
                 msgs.append(mi)
                 hlens.append(0)
                 continue

@@ -179,9 +179,10 @@ def test_kernel_interop(lab: Lab, tmp_path: Path, offload: str, device: str) -> 
         fc = off["counters"]
         # pod1's TCP handed weft super-packets and the kernel cut them up …
         assert fc["gso_sends"] > 0 and fc["gso_segments"] > 2 * fc["gso_sends"]
-        # … and received segments were batched and coalesced into GSO writes.
+        # … and datagrams were received in batches (no GRO on this underlay: one
+        # datagram per message, delivered one by one; see test_two_weft_nodes).
         assert fc["rx_calls"] > 0 and fc["rx_messages"] > fc["rx_calls"]
-        assert fc["gso_writes"] > 0 and fc["gso_written_segments"] > fc["gso_writes"]
+        assert fc["rx_segments"] == fc["rx_messages"]
     else:
         assert off["on"] == [] and set(off["off"]) == set(ALL_PATHS)
         links = {link["ifname"] for link in lab.ip_json(n1, "link", "show")}

@@ -50,7 +50,9 @@ class Rx:
         self.shift = shift  # where in its slot a message lands (MmsgReceiver's shift)
         self.buf = bytearray(slots * slot + 256)
         self.messages: list[tuple[int, int, int, int]] = []
-        self.coalescer = Coalescer(self.buf, ip_off)
+        # Across single datagrams too (the engine leaves that off), so that the
+        # interpreter's segment-by-segment rules are tested as well.
+        self.coalescer = Coalescer(self.buf, ip_off, datagrams=True)
 
     def datagram(self, data: bytes, peer: int = 0) -> None:
         off = len(self.messages) * self.slot + self.shift
@@ -277,3 +279,14 @@ def test_sequence_numbers_that_wrap_inside_a_run(gro: bool) -> None:
         for s in segs:
             rx.datagram(s)
     assert rx.runs() == [(0, 6)]
+
+
+def test_single_datagrams_stay_single_unless_asked() -> None:
+    rx = Rx()
+    rx.coalescer = Coalescer(rx.buf, 22)  # the engine's setting
+    for s in stream(4):
+        rx.datagram(s)
+    rx.gro(stream(3, start=1000 + 4 * 1398))
+    plan = rx.coalescer.plan(rx.messages)
+    assert plan.runs == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 3)]
+    assert plan.lengths[:4] == [len(s) for s in stream(4)]
