@@ -138,7 +138,7 @@ MODES: dict[str, Mode] = {
             "agent-kernel",
             "agent-kernel",
             "weft agent --dataplane kernel on both nodes, leases in a real etcd in the lab "
-            "(weft programs flannel.1; opt-in: --modes all or --modes ...,weft-kernel)",
+            "(weft programs flannel.1, the kernel carries the packets)",
         ),
         Mode(
             "weft-vxlan-kernel",
@@ -150,9 +150,8 @@ MODES: dict[str, Mode] = {
         ),
     )
 }
-#: Opt-in: weft-kernel is the kernel's data path again (weft only programs it), and
-#: naive-udp is a reference point, not weft.
-OPT_IN_MODES = ("naive-udp", "weft-kernel")
+#: Opt-in: naive-udp is a reference point (the simplest Python forwarder), not weft.
+OPT_IN_MODES = ("naive-udp",)
 DEFAULT_MODES = tuple(m for m in MODES if m not in OPT_IN_MODES)
 QUICK_MODES = ("plain", "kernel-vxlan", "weft-vxlan")
 
