@@ -26,6 +26,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from bench import trace_cost
 from dataplane.backends.udp import UdpBackend
 from dataplane.backends.vxlan import VxlanBackend
 from dataplane.forwarder import Forwarder, Verdict
@@ -210,6 +211,7 @@ def run(quick: bool = False, best_of: int = 5) -> dict[str, Any]:
                 "loop_and_index_ns": base,
             }
         )
+    results["trace"] = trace_cost.run(batches=200 if quick else 2000, rounds=2 if quick else 5)
     return results
 
 
@@ -250,6 +252,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {r['lookup_ns']:.0f} / {r.get('lookup_cpu_ns', 0):.0f} ns "
             f"| {r['loop_and_index_ns']:.0f} ns |"
         )
+    if "trace" in res:
+        lines += trace_cost.markdown(res["trace"])
     return "\n".join(lines) + "\n"
 
 
