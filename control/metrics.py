@@ -39,6 +39,19 @@ def render_metrics(status: dict[str, Any]) -> str:
     out.append("# TYPE weft_drops_total counter")
     for reason, count in sorted((counters.get("drops") or {}).items()):
         _line(out, "weft_drops_total", count, {"reason": reason})
+    batches = counters.get("batches") or {}
+    if batches:
+        out.append("# HELP weft_batches_total Reader wake-ups, by source (device or network).")
+        out.append("# TYPE weft_batches_total counter")
+        for source, b in sorted(batches.items()):
+            _line(out, "weft_batches_total", b.get("batches", 0), {"source": source})
+        out.append(
+            "# HELP weft_batch_packets_total Packets taken by those wake-ups "
+            "(÷ weft_batches_total = mean batch size)."
+        )
+        out.append("# TYPE weft_batch_packets_total counter")
+        for source, b in sorted(batches.items()):
+            _line(out, "weft_batch_packets_total", b.get("packets", 0), {"source": source})
     out.append("# HELP weft_icmp_sent_total ICMP errors written back to the device.")
     out.append("# TYPE weft_icmp_sent_total counter")
     _line(out, "weft_icmp_sent_total", counters.get("icmp_sent", 0))

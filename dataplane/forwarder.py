@@ -52,7 +52,16 @@ class Verdict(IntEnum):
 class Counters:
     """Packet and byte counters; drops indexed by DropReason."""
 
-    __slots__ = ("drops", "icmp_sent", "rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
+    __slots__ = (
+        "batch_packets",
+        "batches",
+        "drops",
+        "icmp_sent",
+        "rx_bytes",
+        "rx_packets",
+        "tx_bytes",
+        "tx_packets",
+    )
 
     def __init__(self) -> None:
         self.tx_packets = 0  # device → network
@@ -61,6 +70,10 @@ class Counters:
         self.rx_bytes = 0
         self.icmp_sent = 0
         self.drops = [0] * (max(DropReason) + 1)
+        # Reader wake-ups and the packets they took, [device, network]: their ratio
+        # is the mean batch size (kept by the I/O runner, which owns batching).
+        self.batches = [0, 0]
+        self.batch_packets = [0, 0]
 
     def drop_counts(self) -> dict[str, int]:
         return {r.name.lower(): self.drops[r] for r in DropReason if self.drops[r]}
@@ -73,6 +86,10 @@ class Counters:
             "rx_bytes": self.rx_bytes,
             "icmp_sent": self.icmp_sent,
             "drops": self.drop_counts(),
+            "batches": {
+                "device": {"batches": self.batches[0], "packets": self.batch_packets[0]},
+                "network": {"batches": self.batches[1], "packets": self.batch_packets[1]},
+            },
         }
 
 

@@ -80,6 +80,7 @@ class Engine:
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
         if tracer is not None:
             tracer.start_batch()
+        got = 0
         for _ in range(BATCH):
             try:
                 n = readv(fd, views)
@@ -87,6 +88,7 @@ class Engine:
                 break
             except OSError:
                 break  # device went away; the agent notices and stops
+            got += 1
             verdict = fwd.from_device(buf, head, head + n)
             if tracer is not None:
                 tracer.from_device(buf, head, head + n, verdict, fwd)
@@ -103,8 +105,15 @@ class Engine:
                     os.write(fd, fwd.reply)
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
+        self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
+
+    def count_batch(self, source: int, packets: int) -> None:
+        """One reader wake-up (source 0: device, 1: network) that took `packets`."""
+        counters = self.forwarder.counters
+        counters.batches[source] += 1
+        counters.batch_packets[source] += packets
 
     def _on_network(self) -> None:
         fwd = self.forwarder
@@ -117,6 +126,7 @@ class Engine:
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
         if tracer is not None:
             tracer.start_batch()
+        got = 0
         for _ in range(BATCH):
             try:
                 n, addr = recv(buf)
@@ -126,6 +136,7 @@ class Engine:
                 # ICMP errors queued on the socket (port unreachable from a peer)
                 # surface here; they are not packets, so just carry on.
                 continue
+            got += 1
             verdict = fwd.from_network(buf, n, addr[0])
             if tracer is not None:
                 tracer.from_network(buf, n, addr, verdict, fwd)
@@ -134,3 +145,4 @@ class Engine:
                     write(fd, out[fwd.out_start : fwd.out_end])
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
+        self.count_batch(1, got)

@@ -123,7 +123,7 @@ def test_knobs_per_setting_and_mode() -> None:
     assert envmod.pod_mtu(9000, envmod.MODES["weft-udp"]) == 8972
     assert envmod.MODES["weft-vxlan-kernel"].weft_nodes == ("n1",)
     assert envmod.node_knobs("offload", envmod.MODES["naive-udp"]) == ("tx", "off")
-    assert not {"naive-udp", "weft-kernel"} & set(envmod.DEFAULT_MODES)
+    assert "naive-udp" not in envmod.DEFAULT_MODES and "weft-kernel" in envmod.DEFAULT_MODES
     with pytest.raises(ValueError):
         envmod.node_knobs("turbo", plain)
 
