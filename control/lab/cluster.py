@@ -69,6 +69,7 @@ from control.lab.topology import (
     add_kernel_vxlan_peer,
     make_kernel_vxlan,
     remove_kernel_vxlan_peer,
+    wire_like,
 )
 
 DEFAULT_PREFIX = "/coreos.com/network"
@@ -149,11 +150,6 @@ def parse_env_file(text: str) -> dict[str, str]:
         key, _, value = line.partition("=")
         out[key.strip()] = value.strip().strip('"')
     return out
-
-
-def wire_like(lab: Lab, node: Node) -> None:
-    """Checksums filled on the node, as a NIC fills them on a real wire."""
-    lab.run(node, "ethtool", "-K", node.underlay_iface, "tx", "off")
 
 
 def flannel_lease_json(

@@ -430,6 +430,15 @@ class Lab:
         self.stop(proc)
 
 
+def wire_like(lab: Lab, node: Node) -> None:
+    """Checksums filled on the node, as a NIC fills them on a real wire.
+
+    A veth carries CHECKSUM_PARTIAL packets with the checksum still unfilled;
+    the kernel's own VXLAN receiver trusts that, a userspace receiver can't.
+    """
+    lab.run(node, "ethtool", "-K", node.underlay_iface, "tx", "off")
+
+
 # -- kernel peers made as flanneld makes them (flannel-facts §3b, §3c) ----------
 
 

@@ -12,7 +12,7 @@ import pytest
 from weft_helpers import add_pod_from_subnet_env, start_agent, status
 
 from control.lab.etcd import EtcdServer
-from control.lab.topology import Lab
+from control.lab.topology import Lab, wire_like
 
 CONFIG_KEY = "/coreos.com/network/config"
 
@@ -27,7 +27,7 @@ def etcd(lab: Lab) -> Iterator[EtcdServer]:
 
 def node(lab: Lab, name: str):
     n = lab.add_node(name)
-    lab.run(n, "ethtool", "-K", "eth0", "tx", "off")  # real checksums on the wire
+    wire_like(lab, n)
     return n
 
 

@@ -23,6 +23,7 @@ from control.lab.topology import (
     add_kernel_hostgw_route,
     add_kernel_vxlan_peer,
     make_kernel_vxlan,
+    wire_like,
 )
 
 NETWORK = "10.244.0.0/16"
@@ -40,15 +41,6 @@ def two_node_pods(lab: Lab, mtu: int) -> tuple[Node, Node, Pod, Pod]:
     lab.add_cni(n1, SUBNET1, mtu=mtu)
     lab.add_cni(n2, SUBNET2, mtu=mtu)
     return n1, n2, lab.add_pod(n1), lab.add_pod(n2)
-
-
-def wire_like(lab: Lab, node: Node) -> None:
-    """Checksums computed on the node, as a NIC puts them on a real wire.
-
-    A veth carries CHECKSUM_PARTIAL packets with the checksum still unfilled;
-    the kernel's own VXLAN receiver trusts that, a userspace receiver can't.
-    """
-    lab.run(node, "ethtool", "-K", "eth0", "tx", "off")
 
 
 def weft_vxlan_args(node: Node, peer: Node, peer_mac: str, device: str = "tun") -> list[str]:
