@@ -88,36 +88,27 @@ class ApiServer:
             os.unlink(self.path)
 
 
+def _send(path: str, request: dict[str, Any], timeout: float | None) -> socket.socket:
+    """Connect to the API socket and send one request line."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+    except OSError as exc:
+        sock.close()
+        raise ConnectionError(f"no weft agent answers on {path}: {exc.strerror or exc}") from None
+    return sock
+
+
 def api_stream(path: str, request: dict[str, Any]) -> Any:
     """Blocking client for streams: yields each decoded line until the server ends."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise ConnectionError(
-                f"no weft agent answers on {path}: {exc.strerror or exc}"
-            ) from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        with sock.makefile("rb") as lines:
-            for line in lines:
-                yield json.loads(line)
+    with _send(path, request, None) as sock, sock.makefile("rb") as lines:
+        for line in lines:
+            yield json.loads(line)
 
 
 def api_request(path: str, request: dict[str, Any], timeout: float = 5.0) -> Any:
     """Blocking client for the CLI: send one request, return the decoded reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise ConnectionError(
-                f"no weft agent answers on {path}: {exc.strerror or exc}"
-            ) from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    with _send(path, request, timeout) as sock, sock.makefile("rb") as lines:
+        return json.loads(lines.readline())
