@@ -437,6 +437,7 @@ class FastEngine(Engine):
         if tracer is not None:
             tracer.start_batch()
         budget = TX_BUDGET
+        got = 0
         for _ in range(BATCH):
             if budget <= 0:
                 break
@@ -446,6 +447,7 @@ class FastEngine(Engine):
                 break
             except OSError:
                 break
+            got += 1
             if n <= 0:
                 continue
             budget -= n
@@ -492,6 +494,7 @@ class FastEngine(Engine):
                     writev(fd, [ZERO_VNET, fwd.reply])
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
+        self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
 
@@ -569,6 +572,21 @@ class FastEngine(Engine):
             tracer.start_batch()
         coalescer = self._coalescer if tracer is None and not self._gso_write_failed else None
         fc = self._fc
+        before = fc.rx_segments
+        try:
+            self._receive_batches(rx, sockfd, drops, coalescer, tracer)
+        finally:
+            self.count_batch(1, fc.rx_segments - before)
+
+    def _receive_batches(
+        self,
+        rx: batch.MmsgReceiver,
+        sockfd: int,
+        drops: list[int],
+        coalescer: Coalescer | None,
+        tracer: Tracer | None,
+    ) -> None:
+        fc = self._fc
         for _ in range(RX_ROUNDS):
             try:
                 m = rx.receive(sockfd)
@@ -628,6 +646,7 @@ class FastEngine(Engine):
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
         if tracer is not None:
             tracer.start_batch()
+        got = 0
         for _ in range(BATCH):
             try:
                 n, addr = recv(buf)
@@ -635,6 +654,7 @@ class FastEngine(Engine):
                 break
             except OSError:
                 continue
+            got += 1
             verdict = fwd.from_network(buf, n, addr[0])
             if tracer is not None:
                 tracer.from_network(buf, n, addr, verdict, fwd)
@@ -643,6 +663,7 @@ class FastEngine(Engine):
                     writev(fd, [ZERO_VNET, out[fwd.out_start : fwd.out_end]])
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
+        self.count_batch(1, got)
 
     def _deliver_one(self, start: int, length: int, source: int, tracer: Tracer | None) -> None:
         fwd = self.forwarder

@@ -174,6 +174,8 @@ def test_kernel_interop(lab: Lab, tmp_path: Path, offload: str, device: str) -> 
     assert not {"write_failed", "send_failed", "truncated"} & set(c["drops"]), c["drops"]
     off = st["offload"]
     assert off["mode"] == offload
+    for source in ("device", "network"):  # the runner's batch counters, kept by both engines
+        assert st["counters"]["batches"][source]["packets"] > 0
     if offload == "on":
         assert off["on"] == ALL_PATHS and not off["off"]
         fc = off["counters"]
