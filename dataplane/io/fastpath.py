@@ -43,8 +43,10 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import struct
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -160,6 +162,7 @@ class FastPaths:
     why_off: dict[str, str] = field(default_factory=dict)
     egress: TunDevice | None = None
     egress_mac: bytes = b""
+    forward_rule: str = ""  # the TAP whose FORWARD ACCEPT rule weft added
     counters: FastCounters = field(default_factory=FastCounters)
 
     def refuse(self, path: str, reason: str) -> None:
@@ -205,6 +208,9 @@ class FastPaths:
         if self.egress is not None:
             self.egress.close()
             self.egress = None
+        if self.forward_rule:
+            remove_forwarding(self.forward_rule)
+            self.forward_rule = ""
 
 
 def _errtext(exc: OSError) -> str:
@@ -290,22 +296,50 @@ def open_egress_tap(paths: FastPaths, device_name: str) -> None:
         tap.close()
         paths.refuse("tunnel_gso", f"cannot configure TAP {name}: {_errtext(exc)}")
         return
-    rp_all = _sysctl_int("net/ipv4/conf/all/rp_filter")
-    if rp_all == 1:
-        # The effective rp_filter of a device is max(all, dev): strict mode drops
-        # frames whose source (our own address) routes out of another device.
-        tap.close()
-        paths.refuse("tunnel_gso", "net.ipv4.conf.all.rp_filter=1 would drop the TAP's frames")
-        return
     paths.egress = tap
     paths.enable("tunnel_gso")
+    err = allow_forwarding(name)
+    if err is None:
+        paths.forward_rule = name
+    elif err:
+        log.warning(
+            "could not add `iptables -I FORWARD -i %s -j ACCEPT` (%s): a FORWARD policy of "
+            "DROP would drop the fast path's datagrams",
+            name,
+            err,
+        )
 
 
-def _sysctl_int(path: str) -> int | None:
-    try:
-        return int(netlink.sysctl_get(path))
-    except (OSError, ValueError):
+def _iptables(*args: str) -> subprocess.CompletedProcess[str] | None:
+    binary = shutil.which("iptables")
+    if binary is None:
         return None
+    return subprocess.run([binary, "-w", "5", *args], capture_output=True, text=True, timeout=30)
+
+
+def allow_forwarding(tap: str) -> str | None:
+    """Accept what the egress TAP forwards, ahead of the FORWARD chain's rules.
+
+    The kernel *forwards* the GSO frames (they come in on the TAP), so a FORWARD
+    policy of DROP — Docker sets one — would drop them, as it would drop pod
+    traffic if flanneld did not add its own ACCEPT rules. Only weft writes to the
+    TAP. Returns None when the rule is in place, "" when there is no iptables,
+    else the error."""
+    rule = ("FORWARD", "-i", tap, "-j", "ACCEPT")
+    check = _iptables("-C", *rule)
+    if check is None:
+        return ""
+    if check.returncode == 0:
+        return None
+    insert = _iptables("-I", *rule)
+    if insert is not None and insert.returncode == 0:
+        return None
+    return (insert.stderr if insert is not None else "").strip() or "iptables failed"
+
+
+def remove_forwarding(tap: str) -> None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        _iptables("-D", "FORWARD", "-i", tap, "-j", "ACCEPT")
 
 
 def setup_socket(paths: FastPaths, sock: socket.socket) -> None:

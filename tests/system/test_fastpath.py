@@ -278,6 +278,27 @@ def test_two_weft_nodes(lab: Lab, tmp_path: Path, backend: str) -> None:
         assert not {"write_failed", "send_failed"} & set(st["counters"]["drops"])
 
 
+def test_a_forward_policy_of_drop_does_not_drop_the_gso_datagrams(lab: Lab, tmp_path: Path) -> None:
+    """The kernel forwards what weft writes to the egress TAP; with Docker's FORWARD
+    policy DROP (and flannel's ACCEPT rules for the pod network) weft's own ACCEPT
+    rule for the TAP lets them through, and goes when weft stops."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    lab.run(n1, "iptables", "-P", "FORWARD", "DROP")
+    for flag in ("-s", "-d"):
+        lab.run(n1, "iptables", "-A", "FORWARD", flag, NETWORK, "-j", "ACCEPT")
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    proc, sock = start(lab, n1, args, tmp_path, "n1")
+    tap = fastpath.egress_name("weft.1")
+    assert f"-A FORWARD -i {tap} -j ACCEPT" in lab.run(n1, "iptables", "-S", "FORWARD").stdout
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    end = iperf3_bytes(lab, pod1, pod2, "4M")
+    assert end["sum_sent"].get("retransmits", 0) == 0
+    assert status(sock)["offload"]["counters"]["gso_sends"] > 0
+    lab.stop(proc)
+    assert tap not in lab.run(n1, "iptables", "-S", "FORWARD").stdout
+
+
 @pytest.mark.parametrize(
     ("disable", "left_on"),
     [
