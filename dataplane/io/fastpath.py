@@ -296,6 +296,18 @@ def open_egress_tap(paths: FastPaths, device_name: str) -> None:
         tap.close()
         paths.refuse("tunnel_gso", f"cannot configure TAP {name}: {_errtext(exc)}")
         return
+    rp_filter = _sysctl_int("net/ipv4/conf/all/rp_filter")
+    if rp_filter:
+        # A device's effective rp_filter is max(all, device), and with either mode
+        # the kernel drops frames from our own address coming in on a TAP that has
+        # no IPv4 address (fib_validate_source: no_addr → last_resort → e_rpf).
+        tap.close()
+        paths.refuse(
+            "tunnel_gso",
+            f"net.ipv4.conf.all.rp_filter={rp_filter} would drop the TAP's frames "
+            "(the send fast path needs 0)",
+        )
+        return
     paths.egress = tap
     paths.enable("tunnel_gso")
     err = allow_forwarding(name)
@@ -340,6 +352,13 @@ def allow_forwarding(tap: str) -> str | None:
 def remove_forwarding(tap: str) -> None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         _iptables("-D", "FORWARD", "-i", tap, "-j", "ACCEPT")
+
+
+def _sysctl_int(path: str) -> int | None:
+    try:
+        return int(netlink.sysctl_get(path))
+    except (OSError, ValueError):
+        return None
 
 
 def setup_socket(paths: FastPaths, sock: socket.socket) -> None:

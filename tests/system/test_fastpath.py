@@ -299,20 +299,29 @@ def test_a_forward_policy_of_drop_does_not_drop_the_gso_datagrams(lab: Lab, tmp_
     assert tap not in lab.run(n1, "iptables", "-S", "FORWARD").stdout
 
 
-def test_strict_reverse_path_filtering_does_not_stop_the_gso_datagrams(
-    lab: Lab, tmp_path: Path
+@pytest.mark.parametrize("rp_filter", [1, 2])
+def test_reverse_path_filtering_leaves_the_send_fast_path_off(
+    lab: Lab, tmp_path: Path, rp_filter: int
 ) -> None:
-    """rp_filter is max(all, device): the TAP's own 0 does not win over all=1, yet
-    frames from our own address on it are accepted (accept_local)."""
+    """rp_filter is max(all, device), so the TAP's own 0 does not win over all=1 or 2,
+    and either mode drops frames from our own address coming in on an address-less
+    TAP. The probe leaves the send fast path off (traffic goes through the socket),
+    and `--offload on` refuses to start."""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
-    lab.sysctl(n1, "net.ipv4.conf.all.rp_filter", 1)
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
-    _, sock = start(lab, n1, args, tmp_path, "n1")
+    lab.sysctl(n1, "net.ipv4.conf.all.rp_filter", rp_filter)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
+    proc, sock = start(lab, n1, args, tmp_path, "n1")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     end = iperf3_bytes(lab, pod1, pod2, "4M")
     assert end["sum_sent"].get("retransmits", 0) == 0
-    assert status(sock)["offload"]["counters"]["gso_sends"] > 0
+    off = status(sock)["offload"]
+    assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"] and "tso_read" in off["off"]
+    assert off["on"] == ["udp_gro", "recvmmsg", "gso_write"]
+    assert off["counters"]["gso_sends"] == 0
+    lab.stop(proc)
+    with pytest.raises(AssertionError, match=f"rp_filter={rp_filter}"):
+        start(lab, n1, [*args[:-1], "on"], tmp_path, "n1-on")
 
 
 @pytest.mark.parametrize(
