@@ -13,27 +13,29 @@ through the backend's encap, as for any packet) in front *once*, and writes
 the frame to an egress TAP opened with the 24-byte tunnel vnet header and
 TUN_F_UDP_TUNNEL_GSO(_CSUM) (Linux 6.17+). The kernel takes it as if it came
 in from a NIC, routes it to the peer's public IP (ip_forward, accept_local,
-rp_filter 0 on the TAP) and, on the way out, segments it into MTU-sized
-standard VXLAN datagrams with every inner and outer checksum filled in —
-the same datagrams a kernel VXLAN device sends. Packets that are not GSO
-(ACKs, pings, small writes) still go through the UDP socket; both sends run
-the kernel's transmit path synchronously inside the system call, in order,
-so a flow is not reordered between them.
+rp_filter 0 on the TAP; this needs net.ipv4.conf.all.rp_filter=0 too, and
+weft adds an iptables FORWARD ACCEPT rule for the TAP) and, on the way out,
+segments it into MTU-sized standard VXLAN datagrams with every inner and
+outer checksum filled in — the same datagrams a kernel VXLAN device sends.
+Packets that are not GSO (ACKs, pings, small writes) still go through the UDP
+socket; both sends run the kernel's transmit path synchronously inside the
+system call, in order, so a flow is not reordered between them.
 
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
 comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
-32 messages per call. Consecutive TCP segments of one inner flow are
-validated and coalesced (dataplane/io/gro.py, numpy over the whole batch) and
-written to the device as one super-packet with a GSO vnet header; the
-kernel delivers it to the pod as its own GRO would have.
+32 messages per call. The consecutive TCP segments of one inner flow in GRO
+messages are validated and coalesced (dataplane/io/gro.py, numpy over whole
+messages) and written to the device as one super-packet with a GSO vnet
+header; the kernel delivers it to the pod as its own GRO would have. Single
+datagrams (no GRO upstream) go to the device one by one: coalescing them in
+the interpreter cost more than the writes it saved.
 
-Datagrams still pass the forwarder one segment at a time where it decides
-(VXLAN header, VNI, VtepMAC, source check); for a coalesced run the first
-segment decides for all, because the rest carry the same bytes in every field
-the forwarder reads. ICMP errors (no route, frag-needed for PMTU) are the
-forwarder's as before: a GSO packet is judged by its first segment, whose
-size is what the wire would carry.
+Datagrams still pass the forwarder (VXLAN header, VNI, VtepMAC, source
+check); for a coalesced run the first segment decides for all, because the
+rest carry the same bytes in every field the forwarder reads. ICMP errors
+(no route, frag-needed for PMTU) are the forwarder's as before: a GSO packet
+is judged by its first segment, whose size is what the wire would carry.
 """
 
 from __future__ import annotations
@@ -102,16 +104,14 @@ TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
 _U16 = struct.Struct("!H")
-_IP_TOT_CSUM = struct.Struct("!H6xH")  # IPv4 total length … checksum
 
+#: The fast paths, as `weft status` names them:
+#: tso_read    TCP super-packets read from the pod device (IFF_VNET_HDR + TSO)
+#: tunnel_gso  … sent through a TAP with UDP-tunnel GSO (the kernel segments, checksums)
+#: udp_gro     UDP_GRO on the socket (many datagrams of one flow per message)
+#: recvmmsg    up to 32 messages per system call (ctypes)
+#: gso_write   a GRO message's TCP segments written to the device as one GSO packet
 PATHS = ("tso_read", "tunnel_gso", "udp_gro", "recvmmsg", "gso_write")
-DESCRIPTIONS = {
-    "tso_read": "read TCP super-packets from the pod device (IFF_VNET_HDR + TSO)",
-    "tunnel_gso": "send them through a TAP with UDP-tunnel GSO (kernel segments, checksums)",
-    "udp_gro": "UDP_GRO on the socket (many datagrams per message)",
-    "recvmmsg": "recvmmsg batches (ctypes)",
-    "gso_write": "coalesced TCP segments written to the device as one GSO packet",
-}
 
 
 class FastCounters:
@@ -182,10 +182,6 @@ class FastPaths:
     def enable(self, path: str) -> None:
         self.on[path] = True
         self.why_off.pop(path, None)
-
-    @property
-    def any(self) -> bool:
-        return any(self.on.values())
 
     def status(self) -> dict[str, object]:
         return {
@@ -269,6 +265,17 @@ def open_egress_tap(paths: FastPaths, device_name: str) -> None:
     name = egress_name(device_name)
     if not paths.wanted("tunnel_gso"):
         return
+    rp_filter = _sysctl_int("net/ipv4/conf/all/rp_filter")
+    if rp_filter:
+        # A device's effective rp_filter is max(all, device), and in either mode the
+        # kernel drops frames from our own address coming in on a TAP that has no
+        # IPv4 address (fib_validate_source: no_addr → last_resort → e_rpf).
+        paths.refuse(
+            "tunnel_gso",
+            f"net.ipv4.conf.all.rp_filter={rp_filter} would drop the TAP's frames "
+            "(the send fast path needs 0)",
+        )
+        return
     try:
         tap = open_tun(name, tap=True, vnet_hdr=True)
     except TunError as exc:
@@ -295,18 +302,6 @@ def open_egress_tap(paths: FastPaths, device_name: str) -> None:
     except OSError as exc:
         tap.close()
         paths.refuse("tunnel_gso", f"cannot configure TAP {name}: {_errtext(exc)}")
-        return
-    rp_filter = _sysctl_int("net/ipv4/conf/all/rp_filter")
-    if rp_filter:
-        # A device's effective rp_filter is max(all, device), and with either mode
-        # the kernel drops frames from our own address coming in on a TAP that has
-        # no IPv4 address (fib_validate_source: no_addr → last_resort → e_rpf).
-        tap.close()
-        paths.refuse(
-            "tunnel_gso",
-            f"net.ipv4.conf.all.rp_filter={rp_filter} would drop the TAP's frames "
-            "(the send fast path needs 0)",
-        )
         return
     paths.egress = tap
     paths.enable("tunnel_gso")
