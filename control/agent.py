@@ -537,7 +537,8 @@ class Agent:
         extra = getattr(self.dataplane, "status", None)
         if callable(extra):
             dp = extra()
-            for key in ("device", "device_kind", "device_mtu", "counters", "direct_routes"):
+            keys = ("device", "device_kind", "device_mtu", "counters", "direct_routes", "offload")
+            for key in keys:
                 if key in dp:
                     out[key] = dp[key]
         return out
