@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from weft_helpers import WEFT, iperf3_transfer, status
+from weft_helpers import iperf3_transfer, start_weft, status
 
-from control.api import api_request
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod, add_kernel_vxlan_peer, make_kernel_vxlan
 from dataplane.io import batch, fastpath
@@ -47,24 +46,7 @@ ALL_PATHS = list(fastpath.PATHS)
 def start(
     lab: Lab, node: Node, args: list[str], tmp: Path, name: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, Path]:
-    """`weft <args> --api-socket …` in node's namespace; waits until its API answers."""
-    sock = tmp / f"{name}.sock"
-    log = tmp / f"{name}.log"
-    proc = lab.spawn(
-        node, [*WEFT, *args, "--api-socket", str(sock)], log=log, env={**os.environ, **(env or {})}
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"weft {name} exited {proc.returncode}:\n{log.read_text()}")
-        if sock.exists():
-            try:
-                api_request(str(sock), {"op": "status"}, timeout=2)
-                return proc, sock
-            except (ConnectionError, OSError, json.JSONDecodeError):
-                pass
-        time.sleep(0.1)
-    raise AssertionError(f"weft {name} did not come up:\n{log.read_text()}")
+    return start_weft(lab, node, args, tmp, name, env)
 
 
 def underlay(lab: Lab, node: Node, *, gro: bool = False) -> None:

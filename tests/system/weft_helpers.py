@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,11 +16,24 @@ from control.lab.topology import Lab, Node, Pod
 WEFT = [sys.executable, "-m", "control.cli"]
 
 
-def start_weft(lab: Lab, node: Node, args: list[str], tmp: Path, name: str) -> tuple[Any, Path]:
-    """Run `weft <args> --api-socket …` in node's namespace; wait until its API answers."""
+def start_weft(
+    lab: Lab,
+    node: Node,
+    args: list[str],
+    tmp: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> tuple[Any, Path]:
+    """Run `weft <args> --api-socket …` in node's namespace (with extra environment
+    variables `env`); wait until its API answers."""
     sock = tmp / f"{name}.sock"
     log = tmp / f"{name}.log"
-    proc = lab.spawn(node, [*WEFT, *args, "--api-socket", str(sock)], log=log)
+    proc = lab.spawn(
+        node,
+        [*WEFT, *args, "--api-socket", str(sock)],
+        log=log,
+        env={**os.environ, **env} if env else None,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
