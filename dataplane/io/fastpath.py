@@ -610,7 +610,7 @@ class FastEngine(Engine):
     def _on_network(self) -> None:
         rx = self._rx
         if rx is None:
-            self._on_network_single()
+            Engine._on_network(self)
             return
         fwd = self.forwarder
         drops = fwd.counters.drops
@@ -681,37 +681,11 @@ class FastEngine(Engine):
                 else:
                     self._deliver_run(plan, first, count, source)
 
-    def _on_network_single(self) -> None:
-        """runner.Engine's receive loop (one datagram per call), for a device whose
-        writes need a vnet header: used when recvmmsg is off."""
-        fwd = self.forwarder
-        buf = self._net_buf
-        out = self._net_view
-        recv = self.sock.recvfrom_into  # type: ignore[union-attr]
-        fd = self.device_fd
-        writev = os.writev
-        drops = fwd.counters.drops
-        tracer = self.tracer if self.tracer is not None and self.tracer.active else None
-        if tracer is not None:
-            tracer.start_batch()
-        got = 0
-        for _ in range(BATCH):
-            try:
-                n, addr = recv(buf)
-            except BlockingIOError:
-                break
-            except OSError:
-                continue
-            got += 1
-            verdict = fwd.from_network(buf, n, addr[0])
-            if tracer is not None:
-                tracer.from_network(buf, n, addr, verdict, fwd)
-            if verdict == Verdict.DELIVER:
-                try:
-                    writev(fd, [ZERO_VNET, out[fwd.out_start : fwd.out_end]])
-                except OSError:
-                    drops[DropReason.WRITE_FAILED] += 1
-        self.count_batch(1, got)
+    @staticmethod
+    def write_device(fd: int, packet: memoryview) -> int:
+        """The plain engine's receive loop (used when recvmmsg is off) writes through
+        this: the device expects a vnet header in front of every packet."""
+        return os.writev(fd, [ZERO_VNET, packet])
 
     def _deliver_one(self, start: int, length: int, source: int, tracer: Tracer | None) -> None:
         fwd = self.forwarder
