@@ -5,13 +5,16 @@ Every mode gets its own ``Lab`` (its own namespaces), built with the lab's
 ``eth0`` transmit counters see the data direction on the underlay.
 
 Underlay settings (the ethtool knobs on the nodes' underlay veth ``eth0``; the
-hub bridge's veth ends keep their defaults, GRO off, so the hub forwards frames
-as they come):
+hub bridge's veth ends keep GRO off, so the hub forwards frames as they come):
 
 * ``wire`` — ``ethtool -K eth0 tx off tso off gso off gro on`` on both nodes, in
   every mode: the sender's stack segments and checksums every frame (MTU-sized
   frames with real checksums, as a NIC puts on a wire) and the receiving node
-  coalesces with GRO, as it would behind a NIC.
+  coalesces with GRO, as it would behind a NIC. The hub's veth ends get ``tso
+  off`` (a switch port does not do TSO): a veth runs its peer's GRO only for
+  frames from a sender without TSO (veth_skb_is_eligible_for_gro), so with the
+  default the receiving node's GRO never ran, for UDP GRO and the kernel's
+  VXLAN GRO alike.
 * ``offload`` — veth defaults (TSO/GSO on: 64 KB super-packets cross the
   underlay unsegmented, checksums left partial), except that modes with a weft
   node that decapsulates in userspace get ``ethtool -K eth0 tx off`` on both
@@ -52,6 +55,8 @@ PING_READY_TIMEOUT_S = 15.0
 
 SETTINGS = ("wire", "offload")
 WIRE_KNOBS = ("tx", "off", "tso", "off", "gso", "off", "gro", "on")
+#: The hub's veth ends in the wire setting: see the module docstring.
+WIRE_HUB_KNOBS = ("tso", "off")
 WEFT_OFFLOAD_KNOBS = ("tx", "off")
 KERNEL_AGENT_OFFLOAD_KNOBS = ("tx", "on", "tso", "on")
 
@@ -166,6 +171,13 @@ def node_knobs(setting: str, mode: Mode) -> tuple[str, ...]:
         # weft-kernel: the lab Cluster turns tx off on every node; undo it (veth defaults).
         return KERNEL_AGENT_OFFLOAD_KNOBS if mode.has_weft else ()
     raise ValueError(f"unknown underlay setting {setting!r} (have: {', '.join(SETTINGS)})")
+
+
+def _set_knobs(lab: Lab, node: Node, setting: str, knobs: tuple[str, ...]) -> None:
+    if knobs:
+        lab.run(node, "ethtool", "-K", "eth0", *knobs)
+    if setting == "wire" and lab.hub is not None:
+        lab.run(lab.hub, "ethtool", "-K", f"vn{node.index}", *WIRE_HUB_KNOBS)
 
 
 def pod_mtu(underlay_mtu: int, mode: Mode) -> int:
@@ -295,8 +307,7 @@ def build(
         n1, n2 = lab.add_node("n1"), lab.add_node("n2")
         knobs = node_knobs(setting, mode)
         for node in (n1, n2):
-            if knobs:
-                lab.run(node, "ethtool", "-K", "eth0", *knobs)
+            _set_knobs(lab, node, setting, knobs)
         mtu = pod_mtu(underlay_mtu, mode)
         lab.add_cni(n1, SUBNET1, mtu=mtu)
         lab.add_cni(n2, SUBNET2, mtu=mtu)
@@ -338,8 +349,7 @@ def _build_cluster(
         cns = []
         for name in ("n1", "n2"):
             node = cluster.add_node(name)
-            if knobs:
-                cluster.lab.run(node, "ethtool", "-K", "eth0", *knobs)
+            _set_knobs(cluster.lab, node, setting, knobs)
             cns.append(cluster.start_weft_node(name, dataplane="kernel", node=node))
         for cn in cns:
             cluster.wait_ready(cn)
