@@ -66,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pass --offload to every `weft dataplane run` (default: weft's own)",
     )
     p.add_argument(
+        "--weft-busy-poll",
+        type=int,
+        metavar="USEC",
+        help="pass --busy-poll USEC to every `weft dataplane run` (default: off)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after measuring, sample the weft processes with py-spy during one "
@@ -134,6 +140,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         quick=quick,
         profile=args.profile,
         weft_offload=args.weft_offload,
+        weft_busy_poll=args.weft_busy_poll,
         command=command,
     )
 

@@ -50,9 +50,13 @@ class Params:
     quick: bool = False
     profile: bool = False
     weft_offload: str | None = None  # passed as --offload to weft dataplane run when set
+    weft_busy_poll: int | None = None  # passed as --busy-poll when set
 
     def weft_extra(self) -> tuple[str, ...]:
-        return ("--offload", self.weft_offload) if self.weft_offload else ()
+        extra = ("--offload", self.weft_offload) if self.weft_offload else ()
+        if self.weft_busy_poll:
+            extra += ("--busy-poll", str(self.weft_busy_poll))
+        return extra
 
     command: str = ""
 

@@ -110,8 +110,8 @@ def markdown(doc: dict[str, Any], charts: list[str] | None = None) -> str:
         f"- each figure: {p.get('repeat')} repeat(s) of {p.get('seconds')} s (ping: "
         f"{p.get('ping_count')} × {p.get('ping_interval_s')} s; request/response: "
         f"{p.get('rr_seconds')} s), shown as median (min–max); pod1 → pod2 across the underlay",
-        f"- weft dataplane run with: `--offload {p['weft_offload']}`"
-        if p.get("weft_offload")
+        f"- weft dataplane run with: `{' '.join(_weft_args(p))}`"
+        if _weft_args(p)
         else "- weft dataplane run with its default options",
         "",
         "Underlay settings:",
@@ -187,3 +187,11 @@ def write_markdown(doc: dict[str, Any], out: Path, charts: list[str] | None = No
     path = out / "results.md"
     path.write_text(markdown(doc, charts))
     return path
+
+
+def _weft_args(p: dict[str, Any]) -> list[str]:
+    """The options the bench passed to every `weft dataplane run`."""
+    args = [f"--offload {p['weft_offload']}"] if p.get("weft_offload") else []
+    if p.get("weft_busy_poll"):
+        args.append(f"--busy-poll {p['weft_busy_poll']}")
+    return args

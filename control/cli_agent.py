@@ -10,7 +10,7 @@ import os
 from ipaddress import IPv4Address, IPv4Interface, ip_address
 from typing import Any
 
-from control.cli import CliError, parse_ipv4, run_until_signal
+from control.cli import CliError, parse_busy_poll, parse_ipv4, run_until_signal
 
 log = logging.getLogger("weft.agent")
 
@@ -121,9 +121,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> int:
         offload = args.offload
+        busy_poll = args.busy_poll
 
         def dataplane_factory(agent: Any) -> Any:
-            return make_dataplane(agent, offload=offload)
+            return make_dataplane(agent, offload=offload, busy_poll_us=busy_poll)
 
         agent = Agent(opts, store, dataplane_factory, underlay=underlay)
         api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace))
@@ -151,10 +152,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_until_signal(main)
 
 
-def make_dataplane(agent: Any, *, offload: str = "auto") -> Any:
+def make_dataplane(agent: Any, *, offload: str = "auto", busy_poll_us: int = 0) -> Any:
     """The userspace engine or the kernel, for the agent's config and lease;
     wrapped for vxlan DirectRouting (on-link peers get plain kernel routes)."""
-    dataplane = _make_dataplane(agent, offload)
+    dataplane = _make_dataplane(agent, offload, busy_poll_us)
     backend = agent.config.backend
     if backend.type == "vxlan" and backend.direct_routing:
         from control.kernel import DirectRouting
@@ -163,7 +164,7 @@ def make_dataplane(agent: Any, *, offload: str = "auto") -> Any:
     return dataplane
 
 
-def _make_dataplane(agent: Any, offload: str = "auto") -> Any:
+def _make_dataplane(agent: Any, offload: str = "auto", busy_poll_us: int = 0) -> Any:
     cfg = agent.config
     lease = agent.lease
     underlay = agent.underlay
@@ -204,6 +205,7 @@ def _make_dataplane(agent: Any, offload: str = "auto") -> Any:
             vtep_mac=agent.vtep_mac,
             accept_any_source=opts.accept_any_source,
             offload=offload,  # type: ignore[arg-type]
+            busy_poll_us=busy_poll_us,
         )
     )
 
@@ -245,6 +247,14 @@ def register(sub: Any) -> None:
         default=env_default("--offload", "auto"),
         help="userspace fast paths (TSO/GSO through TAP, UDP GRO, recvmmsg): "
         "auto uses what the kernel accepts, on fails when it refuses one",
+    )
+    p.add_argument(
+        "--busy-poll",
+        type=parse_busy_poll,
+        default=env_default("--busy-poll", "0"),
+        metavar="USEC",
+        help="userspace dataplane: keep polling for USEC after the last packet instead of "
+        "sleeping (lower latency, a CPU busy while traffic flows; default 0: off)",
     )
     p.add_argument(
         "--lease-ttl",

@@ -59,6 +59,9 @@ class NodeSpec:
     #: Fast paths (dataplane/io/fastpath.py): auto uses what the kernel accepts,
     #: on fails start-up when it refuses one, off runs the plain engine.
     offload: Literal["auto", "on", "off"] = "auto"
+    #: Busy polling (dataplane/io/runner.py): keep polling this many µs after the
+    #: last packet instead of sleeping; 0 sleeps in epoll at once.
+    busy_poll_us: int = 0
 
     def __post_init__(self) -> None:
         if self.device == "tap" and self.backend != "vxlan":
@@ -67,6 +70,8 @@ class NodeSpec:
             self.device_name = f"weft.{self.vni}" if self.backend == "vxlan" else "weft0"
         if self.offload not in ("auto", "on", "off"):
             raise ValueError(f"--offload {self.offload!r}: expected auto, on or off")
+        if not 0 <= self.busy_poll_us <= 1_000_000:
+            raise ValueError(f"--busy-poll {self.busy_poll_us}: expected 0..1000000 µs")
         if self.offload == "on" and self.backend == "host-gw":
             raise ValueError("--offload on: host-gw has no fast path (it sends through AF_PACKET)")
 
@@ -150,6 +155,7 @@ class UserspaceDataplane:
                 clock=time.time,
             )
             self.engine.tracer = self.tracer
+            self.engine.busy_poll_ns = spec.busy_poll_us * 1000
             self.engine.start(loop)
             self._loop = loop
         except BaseException:

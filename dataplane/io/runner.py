@@ -6,6 +6,16 @@ acts on the verdict at once. One preallocated buffer per direction: the
 packet is read `headroom` bytes into it so encapsulation writes its headers
 in front without copying, and the kernel copies it out again on send.
 
+Busy polling (`--busy-poll USEC`, off by default): a packet that arrives
+after the process has slept pays a cold wake-up — measured here, ~100-150 µs
+per pass through weft after 10 ms idle against ~30 µs when packets come
+every 0.2 ms (the CPU halted, and the interpreter's code and data left the
+caches). With busy polling, once a reader has fired the engine keeps polling
+both fds (a non-blocking read each, scheduled with call_soon so the event
+loop still serves everything else) until USEC have passed without a packet,
+then goes back to sleeping in epoll. It costs a CPU for as long as traffic
+keeps coming within USEC, like the kernel's SO_BUSY_POLL.
+
 uvloop rule: a registered fd must be removed with remove_reader() before it
 is closed, or the process aborts (SIGABRT) on the next loop iteration.
 """
@@ -15,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Callable
 
 from dataplane.backends.base import DropReason
@@ -35,6 +46,7 @@ class Engine:
         sock: socket.socket | None,
         *,
         send_socket: socket.socket | None = None,
+        busy_poll_us: int = 0,
     ) -> None:
         self.forwarder = forwarder
         self.device_fd = device_fd
@@ -51,20 +63,64 @@ class Engine:
         self.after_batch: Callable[[], None] | None = None
         #: set while someone runs `weft trace live`; checked once per batch.
         self.tracer: Tracer | None = None
+        self.busy_poll_ns = busy_poll_us * 1000
+        self._spin: asyncio.Handle | None = None
+        self._spinning = False
+        self._idle_since = 0  # monotonic ns of the last packet while busy polling
+        self._got = 0  # packets taken by readers since the spin last looked
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.device_fd, self._on_device)
+        busy = self.busy_poll_ns > 0
+        loop.add_reader(self.device_fd, self._woken_device if busy else self._on_device)
         if self.sock is not None:
-            loop.add_reader(self.sock.fileno(), self._on_network)
+            loop.add_reader(self.sock.fileno(), self._woken_network if busy else self._on_network)
 
     def stop(self) -> None:
         if self._loop is None:
             return
+        if self._spin is not None:
+            self._spin.cancel()
+            self._spin = None
         self._loop.remove_reader(self.device_fd)
         if self.sock is not None:
             self._loop.remove_reader(self.sock.fileno())
         self._loop = None
+
+    # -- busy polling ---------------------------------------------------------------
+
+    def _woken_device(self) -> None:
+        self._on_device()
+        self._start_spin()
+
+    def _woken_network(self) -> None:
+        self._on_network()
+        self._start_spin()
+
+    def _start_spin(self) -> None:
+        self._idle_since = time.monotonic_ns()
+        if self._spin is None and self._loop is not None:
+            self._spinning = True
+            self._spin = self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        """One busy-poll round: drain both directions; again soon while packets keep coming."""
+        self._got = 0
+        self._on_device()
+        if self.sock is not None:
+            self._on_network()
+        now = time.monotonic_ns()
+        if self._got:
+            self._idle_since = now
+        if now - self._idle_since < self.busy_poll_ns and self._loop is not None:
+            # Give the CPU to anything else runnable (the pods, a second weft on a
+            # small machine): without it two spinning processes starved each other
+            # for whole scheduler slices (ping p50 8 ms on 2 CPUs).
+            os.sched_yield()
+            self._spin = self._loop.call_soon(self._poll)
+        else:
+            self._spin = None
+            self._spinning = False
 
     def _on_device(self) -> None:
         fwd = self.forwarder
@@ -114,7 +170,12 @@ class Engine:
     write_device = staticmethod(os.write)
 
     def count_batch(self, source: int, packets: int) -> None:
-        """One reader wake-up (source 0: device, 1: network) that took `packets`."""
+        """One reader wake-up (source 0: device, 1: network) that took `packets`.
+
+        Empty busy-poll rounds are not wake-ups, and are not counted."""
+        self._got += packets
+        if self._spinning and not packets:
+            return
         counters = self.forwarder.counters
         counters.batches[source] += 1
         counters.batch_packets[source] += packets
