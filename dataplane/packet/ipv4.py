@@ -7,7 +7,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from dataplane.packet.checksum import Buffer, checksum_update16, ones_complement_sum
+from dataplane.packet.checksum import Buffer, ones_complement_sum
 from dataplane.packet.errors import DecodeError
 
 IPV4_HLEN = 20
@@ -183,15 +183,16 @@ def ipv4_decrement_ttl(packet: bytearray | memoryview, offset: int = 0) -> int:
     Returns the new TTL; when the TTL is already 0 or 1 the packet is left
     untouched and 0 is returned (the caller drops it / sends Time Exceeded).
     """
-    ttl = packet[offset + IPV4_TTL_OFFSET]
+    t = offset + IPV4_TTL_OFFSET
+    ttl = packet[t]
     if ttl <= 1:
         return 0
-    proto = packet[offset + IPV4_PROTOCOL_OFFSET]
+    # As the kernel's ip_decrease_ttl: the TTL is the high byte of its header word,
+    # so the checksum goes up by 0x0100 (one's complement, end-around carry).
     c = offset + IPV4_CHECKSUM_OFFSET
-    old_checksum = packet[c] << 8 | packet[c + 1]
-    # TTL and protocol share one 16-bit word of the header.
-    new_checksum = checksum_update16(old_checksum, ttl << 8 | proto, (ttl - 1) << 8 | proto)
-    packet[offset + IPV4_TTL_OFFSET] = ttl - 1
-    packet[c] = new_checksum >> 8
-    packet[c + 1] = new_checksum & 0xFF
+    check = (packet[c] << 8 | packet[c + 1]) + 0x0100
+    check += check >= 0xFFFF
+    packet[t] = ttl - 1
+    packet[c] = (check >> 8) & 0xFF
+    packet[c + 1] = check & 0xFF
     return ttl - 1
