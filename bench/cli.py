@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="after measuring, sample the weft processes with py-spy during one "
         "extra TCP and one extra 64-byte UDP run (not counted in the figures)",
     )
-    sub = p.add_subparsers(dest="bench_what", metavar="{micro,control}")
+    sub = p.add_subparsers(dest="bench_what", metavar="{micro,control,compare}")
     micro = sub.add_parser("micro", help="in-memory microbenchmarks (codec, routes, forwarder)")
     micro.add_argument("--quick", action="store_true", default=argparse.SUPPRESS)
     micro.add_argument("--out", type=Path, default=argparse.SUPPRESS)
@@ -94,6 +94,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     ctl.add_argument("--quick", action="store_true", default=argparse.SUPPRESS)
     ctl.add_argument("--out", type=Path, default=argparse.SUPPRESS)
+    cmp = sub.add_parser(
+        "compare",
+        help="two results.json: which ratios to kernel VXLAN got worse (exit 1 if any)",
+    )
+    cmp.add_argument("old", type=Path)
+    cmp.add_argument("new", type=Path)
+    cmp.add_argument(
+        "--threshold", type=float, default=0.10,
+        help="a ratio worse by more than this fraction is a regression (default 0.10)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_bench, bench_what=None)
 
 
@@ -158,6 +168,10 @@ def _exit_on_sigterm() -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     _exit_on_sigterm()
     command = getattr(args, "bench_command", None) or shlex.join(sys.argv)
+    if args.bench_what == "compare":
+        from bench import compare
+
+        return compare.main(args.old, args.new, args.threshold)
     out: Path = args.out or default_out()
     out.mkdir(parents=True, exist_ok=True)
     if args.bench_what == "micro":
