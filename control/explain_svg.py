@@ -323,20 +323,7 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
         ),
     ]
     segments = [
-        Segment(
-            "Ethernet",
-            "14 B",
-            [f"{_fmt(node.get('iface'))} MAC →", f"MAC of {peer_ip}", "(ARP, underlay)"],
-            "outer-eth",
-            outer_frame=True,
-        ),
-        Segment(
-            "IPv4",
-            "20 B",
-            [f"src {our_ip}", f"dst {peer_ip}", "proto UDP"],
-            "outer-ip",
-            overhead=True,
-        ),
+        *_outer_udp_headers(node, our_ip, peer_ip),
         Segment("UDP", "8 B", [f"dport {dport}", *sport_fields], "udp", overhead=True),
         Segment(
             "VXLAN", "8 B", [f"VNI {vni}", f"flags {_fmt(vx.get('flags'))}"], "vxlan", overhead=True
@@ -348,13 +335,7 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
             "inner-eth",
             overhead=True,
         ),
-        Segment(
-            "IPv4",
-            "20 B",
-            [f"src {_fmt(result.get('src'))}", f"dst {_fmt(result.get('dst'))}"],
-            "inner-ip",
-        ),
-        Segment("payload", f"≤ {pod_mtu - 20} B", ["ICMP, TCP…", "unchanged"], "payload"),
+        *_pod_packet(result, pod_mtu),
     ]
     legend = [
         (
@@ -420,6 +401,39 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
     )
 
 
+def _outer_udp_headers(node: dict[str, Any], our_ip: str, peer_ip: str) -> list[Segment]:
+    """The underlay frame's Ethernet and IPv4 headers in front of a UDP tunnel."""
+    return [
+        Segment(
+            "Ethernet",
+            "14 B",
+            [f"{_fmt(node.get('iface'))} MAC →", f"MAC of {peer_ip}", "(ARP, underlay)"],
+            "outer-eth",
+            outer_frame=True,
+        ),
+        Segment(
+            "IPv4",
+            "20 B",
+            [f"src {our_ip}", f"dst {peer_ip}", "proto UDP"],
+            "outer-ip",
+            overhead=True,
+        ),
+    ]
+
+
+def _pod_packet(result: dict[str, Any], pod_mtu: int, *notes: str) -> list[Segment]:
+    """The pod's own IPv4 header and payload, as the tunnel carries them."""
+    return [
+        Segment(
+            "IPv4",
+            "20 B",
+            [f"src {_fmt(result.get('src'))}", f"dst {_fmt(result.get('dst'))}", *notes],
+            "inner-ip",
+        ),
+        Segment("payload", f"≤ {pod_mtu - 20} B", ["ICMP, TCP…", "unchanged"], "payload"),
+    ]
+
+
 def _udp_scene(result: dict[str, Any]) -> Scene:
     node, stations = _common_start(result)
     peer = result.get("peer") or {}
@@ -461,28 +475,9 @@ def _udp_scene(result: dict[str, Any]) -> Scene:
         ),
     ]
     segments = [
-        Segment(
-            "Ethernet",
-            "14 B",
-            [f"{_fmt(node.get('iface'))} MAC →", f"MAC of {peer_ip}", "(ARP, underlay)"],
-            "outer-eth",
-            outer_frame=True,
-        ),
-        Segment(
-            "IPv4",
-            "20 B",
-            [f"src {our_ip}", f"dst {peer_ip}", "proto UDP"],
-            "outer-ip",
-            overhead=True,
-        ),
+        *_outer_udp_headers(node, our_ip, peer_ip),
         Segment("UDP", "8 B", [f"sport {port}", f"dport {port}"], "udp", overhead=True),
-        Segment(
-            "IPv4",
-            "20 B",
-            [f"src {_fmt(result.get('src'))}", f"dst {_fmt(result.get('dst'))}", "TTL − 1"],
-            "inner-ip",
-        ),
-        Segment("payload", f"≤ {pod_mtu - 20} B", ["ICMP, TCP…", "unchanged"], "payload"),
+        *_pod_packet(result, pod_mtu, "TTL − 1"),
     ]
     legend = [
         (
@@ -575,13 +570,7 @@ def _hostgw_scene(result: dict[str, Any]) -> Scene:
             "outer-eth",
             outer_frame=True,
         ),
-        Segment(
-            "IPv4",
-            "20 B",
-            [f"src {_fmt(result.get('src'))}", f"dst {_fmt(result.get('dst'))}"],
-            "inner-ip",
-        ),
-        Segment("payload", "≤ 1480 B", ["ICMP, TCP…", "unchanged"], "payload"),
+        *_pod_packet(result, 1500),
     ]
     legend = [
         (
