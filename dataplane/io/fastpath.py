@@ -100,7 +100,7 @@ EGRESS_OFFLOADS = POD_OFFLOADS | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSU
 POD_GSO_MAX_SIZE = 65400
 
 OUTER_HLEN = 14 + 20 + 8  # Ethernet, IPv4, UDP written by weft in front of the backend's headers
-RX_SLOTS = 32
+RX_SLOTS = 128
 #: Work per readiness callback, so that one direction does not keep the other
 #: waiting: TCP's ACKs travel the other way, and a sender whose ACKs wait for
 #: a long batch stalls. recvmmsg calls per callback, and device bytes read.
@@ -457,6 +457,7 @@ class FastEngine(Engine):
         if self._rx is not None and paths.on["uso_write"]:
             self._uso = UdpCoalescer(self._rx.buf, self._ip_off)
         self._rx_view = memoryview(self._rx.buf) if self._rx is not None else None
+        self._rx_u8 = np.frombuffer(self._rx.buf, np.uint8) if self._rx is not None else None
         self._gso_write_failed = False
         self._uso_write_failed = False
         self._fc = paths.counters
@@ -675,6 +676,7 @@ class FastEngine(Engine):
     ) -> None:
         fc = self._fc
         buf = rx.buf
+        u8 = self._rx_u8
         proto_at = self._ip_off + 9  # the inner IP protocol, from a datagram's start
         for _ in range(RX_ROUNDS):
             try:
@@ -691,6 +693,18 @@ class FastEngine(Engine):
                 fc.rx_segments += 1
                 self._deliver_one(rx.offsets[0], rx.lengths[0], 0, tracer)
                 continue
+            if uso is not None and rx.np_lengths is not None and not rx.any_truncated:
+                offs = rx.np_offsets[:m]
+                if (u8[offs + proto_at] == 17).all():
+                    # A batch of UDP only (small-datagram traffic): straight from the
+                    # receiver's arrays, no per-message Python.
+                    sizes = rx.np_sizes
+                    lens = rx.np_lengths
+                    assert sizes is not None and rx.np_peers is not None
+                    self._deliver_udp(
+                        uso, offs, lens, np.where(sizes < lens, sizes, 0), rx.np_peers, None
+                    )
+                    continue
             # (offset, length, GRO segment size or 0, peer number) per message, and
             # the receiver's index of each (truncated ones are left out).
             messages: list[tuple[int, int, int, int]] = []
@@ -709,7 +723,7 @@ class FastEngine(Engine):
             if uso is not None and messages:
                 udp = [buf[off + proto_at] == 17 for off, _, _, _ in messages]
                 if all(udp):
-                    self._deliver_udp(uso, messages, index)
+                    self._deliver_udp_messages(uso, messages, index)
                     continue
                 if any(udp):
                     # Mixed: each stretch of messages goes its own way, in order.
@@ -730,7 +744,7 @@ class FastEngine(Engine):
         for hi in range(1, len(messages) + 1):
             if hi == len(messages) or udp[hi] != udp[lo]:
                 if udp[lo]:
-                    self._deliver_udp(uso, messages[lo:hi], index[lo:hi])
+                    self._deliver_udp_messages(uso, messages[lo:hi], index[lo:hi])
                 else:
                     self._deliver_messages(coalescer, messages[lo:hi], index[lo:hi], tracer)
                 lo = hi
@@ -760,31 +774,47 @@ class FastEngine(Engine):
             else:
                 self._deliver_run(plan, first, count, source)
 
-    def _deliver_udp(
+    def _deliver_udp_messages(
         self, uso: UdpCoalescer, messages: list[tuple[int, int, int, int]], index: list[int]
     ) -> None:
+        table = np.array(messages, dtype=np.int64)
+        self._deliver_udp(uso, table[:, 0], table[:, 1], table[:, 2], table[:, 3], index)
+
+    def _deliver_udp(
+        self,
+        uso: UdpCoalescer,
+        offs: np.ndarray,
+        lens: np.ndarray,
+        sizes: np.ndarray,
+        peers: np.ndarray,
+        index: list[int] | None,
+    ) -> None:
         """Messages whose (first) datagram is UDP inside: runs of one flow as USO writes.
+        Per message: offset, length, GRO segment size (0: one datagram), peer key;
+        `index` maps a message to the receiver's (None: the same).
 
         The datagrams' offsets come from the messages in a few numpy calls: each
         message holds ceil(length / step) datagrams, one every `step` bytes."""
-        table = np.array(messages, dtype=np.int64)
-        offs, lens, sizes, peers = table[:, 0], table[:, 1], table[:, 2], table[:, 3]
-        m = len(messages)
-        step = np.where(sizes > 0, sizes, np.maximum(lens, 1))
-        counts = np.maximum(-(-lens // step), 1)  # an empty datagram is still delivered
-        total = int(counts.sum())
-        if total == m:
-            starts, lengths, owner = offs, lens, np.arange(m)
+        m = len(offs)
+        owner_l: list[int] | None = None  # the message of each datagram (None: the same)
+        if not sizes.any():
+            total, starts, lengths = m, offs, lens  # one datagram per message
         else:
+            step = np.where(sizes > 0, sizes, np.maximum(lens, 1))
+            counts = np.maximum(-(-lens // step), 1)  # an empty datagram is still delivered
+            total = int(counts.sum())
             owner = np.repeat(np.arange(m), counts)
             nth = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
             starts = offs[owner] + nth * step[owner]
             lengths = np.minimum(step[owner], (offs + lens)[owner] - starts)
+            peers = peers[owner]
+            owner_l = owner.tolist()
         self._fc.rx_segments += total
-        runs = uso.runs(starts, lengths, peers[owner])
-        starts_l, lengths_l, owner_l = starts.tolist(), lengths.tolist(), owner.tolist()
+        runs = uso.runs(starts, lengths, peers)
+        starts_l, lengths_l = starts.tolist(), lengths.tolist()
         for first, count in runs:
-            source = index[owner_l[first]]
+            message = first if owner_l is None else owner_l[first]
+            source = message if index is None else index[message]
             if count == 1:
                 self._deliver_one(starts_l[first], lengths_l[first], source, None)
             else:

@@ -121,16 +121,14 @@ class UdpCoalescer:
         ip = self.ip_off
         hl = self.hlen
         h = self._headers[starts]  # count × hl, a copy
-        tot = h[:, ip + 2].astype(np.int64) << 8 | h[:, ip + 3]
-        ulen = h[:, ip + 24].astype(np.int64) << 8 | h[:, ip + 25]
+        words = h.view(">u2")  # (hl and ip_off are even)
         inner = lengths - ip
         candidate = (
             (h[:, ip] == 0x45)
             & (h[:, ip + 9] == 17)
-            & ((h[:, ip + 6] & 0x3F) == 0)  # MF and the fragment offset's high bits
-            & (h[:, ip + 7] == 0)
-            & (tot == inner)
-            & (ulen == inner - 20)
+            & ((words[:, (ip + 6) >> 1] & 0x3FFF) == 0)  # MF, fragment offset
+            & (words[:, (ip + 2) >> 1] == inner)  # IP total length
+            & (words[:, (ip + 24) >> 1] == inner - 20)  # UDP length
             & (lengths > hl)
         )
         same = ((h[1:] == h[:-1]) | self._may_differ).all(axis=1)
@@ -156,8 +154,9 @@ class UdpCoalescer:
         # the end, in 32-bit words, zero-padded; protocol and UDP length added (× 256:
         # the words were summed little-endian).
         row_lengths = lengths[rows]
-        for length in np.unique(row_lengths).tolist():
-            sel = np.flatnonzero(row_lengths == length)
+        distinct = set(row_lengths.tolist())
+        for length in distinct:
+            sel = np.flatnonzero(row_lengths == length) if len(distinct) > 1 else slice(None)
             covered = length - ip - 12
             width = -(-covered // 4) * 4
             words = self._window(width)[starts[rows[sel]] + ip + 12]
