@@ -140,8 +140,9 @@ def _iperf3(lab: Lab, client: Pod, server: Pod, args: list[str], seconds: int) -
                 check=False, timeout=seconds + 30,
             )  # fmt: skip
             result = json.loads(cp.stdout) if cp.stdout.startswith("{") else {}
-            if cp.returncode == 0 and "end" in result:
-                return result["end"]
+            end = result.get("end", {})
+            if cp.returncode == 0 and ("sum" in end or "sum_received" in end):
+                return end
             time.sleep(0.1)
         raise AssertionError(cp.stdout[-1000:] + cp.stderr[-500:])
     finally:
