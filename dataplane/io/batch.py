@@ -177,6 +177,13 @@ class MmsgReceiver:
         self.sources: list[str] = []
         self.ports: list[int] = []
         self.truncated: list[bool] = []
+        #: For batches of more than 4 messages, the same as numpy arrays (int64), and
+        #: a peer key per message (address << 16 | port); None after a small batch.
+        self.np_offsets = np.array(self.offsets, dtype=np.int64)
+        self.np_lengths: np.ndarray | None = None
+        self.np_sizes: np.ndarray | None = None
+        self.np_peers: np.ndarray | None = None
+        self.any_truncated = False
         self._reset()
 
     def _reset(self) -> None:
@@ -199,9 +206,12 @@ class MmsgReceiver:
             raise OSError(err, os.strerror(err))
         if n <= 4:
             self._parse_few(n)
+            self.np_lengths = self.np_sizes = self.np_peers = None
             return n
         v = self._views
-        self.lengths = v["len"][:n].tolist()
+        lengths = v["len"][:n].astype(np.int64)
+        self.np_lengths = lengths
+        self.lengths = lengths.tolist()
         gro = np.where(
             (v["controllen"][:n] >= _CMSG_HDR + 4)
             & (v["level"][:n] == SOL_UDP)
@@ -210,9 +220,14 @@ class MmsgReceiver:
             v["value"][:n],
             v["len"][:n],
         )
+        self.np_sizes = gro.astype(np.int64)
         self.segment_sizes = gro.tolist()
-        self.truncated = ((v["flags"][:n] & MSG_TRUNC) != 0).tolist()
-        self.ports = v["port"][:n].tolist()
+        truncated = (v["flags"][:n] & MSG_TRUNC) != 0
+        self.any_truncated = bool(truncated.any())
+        self.truncated = truncated.tolist()
+        ports = v["port"][:n]
+        self.np_peers = v["addr"][:n].astype(np.int64) << 16 | ports
+        self.ports = ports.tolist()
         cache = self._addr_cache
         if len(cache) >= 4096:  # spoofed floods must not grow it without bound
             cache.clear()

@@ -52,6 +52,8 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
@@ -61,12 +63,15 @@ from dataplane.io.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
     TUN_F_TSO6,
+    TUN_F_USO4,
+    TUN_F_USO6,
     TunDevice,
     TunError,
     open_tun,
     set_offload,
     set_vnet_hdr_size,
 )
+from dataplane.io.uso import UdpCoalescer, merged_header
 from dataplane.packet.checksum import ones_complement_sum
 from dataplane.packet.vnet import (
     GSO_UDP_TUNNEL_IPV4,
@@ -95,7 +100,7 @@ EGRESS_OFFLOADS = POD_OFFLOADS | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSU
 POD_GSO_MAX_SIZE = 65400
 
 OUTER_HLEN = 14 + 20 + 8  # Ethernet, IPv4, UDP written by weft in front of the backend's headers
-RX_SLOTS = 32
+RX_SLOTS = 128
 #: Work per readiness callback, so that one direction does not keep the other
 #: waiting: TCP's ACKs travel the other way, and a sender whose ACKs wait for
 #: a long batch stalls. recvmmsg calls per callback, and device bytes read.
@@ -111,7 +116,8 @@ _U16 = struct.Struct("!H")
 #: udp_gro     UDP_GRO on the socket (many datagrams of one flow per message)
 #: recvmmsg    up to 32 messages per system call (ctypes)
 #: gso_write   a GRO message's TCP segments written to the device as one GSO packet
-PATHS = ("tso_read", "tunnel_gso", "udp_gro", "recvmmsg", "gso_write")
+#: uso_write   consecutive datagrams of one inner UDP flow written as one UDP GSO packet
+PATHS = ("tso_read", "tunnel_gso", "udp_gro", "recvmmsg", "gso_write", "uso_write")
 
 
 class FastCounters:
@@ -125,6 +131,8 @@ class FastCounters:
         "rx_calls",
         "rx_messages",
         "rx_segments",
+        "uso_writes",
+        "uso_written_segments",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -135,6 +143,8 @@ class FastCounters:
         self.rx_segments = 0  # datagrams in those messages
         self.gso_writes = 0  # coalesced packets written to the device
         self.gso_written_segments = 0  # … and the segments they carried
+        self.uso_writes = 0  # UDP GSO packets written to the device
+        self.uso_written_segments = 0  # … and the datagrams they carried
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -238,10 +248,28 @@ def open_pod_device(name: str, *, tap: bool, mode: str) -> tuple[TunDevice, Fast
                 paths.refuse("tso_read", f"TUNSETOFFLOAD(CSUM|TSO4|TSO6) refused: {_errtext(exc)}")
         if paths.wanted("gso_write"):
             paths.enable("gso_write")
+        if paths.wanted("uso_write"):
+            _probe_uso(dev, paths)
     except BaseException:
         dev.close()
         raise
     return dev, paths
+
+
+def _probe_uso(dev: TunDevice, paths: FastPaths) -> None:
+    """UDP GSO writes (VIRTIO_NET_HDR_GSO_UDP_L4) need a kernel whose TUN knows USO
+    (Linux 6.2+, which also brought TUN_F_USO4/6). Writes need no offload flag — the
+    flags say what the kernel may hand to reads — so the probe only asks whether
+    TUN_F_USO4|TUN_F_USO6 are known (the kernel takes them only together), and puts
+    the flags back (USO reads are not handled)."""
+    current = POD_OFFLOADS if paths.on["tso_read"] else 0
+    try:
+        set_offload(dev, current | TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6)
+    except TunError as exc:
+        paths.refuse("uso_write", f"TUN without USO (Linux 6.2+): {_errtext(exc)}")
+        return
+    set_offload(dev, current)
+    paths.enable("uso_write")
 
 
 def limit_gso_size(name: str, size: int = POD_GSO_MAX_SIZE) -> None:
@@ -370,6 +398,11 @@ def setup_socket(paths: FastPaths, sock: socket.socket) -> None:
             paths.refuse("udp_gro", f"setsockopt UDP_GRO refused: {_errtext(exc)}")
     elif not paths.on["recvmmsg"]:
         paths.refuse("udp_gro", "needs recvmmsg (the segment size comes in a cmsg)")
+    if paths.on["uso_write"] and not paths.on["recvmmsg"]:
+        # Not a refusal (--offload on still starts): the datagrams to merge come
+        # from recvmmsg batches, and recvmmsg is off by choice or by libc.
+        paths.on["uso_write"] = False
+        paths.why_off["uso_write"] = "needs recvmmsg (it merges the datagrams of a batch)"
 
 
 # -- the engine ---------------------------------------------------------------------
@@ -420,8 +453,13 @@ class FastEngine(Engine):
             self._rx = batch.MmsgReceiver(RX_SLOTS, shift=shift)
             if paths.on["gso_write"]:
                 self._coalescer = Coalescer(self._rx.buf, self._ip_off)
+        self._uso: UdpCoalescer | None = None
+        if self._rx is not None and paths.on["uso_write"]:
+            self._uso = UdpCoalescer(self._rx.buf, self._ip_off)
         self._rx_view = memoryview(self._rx.buf) if self._rx is not None else None
+        self._rx_u8 = np.frombuffer(self._rx.buf, np.uint8) if self._rx is not None else None
         self._gso_write_failed = False
+        self._uso_write_failed = False
         self._fc = paths.counters
         self.on_first_error: Callable[[str], None] | None = None
 
@@ -619,10 +657,11 @@ class FastEngine(Engine):
         if tracer is not None:
             tracer.start_batch()
         coalescer = self._coalescer if tracer is None and not self._gso_write_failed else None
+        uso = self._uso if tracer is None and not self._uso_write_failed else None
         fc = self._fc
         before = fc.rx_segments
         try:
-            self._receive_batches(rx, sockfd, drops, coalescer, tracer)
+            self._receive_batches(rx, sockfd, drops, coalescer, uso, tracer)
         finally:
             self.count_batch(1, fc.rx_segments - before)
 
@@ -632,9 +671,13 @@ class FastEngine(Engine):
         sockfd: int,
         drops: list[int],
         coalescer: Coalescer | None,
+        uso: UdpCoalescer | None,
         tracer: Tracer | None,
     ) -> None:
         fc = self._fc
+        buf = rx.buf
+        u8 = self._rx_u8
+        proto_at = self._ip_off + 9  # the inner IP protocol, from a datagram's start
         for _ in range(RX_ROUNDS):
             try:
                 m = rx.receive(sockfd)
@@ -650,6 +693,18 @@ class FastEngine(Engine):
                 fc.rx_segments += 1
                 self._deliver_one(rx.offsets[0], rx.lengths[0], 0, tracer)
                 continue
+            if uso is not None and rx.np_lengths is not None and not rx.any_truncated:
+                offs = rx.np_offsets[:m]
+                if (u8[offs + proto_at] == 17).all():
+                    # A batch of UDP only (small-datagram traffic): straight from the
+                    # receiver's arrays, no per-message Python.
+                    sizes = rx.np_sizes
+                    lens = rx.np_lengths
+                    assert sizes is not None and rx.np_peers is not None
+                    self._deliver_udp(
+                        uso, offs, lens, np.where(sizes < lens, sizes, 0), rx.np_peers, None
+                    )
+                    continue
             # (offset, length, GRO segment size or 0, peer number) per message, and
             # the receiver's index of each (truncated ones are left out).
             messages: list[tuple[int, int, int, int]] = []
@@ -665,21 +720,145 @@ class FastEngine(Engine):
                 n = lengths[i]
                 messages.append((offsets[i], n, sizes[i] if sizes[i] < n else 0, peer))
                 index.append(i)
-            if not any(message[2] for message in messages):
-                # Single datagrams only (no UDP GRO upstream): delivered one by one.
-                # Coalescing them in the interpreter cost more than it saved.
-                fc.rx_segments += len(messages)
-                for (off, n, _, _), i in zip(messages, index, strict=True):
-                    self._deliver_one(off, n, i, tracer)
-                continue
-            plan = coalescer.plan(messages) if coalescer is not None else split_messages(messages)
-            fc.rx_segments += len(plan.starts)
-            for first, count in plan.runs:
-                source = index[plan.messages[first]]
-                if count == 1:
-                    self._deliver_one(plan.starts[first], plan.lengths[first], source, tracer)
+            if uso is not None and messages:
+                udp = [buf[off + proto_at] == 17 for off, _, _, _ in messages]
+                if all(udp):
+                    self._deliver_udp_messages(uso, messages, index)
+                    continue
+                if any(udp):
+                    # Mixed: each stretch of messages goes its own way, in order.
+                    self._deliver_mixed(uso, coalescer, messages, index, udp, tracer)
+                    continue
+            self._deliver_messages(coalescer, messages, index, tracer)
+
+    def _deliver_mixed(
+        self,
+        uso: UdpCoalescer,
+        coalescer: Coalescer | None,
+        messages: list[tuple[int, int, int, int]],
+        index: list[int],
+        udp: list[bool],
+        tracer: Tracer | None,
+    ) -> None:
+        lo = 0
+        for hi in range(1, len(messages) + 1):
+            if hi == len(messages) or udp[hi] != udp[lo]:
+                if udp[lo]:
+                    self._deliver_udp_messages(uso, messages[lo:hi], index[lo:hi])
                 else:
-                    self._deliver_run(plan, first, count, source)
+                    self._deliver_messages(coalescer, messages[lo:hi], index[lo:hi], tracer)
+                lo = hi
+
+    def _deliver_messages(
+        self,
+        coalescer: Coalescer | None,
+        messages: list[tuple[int, int, int, int]],
+        index: list[int],
+        tracer: Tracer | None,
+    ) -> None:
+        """Messages of TCP (or anything but UDP): GRO messages coalesced, the rest one by one."""
+        fc = self._fc
+        if not any(message[2] for message in messages):
+            # Single datagrams only (no UDP GRO upstream): delivered one by one.
+            # Coalescing them in the interpreter cost more than it saved.
+            fc.rx_segments += len(messages)
+            for (off, n, _, _), i in zip(messages, index, strict=True):
+                self._deliver_one(off, n, i, tracer)
+            return
+        plan = coalescer.plan(messages) if coalescer is not None else split_messages(messages)
+        fc.rx_segments += len(plan.starts)
+        for first, count in plan.runs:
+            source = index[plan.messages[first]]
+            if count == 1:
+                self._deliver_one(plan.starts[first], plan.lengths[first], source, tracer)
+            else:
+                self._deliver_run(plan, first, count, source)
+
+    def _deliver_udp_messages(
+        self, uso: UdpCoalescer, messages: list[tuple[int, int, int, int]], index: list[int]
+    ) -> None:
+        table = np.array(messages, dtype=np.int64)
+        self._deliver_udp(uso, table[:, 0], table[:, 1], table[:, 2], table[:, 3], index)
+
+    def _deliver_udp(
+        self,
+        uso: UdpCoalescer,
+        offs: np.ndarray,
+        lens: np.ndarray,
+        sizes: np.ndarray,
+        peers: np.ndarray,
+        index: list[int] | None,
+    ) -> None:
+        """Messages whose (first) datagram is UDP inside: runs of one flow as USO writes.
+        Per message: offset, length, GRO segment size (0: one datagram), peer key;
+        `index` maps a message to the receiver's (None: the same).
+
+        The datagrams' offsets come from the messages in a few numpy calls: each
+        message holds ceil(length / step) datagrams, one every `step` bytes."""
+        m = len(offs)
+        owner_l: list[int] | None = None  # the message of each datagram (None: the same)
+        if not sizes.any():
+            total, starts, lengths = m, offs, lens  # one datagram per message
+        else:
+            step = np.where(sizes > 0, sizes, np.maximum(lens, 1))
+            counts = np.maximum(-(-lens // step), 1)  # an empty datagram is still delivered
+            total = int(counts.sum())
+            owner = np.repeat(np.arange(m), counts)
+            nth = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+            starts = offs[owner] + nth * step[owner]
+            lengths = np.minimum(step[owner], (offs + lens)[owner] - starts)
+            peers = peers[owner]
+            owner_l = owner.tolist()
+        self._fc.rx_segments += total
+        runs = uso.runs(starts, lengths, peers)
+        starts_l, lengths_l = starts.tolist(), lengths.tolist()
+        for first, count in runs:
+            message = first if owner_l is None else owner_l[first]
+            source = message if index is None else index[message]
+            if count == 1:
+                self._deliver_one(starts_l[first], lengths_l[first], source, None)
+            else:
+                self._deliver_uso(uso, starts[first : first + count], lengths_l[first], source)
+
+    def _deliver_uso(
+        self, uso: UdpCoalescer, starts: np.ndarray, length: int, source: int
+    ) -> None:
+        """Same-size datagrams of one UDP flow (see uso.UdpCoalescer) as one USO write:
+        the first datagram's headers with the lengths of the whole, the UDP checksum
+        field holding the pseudo-header sum (NEEDS_CSUM), then every payload."""
+        fwd = self.forwarder
+        rx = self._rx
+        assert rx is not None and self._rx_view is not None
+        count = len(starts)
+        s0 = int(starts[0])
+        view0 = self._rx_view[s0 : s0 + length]
+        verdict = fwd.from_network(view0, length, rx.sources[source])  # type: ignore[arg-type]
+        counters = fwd.counters
+        if verdict != Verdict.DELIVER:
+            counters.drops[fwd.drop_reason] += count - 1
+            return
+        out = fwd.out_start
+        hl = uso.hlen
+        pay = length - hl
+        vnet, header = merged_header(view0[out:hl], self._ip_off - out, count, pay)
+        try:
+            os.writev(self.device_fd, [vnet, header, uso.payloads(starts, pay)])
+        except OSError as exc:
+            # Undo the first datagram's count; deliver them one by one instead.
+            counters.rx_packets -= 1
+            counters.rx_bytes -= length - out
+            if exc.errno == errno.EINVAL:
+                # The device refused the USO header: one by one from now on.
+                self._uso_write_failed = True
+                self._first_error(f"UDP GSO write to the device refused: {_errtext(exc)}")
+            for start in starts.tolist():
+                self._deliver_one(start, length, source, None)
+            return
+        counters.rx_packets += count - 1
+        counters.rx_bytes += (count - 1) * (length - out)
+        fc = self._fc
+        fc.uso_writes += 1
+        fc.uso_written_segments += count
 
     @staticmethod
     def write_device(fd: int, packet: memoryview) -> int:

@@ -299,7 +299,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
     assert end["sum_sent"].get("retransmits", 0) == 0
     off = status(sock)["offload"]
     assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"] and "tso_read" in off["off"]
-    assert off["on"] == ["udp_gro", "recvmmsg", "gso_write"]
+    assert off["on"] == ["udp_gro", "recvmmsg", "gso_write", "uso_write"]
     assert off["counters"]["gso_sends"] == 0
     lab.stop(proc)
     with pytest.raises(AssertionError, match=f"rp_filter={rp_filter}"):
@@ -309,7 +309,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
 @pytest.mark.parametrize(
     ("disable", "left_on"),
     [
-        ("tunnel_gso,udp_gro", ["recvmmsg", "gso_write"]),
+        ("tunnel_gso,udp_gro", ["recvmmsg", "gso_write", "uso_write"]),
         ("recvmmsg,gso_write", ["tso_read", "tunnel_gso"]),
     ],
 )
@@ -338,6 +338,7 @@ def test_a_path_switched_off_falls_back_and_says_so(
     if "recvmmsg" not in left_on:
         assert off["counters"]["rx_calls"] == 0
         assert "fast path udp_gro off: needs recvmmsg" in log
+        assert "fast path uso_write off: needs recvmmsg" in log
 
 
 def test_recvmmsg_with_udp_gro_on_a_socket(lab: Lab) -> None:
