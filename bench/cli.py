@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--modes",
         type=_csv,
         help=f"comma-separated, from: {', '.join(envmod.MODES)}; or 'all' "
-        "(default: all but the opt-in naive-udp and weft-kernel)",
+        "(default: all but the opt-in naive-udp)",
     )
     p.add_argument(
         "--settings", type=_csv, help="underlay settings, from: wire, offload (default: both)"

@@ -153,6 +153,15 @@ MODES: dict[str, Mode] = {
             "kernel",
             "weft vxlan on the sending node, kernel flannel.1 on the receiver",
         ),
+        Mode(
+            "kernel-weft-vxlan",
+            "kernel VXLAN → weft vxlan",
+            "vxlan",
+            "kernel",
+            "vxlan",
+            "kernel flannel.1 on the sending node, weft vxlan on the receiver (weft's receive "
+            "path alone; the kernel sends outer UDP checksum 0, so no UDP GRO)",
+        ),
     )
 }
 #: Opt-in: naive-udp is a reference point (the simplest Python forwarder), not weft.

@@ -122,6 +122,8 @@ def test_knobs_per_setting_and_mode() -> None:
     assert envmod.pod_mtu(1500, weft) == 1450
     assert envmod.pod_mtu(9000, envmod.MODES["weft-udp"]) == 8972
     assert envmod.MODES["weft-vxlan-kernel"].weft_nodes == ("n1",)
+    assert envmod.MODES["kernel-weft-vxlan"].weft_nodes == ("n2",)
+    assert envmod.MODES["kernel-weft-vxlan"].userspace_receiver
     assert envmod.node_knobs("offload", envmod.MODES["naive-udp"]) == ("tx", "off")
     assert "naive-udp" not in envmod.DEFAULT_MODES and "weft-kernel" in envmod.DEFAULT_MODES
     with pytest.raises(ValueError):
