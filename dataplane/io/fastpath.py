@@ -57,6 +57,7 @@ import numpy as np
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
+from dataplane.io import uso as uso_mod
 from dataplane.io.gro import Batch, Coalescer, split_messages
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
 from dataplane.io.tun import (
@@ -455,7 +456,11 @@ class FastEngine(Engine):
                 self._coalescer = Coalescer(self._rx.buf, self._ip_off)
         self._uso: UdpCoalescer | None = None
         if self._rx is not None and paths.on["uso_write"]:
-            self._uso = UdpCoalescer(self._rx.buf, self._ip_off)
+            # Runs of up to 128 datagrams (UDP_MAX_SEGMENTS on Linux 6.x); the first
+            # EINVAL for a longer run than older kernels take brings it down to 64.
+            self._uso = UdpCoalescer(
+                self._rx.buf, self._ip_off, max_segments=uso_mod.MAX_SEGMENTS_6X
+            )
         self._rx_view = memoryview(self._rx.buf) if self._rx is not None else None
         self._rx_u8 = np.frombuffer(self._rx.buf, np.uint8) if self._rx is not None else None
         self._gso_write_failed = False
@@ -919,6 +924,18 @@ class FastEngine(Engine):
             # Undo the first datagram's count; deliver them one by one instead.
             counters.rx_packets -= 1
             counters.rx_bytes -= length - out
+            legacy = uso_mod.MAX_SEGMENTS
+            if exc.errno == errno.EINVAL and count > legacy and uso.max_segments > legacy:
+                # An older kernel (UDP_MAX_SEGMENTS 64): shorter runs from now on.
+                uso.max_segments = legacy
+                log.info("UDP GSO writes of %d datagrams refused: at most %d from now on",
+                         count, legacy)  # fmt: skip
+                for at in range(0, count, legacy):
+                    if count - at > 1:
+                        self._deliver_uso(uso, starts[at : at + legacy], length, source)
+                    else:
+                        self._deliver_one(int(starts[at]), length, source, None)
+                return
             if exc.errno == errno.EINVAL:
                 # The device refused the USO header: one by one from now on.
                 self._uso_write_failed = True
