@@ -57,6 +57,7 @@ import numpy as np
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
+from dataplane.io import uso as uso_mod
 from dataplane.io.gro import Batch, Coalescer, split_messages
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
 from dataplane.io.tun import (
@@ -455,7 +456,11 @@ class FastEngine(Engine):
                 self._coalescer = Coalescer(self._rx.buf, self._ip_off)
         self._uso: UdpCoalescer | None = None
         if self._rx is not None and paths.on["uso_write"]:
-            self._uso = UdpCoalescer(self._rx.buf, self._ip_off)
+            # Runs of up to 128 datagrams (UDP_MAX_SEGMENTS on Linux 6.x); the first
+            # EINVAL for a longer run than older kernels take brings it down to 64.
+            self._uso = UdpCoalescer(
+                self._rx.buf, self._ip_off, max_segments=uso_mod.MAX_SEGMENTS_6X
+            )
         self._rx_view = memoryview(self._rx.buf) if self._rx is not None else None
         self._rx_u8 = np.frombuffer(self._rx.buf, np.uint8) if self._rx is not None else None
         self._gso_write_failed = False
@@ -705,6 +710,8 @@ class FastEngine(Engine):
                         uso, offs, lens, np.where(sizes < lens, sizes, 0), rx.np_peers, None
                     )
                     continue
+            if coalescer is not None and self._deliver_whole(rx, m, coalescer, uso):
+                continue
             # (offset, length, GRO segment size or 0, peer number) per message, and
             # the receiver's index of each (truncated ones are left out).
             messages: list[tuple[int, int, int, int]] = []
@@ -730,6 +737,76 @@ class FastEngine(Engine):
                     self._deliver_mixed(uso, coalescer, messages, index, udp, tracer)
                     continue
             self._deliver_messages(coalescer, messages, index, tracer)
+
+    def _deliver_whole(
+        self,
+        rx: batch.MmsgReceiver,
+        m: int,
+        coalescer: Coalescer,
+        uso: UdpCoalescer | None,
+    ) -> bool:
+        """The common TCP batch: every message a single datagram or a GRO message that
+        is one valid run (gro.Coalescer.plan_whole), nothing truncated, no UDP inside
+        when USO may take it. Delivers it and returns True; False: not such a batch,
+        nothing done. Straight from the receiver's lists: no per-message tuples, no
+        per-segment lists."""
+        offsets, lengths, sizes = rx.offsets, rx.lengths, rx.segment_sizes
+        if rx.np_lengths is not None:
+            if rx.any_truncated:
+                return False
+            if uso is not None:
+                assert self._rx_u8 is not None
+                if (self._rx_u8[rx.np_offsets[:m] + (self._ip_off + 9)] == 17).any():
+                    return False
+        else:
+            if True in rx.truncated:
+                return False
+            if uso is not None:
+                buf = rx.buf
+                proto_at = self._ip_off + 9
+                for i in range(m):
+                    if buf[offsets[i] + proto_at] == 17:
+                        return False
+        runs = coalescer.plan_whole(offsets, lengths, sizes, rx.sources, rx.ports, m)
+        if runs is None:
+            return False
+        fc = self._fc
+        for first, count, hl, payload in runs:
+            if hl:
+                self._deliver_chain(first, count, hl, payload)
+            else:
+                fc.rx_segments += 1
+                self._deliver_one(offsets[first], lengths[first], first, None)
+        return True
+
+    def _deliver_chain(self, first: int, count: int, hl: int, payload: int) -> None:
+        """Receiver messages first..first+count-1, GRO messages of one segment size that
+        make one run (gro.Coalescer.plan_whole), as one GSO write: the payload of every
+        segment, cut from the messages every `size` bytes."""
+        rx = self._rx
+        rxv = self._rx_view
+        assert rx is not None and rxv is not None
+        offsets, lengths = rx.offsets, rx.lengths
+        size = rx.segment_sizes[first]
+        s0 = offsets[first]
+        verdict = self.forwarder.from_network(rxv[s0 : s0 + size], size, rx.sources[first])  # type: ignore[arg-type]
+        segments = 0
+        iov: list[bytes | bytearray | memoryview] = [b"", b""]
+        last = s0
+        for k in range(first, first + count):
+            o = offsets[k]
+            full = (lengths[k] - 1) // size  # segments before the last
+            last = o + full * size
+            segments += full + 1
+            if verdict == Verdict.DELIVER:
+                pay = size - hl
+                iov += [rxv[p : p + pay] for p in range(o + hl, last, size)]
+                iov.append(rxv[last + hl : o + lengths[k]])
+        self._fc.rx_segments += segments
+        if verdict != Verdict.DELIVER:
+            self.forwarder.counters.drops[self.forwarder.drop_reason] += segments - 1
+            return
+        self._write_gso(iov, s0, size, hl, last, payload, segments)
 
     def _deliver_mixed(
         self,
@@ -847,6 +924,18 @@ class FastEngine(Engine):
             # Undo the first datagram's count; deliver them one by one instead.
             counters.rx_packets -= 1
             counters.rx_bytes -= length - out
+            legacy = uso_mod.MAX_SEGMENTS
+            if exc.errno == errno.EINVAL and count > legacy and uso.max_segments > legacy:
+                # An older kernel (UDP_MAX_SEGMENTS 64): shorter runs from now on.
+                uso.max_segments = legacy
+                log.info("UDP GSO writes of %d datagrams refused: at most %d from now on",
+                         count, legacy)  # fmt: skip
+                for at in range(0, count, legacy):
+                    if count - at > 1:
+                        self._deliver_uso(uso, starts[at : at + legacy], length, source)
+                    else:
+                        self._deliver_one(int(starts[at]), length, source, None)
+                return
             if exc.errno == errno.EINVAL:
                 # The device refused the USO header: one by one from now on.
                 self._uso_write_failed = True
@@ -894,20 +983,12 @@ class FastEngine(Engine):
         rxv = self._rx_view
         starts, lengths, hlens = plan.starts, plan.lengths, plan.hlens
         s0, len0, hl0 = starts[first], lengths[first], hlens[first]
-        view0 = rxv[s0 : s0 + len0]
-        verdict = fwd.from_network(view0, len0, rx.sources[source])  # type: ignore[arg-type]
-        counters = fwd.counters
+        verdict = fwd.from_network(rxv[s0 : s0 + len0], len0, rx.sources[source])  # type: ignore[arg-type]
         if verdict != Verdict.DELIVER:
-            counters.drops[fwd.drop_reason] += count - 1
+            fwd.counters.drops[fwd.drop_reason] += count - 1
             return
-        out = fwd.out_start
-        ip = self._ip_off
-        # The merged header: the first segment's (after decap), with the total
-        # length, PSH from the last segment, and the TCP checksum field holding
-        # the pseudo-header sum (NEEDS_CSUM; every segment's checksum was checked).
-        header = bytearray(view0[out:hl0])
         stop = first + count
-        iov: list[bytes | bytearray | memoryview] = [b"", header]
+        iov: list[bytes | bytearray | memoryview] = [b"", b""]
         iov += [
             rxv[s + h : s + n]
             for s, h, n in zip(
@@ -915,11 +996,36 @@ class FastEngine(Engine):
             )
         ]
         payload = sum(lengths[first:stop]) - sum(hlens[first:stop])
+        self._write_gso(iov, s0, len0, hl0, starts[stop - 1], payload, count)
+
+    def _write_gso(
+        self,
+        iov: list[bytes | bytearray | memoryview],
+        s0: int,
+        len0: int,
+        hl0: int,
+        last: int,
+        payload: int,
+        count: int,
+    ) -> None:
+        """Write `count` segments as one GSO packet: iov[2:] holds their payloads; the
+        first segment (at s0, len0 bytes, headers hl0) has passed the forwarder, whose
+        decap offset is used; `last` is where the last segment starts (for its PSH)."""
+        fwd = self.forwarder
+        rxv = self._rx_view
+        assert rxv is not None
+        counters = fwd.counters
+        out = fwd.out_start
+        ip = self._ip_off
+        # The merged header: the first segment's (after decap), with the total
+        # length, PSH from the last segment, and the TCP checksum field holding
+        # the pseudo-header sum (NEEDS_CSUM; every segment's checksum was checked).
+        header = bytearray(rxv[s0 + out : s0 + hl0])
+        iov[1] = header
         ipo = ip - out  # inner IP header within `header`
         tcp = ipo + 20
         thl = hl0 - ip - 20
         tot_len = 20 + thl + payload
-        last = starts[first + count - 1]
         header[tcp + 13] |= rxv[last + ip + 33] & 0x08  # PSH
         _U16.pack_into(header, ipo + 2, tot_len)
         header[ipo + 10] = header[ipo + 11] = 0

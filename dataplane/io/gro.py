@@ -114,6 +114,7 @@ class Coalescer:
         may_differ[[ip + 2, ip + 3, ip + 4, ip + 5, ip + 10, ip + 11]] = True
         may_differ[[ip + 24, ip + 25, ip + 26, ip + 27, ip + 33, ip + 36, ip + 37]] = True
         self._may_differ = may_differ
+        self._keep: dict[int, np.ndarray] = {}  # header length -> columns that must be equal
 
     def plan(self, messages: list[tuple[int, int, int, int]]) -> Batch:
         """Segments and runs for messages (offset, length, segment size, peer number).
@@ -255,6 +256,74 @@ class Coalescer:
             self._check_runs(messages, out, unchecked)
         return out
 
+    def plan_whole(
+        self,
+        offsets: list[int],
+        lengths: list[int],
+        sizes: list[int],
+        sources: list[str],
+        ports: list[int],
+        m: int,
+    ) -> list[tuple[int, int, int, int]] | None:
+        """The common case without per-segment bookkeeping. Over the first `m`
+        messages of a recvmmsg batch (offset, length, segment size — the length for a
+        single datagram — and peer address and port of each): runs as (first message,
+        messages, header length, payload bytes), when every message is either one
+        datagram (header length 0: delivered as it is) or a UDP GRO message that is one
+        valid run (see _whole_message); None as soon as one is neither — then `plan`
+        decides segment by segment.
+
+        A run joins consecutive GRO messages of one flow as `plan` does: same peer,
+        segment size and headers, contiguous sequence numbers, the earlier message's last
+        segment full-size without PSH, within `max_segments` and MAX_PAYLOAD."""
+        runs: list[tuple[int, int, int, int]] = []
+        buf = self.buf
+        seq_at = self.ip_off + 24
+        psh_at = self.ip_off + 33
+        cap = self.max_segments
+        # The open run that the next message may extend: its index in runs, its
+        # segment count so far, next sequence number (open_run -1: none may extend it).
+        open_run = -1
+        segs = next_seq = 0
+        for i in range(m):
+            off, n, size = offsets[i], lengths[i], sizes[i]
+            if size >= n:
+                runs.append((i, 1, 0, n))  # one datagram
+                open_run = -1
+                continue
+            whole = self._whole_message(off, n, size)
+            if whole is None:
+                return None
+            hl, segments, last = whole
+            pay = n - segments * hl
+            seq0 = int.from_bytes(buf[off + seq_at : off + seq_at + 4], "big")
+            if open_run >= 0:
+                r_first, r_count, r_hl, r_pay = runs[open_run]
+                o0 = offsets[r_first]
+                if (
+                    r_hl == hl
+                    and sizes[r_first] == size
+                    and ports[r_first] == ports[i]
+                    and sources[r_first] == sources[i]
+                    and next_seq == seq0
+                    and segs + segments <= cap
+                    and r_pay + pay <= MAX_PAYLOAD
+                    and self._same_flow(o0, off, hl)
+                ):
+                    runs[open_run] = (r_first, r_count + 1, hl, r_pay + pay)
+                    segs += segments
+                else:
+                    open_run = -1
+            if open_run < 0:
+                open_run = len(runs)
+                runs.append((i, 1, hl, pay))
+                segs = segments
+            if last == size and not buf[off + n - last + psh_at] & TCP_PSH:
+                next_seq = (seq0 + n - segments * hl) & 0xFFFFFFFF
+            else:
+                open_run = -1
+        return runs
+
     def _whole_message(self, off: int, n: int, size: int) -> tuple[int, int, int] | None:
         """(header length, segments, last segment's length) when the GRO message at
         buf[off:off+n], cut every `size` bytes, is one valid run; else None.
@@ -299,8 +368,13 @@ class Coalescer:
         # all compared with it below (ID and checksum aside, which are not kept).
         if ones_complement_sum(buf[off + ip : off + ip + 20]) != 0xFFFF:
             return None
-        rows = np.ndarray((segments, hl), np.uint8, buf, off, (size, 1))
-        if not ((rows[1:] == rows[0]) | self._may_differ[:hl]).all():
+        # The header bytes that must be equal, taken from every segment into one
+        # compact block (one numpy call), compared as bytes with the first's repeated.
+        keep = self._keep.get(hl)
+        if keep is None:
+            keep = self._keep[hl] = np.flatnonzero(~self._may_differ[:hl])
+        fixed = np.ndarray((segments, hl), np.uint8, buf, off, (size, 1)).take(keep, axis=1)
+        if fixed.tobytes() != fixed[0].tobytes() * segments:
             return None
         seq = np.ndarray((segments,), ">u4", buf, off + ip + 24, (size,)).tolist()
         pay = size - hl

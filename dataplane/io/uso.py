@@ -48,8 +48,10 @@ from dataplane.packet.checksum import ones_complement_sum
 from dataplane.packet.vnet import UDP_CSUM_OFFSET, VNET_STRUCT, GsoType, VnetFlag
 
 #: Linux's UDP_MAX_SEGMENTS: 64 until 6.x, then 128; a GSO write of more segments
-#: is refused with EINVAL. 64 is safe on every kernel with USO.
+#: is refused with EINVAL. 64 is safe on every kernel with USO; the engine starts at
+#: 128 and comes down to 64 at the first such refusal.
 MAX_SEGMENTS = 64
+MAX_SEGMENTS_6X = 128
 #: IP total length ≤ 65535: IP and UDP headers, then the payloads.
 MAX_PAYLOAD = 65535 - 20 - 8
 UDP_HLEN = 8

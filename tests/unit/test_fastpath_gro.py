@@ -290,3 +290,74 @@ def test_single_datagrams_stay_single_unless_asked() -> None:
     plan = rx.coalescer.plan(rx.messages)
     assert plan.runs == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 3)]
     assert plan.lengths[:4] == [len(s) for s in stream(4)]
+
+
+def whole_runs(rx: Rx) -> list[tuple[int, int]] | None:
+    """Coalescer.plan_whole over rx's messages, its runs converted to plan's segment
+    runs (first segment, count); None when plan_whole declines the batch."""
+    msgs = rx.messages
+    sizes = [size or n for _, n, size, _ in msgs]  # the receiver's: a datagram's own length
+    runs = rx.coalescer.plan_whole(
+        [off for off, *_ in msgs],
+        [n for _, n, _, _ in msgs],
+        sizes,
+        ["10.0.0.1"] * len(msgs),
+        [peer for *_, peer in msgs],
+        len(msgs),
+    )
+    if runs is None:
+        return None
+    segments = [-(-n // s) if s < n else 1 for (_, n, _, _), s in zip(msgs, sizes, strict=True)]
+    out = []
+    for first, count, hl, payload in runs:
+        hls = sum(segments[first : first + count]) * hl if hl else 0
+        assert payload == sum(n for _, n, _, _ in msgs[first : first + count]) - hls
+        out.append((sum(segments[:first]), sum(segments[first : first + count])))
+    return out
+
+
+@pytest.mark.parametrize("second", ["same", "gap", "psh", "short", "peer", "flow", "single"])
+def test_whole_message_batches_plan_as_plan_does(second: str) -> None:
+    rx = Rx(shift=2)
+    rx.coalescer = Coalescer(rx.buf, 22)  # the engine's setting
+    first = stream(10)
+    nxt = 1000 + 10 * 1398
+    if second == "psh":
+        first[-1] = segment(1000 + 9 * 1398, bytes([9]) * 1398, "PA")
+    if second == "short":
+        first[-1] = segment(1000 + 9 * 1398, b"s" * 700)
+        nxt = 1000 + 9 * 1398 + 700
+    rx.gro(first)
+    if second == "gap":
+        nxt += 1398
+    if second == "single":
+        rx.datagram(segment(nxt, b"x" * 1398))
+        nxt += 1398
+    rest = stream(5, start=nxt, sport=5202 if second == "flow" else 5201)
+    rx.gro(rest, peer=1 if second == "peer" else 0)
+    rx.gro(stream(4, start=nxt + 5 * 1398, sport=5202 if second == "flow" else 5201))
+    expected = rx.coalescer.plan(rx.messages).runs
+    assert whole_runs(rx) == expected
+    if second == "same":
+        assert expected == [(0, 19)]
+
+
+def test_whole_message_batches_respect_the_segment_cap() -> None:
+    rx = Rx(shift=2)
+    rx.coalescer = Coalescer(rx.buf, 22)
+    seq = 1000
+    for _ in range(3):
+        rx.gro(stream(40, start=seq))
+        seq += 40 * 1398
+    assert whole_runs(rx) == rx.coalescer.plan(rx.messages).runs == [(0, 40), (40, 40), (80, 40)]
+
+
+def test_a_batch_with_a_corrupt_segment_is_left_to_plan() -> None:
+    rx = Rx(shift=2)
+    rx.coalescer = Coalescer(rx.buf, 22)
+    rx.gro(stream(10))
+    rx.gro(stream(10, start=1000 + 10 * 1398))
+    off = rx.messages[1][0] + 3 * 1472 + 200
+    rx.buf[off] ^= 0x40
+    assert whole_runs(rx) is None
+    assert rx.coalescer.plan(rx.messages).runs == [(0, 10), *((k, 1) for k in range(10, 20))]
