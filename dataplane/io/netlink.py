@@ -1,15 +1,16 @@
 """Thin pyroute2 adapter: links, addresses, routes, neighbours, FDB, sysctl.
 
 Everything acts on the network namespace of the *calling thread* (enter a lab
-namespace with ``control.lab.netns.in_netns``).  Each call opens one
-``pyroute2.IPRoute`` and closes it (about 1 ms); there is no module state.
-
-pyroute2's synchronous ``IPRoute`` drives its own event loop and fails with
-"This event loop is already running" when used from a coroutine.  So, when
-this thread has a running loop, the call runs in a short-lived helper thread
-(which inherits this thread's namespace) and this thread blocks until it is
-done.  From async code prefer ``await loop.run_in_executor(None, fn, ...)``
-to avoid blocking the loop, but note that executor threads keep the
+namespace with ``control.lab.netns.in_netns``).  Calls from one namespace are
+run, one at a time, by that namespace's worker thread, which reuses one
+``pyroute2.IPRoute`` (a fresh socket after a socket-level error); the caller
+blocks until its call is done, with or without a running event loop in its
+thread (pyroute2's sync ``IPRoute`` refuses to run inside one, hence the
+thread).  A worker idle for ``IDLE_S`` closes its socket and exits, so it never
+keeps a deleted namespace (and its devices) alive longer than that.  Interface
+names are resolved with ``if_nametoindex`` in the calling thread's namespace.
+Any thread may call; from async code prefer ``await loop.run_in_executor(None,
+fn, ...)`` to avoid blocking the loop, but note that executor threads keep the
 namespace they were created in.
 
 MACs are 6 raw bytes (``str`` "aa:bb:..." is accepted as input too).
@@ -19,9 +20,10 @@ message is one line naming the operation.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -53,57 +55,146 @@ class NetlinkError(OSError):
 
 
 # -- plumbing -------------------------------------------------------------------
+#
+# One worker thread per network namespace owns one IPRoute and runs every call
+# made from that namespace; callers hand it the call and wait.  Why a thread:
+# pyroute2's sync IPRoute refuses to run in a thread with a running event loop,
+# and its state is thread-local.  Why per namespace: a thread and the sockets it
+# opens belong to the namespace it was created in, so the worker is started by
+# the first caller from that namespace and inherits it.  Why it retires: an open
+# netlink socket (and the thread itself) keeps its namespace alive after
+# ``ip netns del``, with all its devices, so after IDLE_S without work the
+# worker closes its socket and exits; the next call starts a new one.
+
+IDLE_S = 1.0
 
 
-def _run(fn: Callable[[], T]) -> T:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return fn()
-    box: dict[str, object] = {}
+class _Job:
+    __slots__ = ("done", "error", "fn", "result")
 
-    def target() -> None:
+    def __init__(self, fn: Callable[[IPRoute], object]) -> None:
+        self.fn = fn
+        self.done = threading.Lock()  # held until the worker has run fn
+        self.done.acquire()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+
+class _Worker:
+    def __init__(self, netns: int) -> None:
+        self.netns = netns
+        self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self.ipr: IPRoute | None = None
+        self.thread = threading.Thread(
+            target=self._serve, name=f"weft-netlink-{netns}", daemon=True
+        )
+
+    def _serve(self) -> None:
         try:
-            box["ok"] = fn()
-        except BaseException as e:
-            box["err"] = e
+            while True:
+                try:
+                    job = self.jobs.get(timeout=IDLE_S)
+                except queue.Empty:
+                    with _lock:  # callers enqueue under _lock: nothing can slip in
+                        if self.jobs.empty():
+                            if _workers.get(self.netns) is self:
+                                del _workers[self.netns]
+                            return
+                    continue
+                self._do(job)
+        finally:
+            self._close()
 
-    t = threading.Thread(target=target, name="weft-netlink", daemon=True)
-    t.start()
-    t.join()
-    if "err" in box:
-        raise box["err"]  # type: ignore[misc]
-    return box["ok"]  # type: ignore[return-value]
+    def _do(self, job: _Job) -> None:
+        try:
+            if self.ipr is None:
+                self.ipr = IPRoute()
+            job.result = job.fn(self.ipr)
+        except BaseException as e:
+            job.error = e
+            if _socket_broken(e):
+                self._close()  # a fresh socket for the next call
+        finally:
+            job.done.release()
+
+    def _close(self) -> None:
+        ipr, self.ipr = self.ipr, None
+        if ipr is not None:
+            with contextlib.suppress(Exception):  # a broken socket may fail to close
+                ipr.close()
+
+
+_lock = threading.Lock()
+_workers: dict[int, _Worker] = {}  # netns inode -> its worker (the worker pins the netns)
+
+
+def _forget_workers_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+    _workers.clear()  # their threads do not exist in the child
+
+
+os.register_at_fork(after_in_child=_forget_workers_after_fork)
+
+
+def _socket_broken(e: BaseException) -> bool:
+    """An OSError that is not the kernel's answer to a request: the socket
+    itself failed (ENOBUFS, EBADF...), so it is not reused."""
+    return isinstance(e, OSError) and not isinstance(e, NetlinkError)
+
+
+def _run(fn: Callable[[IPRoute], T]) -> T:
+    """``fn(ipr)`` on the worker of the calling thread's network namespace."""
+    netns = os.stat("/proc/thread-self/ns/net").st_ino
+    worker = _workers.get(netns)
+    if worker is not None and worker.thread is threading.current_thread():
+        assert worker.ipr is not None  # called from inside a job: run it here
+        return fn(worker.ipr)
+    job = _Job(fn)
+    with _lock:
+        worker = _workers.get(netns)
+        if worker is None:
+            worker = _workers[netns] = _Worker(netns)
+            worker.thread.start()  # from this thread, so it is in this namespace
+        worker.jobs.put(job)
+    job.done.acquire()
+    if job.error is not None:
+        raise job.error
+    return job.result  # type: ignore[return-value]
 
 
 def _call(what: str, fn: Callable[[IPRoute], T], *, ignore: tuple[int, ...] = ()) -> T | None:
-    """Run ``fn(ipr)`` with a fresh IPRoute; errnos in ``ignore`` return None."""
-
-    def go() -> T | None:
-        try:
-            with IPRoute() as ipr:
-                return fn(ipr)
-        except _PyrNetlinkError as e:
-            if e.code in ignore:
-                return None
-            raise NetlinkError(e.code, f"{what}: {os.strerror(e.code)}") from None
-        except NetlinkError:
-            raise
-        except OSError as e:
-            if e.errno in ignore:
-                return None
-            raise NetlinkError(e.errno or errno.EIO, f"{what}: {e.strerror or e}") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
-
-    return _run(go)
+    """Run ``fn(ipr)`` with this namespace's IPRoute; errnos in ``ignore`` return None."""
+    try:
+        return _run(fn)
+    except _PyrNetlinkError as e:
+        if e.code in ignore:
+            return None
+        raise NetlinkError(e.code, f"{what}: {os.strerror(e.code)}") from None
+    except NetlinkError:
+        raise
+    except OSError as e:
+        if e.errno in ignore:
+            return None
+        raise NetlinkError(e.errno or errno.EIO, f"{what}: {e.strerror or e}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
 
 
-def _index(ipr: IPRoute, name: str) -> int:
-    idx = ipr.link_lookup(ifname=name)
-    if not idx:
+def _index_or_none(name: str) -> int | None:
+    """``if_nametoindex`` (an ioctl on a socket of this thread's namespace):
+    far cheaper than a netlink link request, and never stale."""
+    try:
+        return socket.if_nametoindex(name)
+    except (OSError, ValueError):  # no such device; ValueError: NUL in the name
+        return None
+
+
+def _index(name: str) -> int:
+    idx = _index_or_none(name)
+    if idx is None:
         raise NetlinkError(errno.ENODEV, f"no such device {name!r}")
-    return idx[0]
+    return idx
 
 
 def _mac_text(mac: bytes | str) -> str:
@@ -127,8 +218,10 @@ def _net(cidr: str | IPv4Network) -> IPv4Network:
 def _name_of(ipr: IPRoute, index: int | None) -> str | None:
     if not index:
         return None
-    links = ipr.link("get", index=index)
-    return links[0].get("ifname") if links else None
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return None
 
 
 # -- links ------------------------------------------------------------------------
@@ -136,18 +229,18 @@ def _name_of(ipr: IPRoute, index: int | None) -> str | None:
 
 def link_index(name: str) -> int:
     """The interface index of ``name``; ``NetlinkError`` (ENODEV) if missing."""
-    return _call(f"link_index {name}", lambda ipr: _index(ipr, name))  # type: ignore[return-value]
+    return _index(name)  # no netlink: an ioctl in the calling thread's namespace
 
 
 def link_exists(name: str) -> bool:
-    return bool(_call(f"link_exists {name}", lambda ipr: ipr.link_lookup(ifname=name)))
+    return _index_or_none(name) is not None
 
 
 def link_mac(name: str) -> bytes:
     """The link-layer address of ``name`` (6 bytes for Ethernet-like links)."""
 
     def fn(ipr: IPRoute) -> bytes:
-        link = ipr.link("get", index=_index(ipr, name))[0]
+        link = ipr.link("get", index=_index(name))[0]
         mac = _mac_bytes(link.get("address"))
         if mac is None:
             raise NetlinkError(errno.EINVAL, f"{name} has no link-layer address")
@@ -158,7 +251,7 @@ def link_mac(name: str) -> bytes:
 
 def link_mtu(name: str) -> int:
     return _call(  # type: ignore[return-value]
-        f"link_mtu {name}", lambda ipr: ipr.link("get", index=_index(ipr, name))[0].get("mtu")
+        f"link_mtu {name}", lambda ipr: ipr.link("get", index=_index(name))[0].get("mtu")
     )
 
 
@@ -168,7 +261,7 @@ def set_link(
     """Set any of MTU, MAC and admin state (in that order: MAC before up)."""
 
     def fn(ipr: IPRoute) -> None:
-        idx = _index(ipr, name)
+        idx = _index(name)
         kw: dict[str, object] = {}
         if mtu is not None:
             kw["mtu"] = mtu
@@ -186,9 +279,9 @@ def delete_link(name: str) -> None:
     """Delete ``name``; a missing link is not an error."""
 
     def fn(ipr: IPRoute) -> None:
-        idx = ipr.link_lookup(ifname=name)
-        if idx:
-            ipr.link("del", index=idx[0])
+        idx = _index_or_none(name)
+        if idx is not None:
+            ipr.link("del", index=idx)
 
     _call(f"delete_link {name}", fn, ignore=(errno.ENODEV,))
 
@@ -216,7 +309,7 @@ def create_vxlan(
             "kind": "vxlan",
             "vxlan_id": vni,
             "vxlan_local": str(local_ip),
-            "vxlan_link": _index(ipr, dev),
+            "vxlan_link": _index(dev),
             "vxlan_port": port,
             "vxlan_learning": 1 if learning else 0,
             "vxlan_udp_csum": 1 if udp_csum else 0,
@@ -226,7 +319,7 @@ def create_vxlan(
         if mtu is not None:
             kw["mtu"] = mtu
         ipr.link("add", **kw)
-        return _mac_bytes(ipr.link("get", index=_index(ipr, name))[0].get("address"))  # type: ignore[return-value]
+        return _mac_bytes(ipr.link("get", index=_index(name))[0].get("address"))  # type: ignore[return-value]
 
     return _call(f"create_vxlan {name} vni {vni}", fn)  # type: ignore[return-value]
 
@@ -237,7 +330,7 @@ def vxlan_info(name: str) -> dict[str, object] | None:
     enough to decide whether an existing flannel.N device is compatible."""
 
     def fn(ipr: IPRoute) -> dict[str, object] | None:
-        link = ipr.link("get", index=_index(ipr, name))[0]
+        link = ipr.link("get", index=_index(name))[0]
         info = link.get("IFLA_LINKINFO")
         if not info or info.get("IFLA_INFO_KIND") != "vxlan":
             return None
@@ -257,7 +350,7 @@ def interface_ipv4(name: str) -> list[IPv4Interface]:
     """The IPv4 addresses on ``name`` as ``IPv4Interface`` (address/prefix)."""
 
     def fn(ipr: IPRoute) -> list[IPv4Interface]:
-        idx = _index(ipr, name)
+        idx = _index(name)
         return [
             IPv4Interface(f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}")
             for a in ipr.addr("dump", family=socket.AF_INET, index=idx)
@@ -288,7 +381,7 @@ def add_address(name: str, cidr: str | IPv4Interface) -> None:
     iface = IPv4Interface(str(cidr))
 
     def fn(ipr: IPRoute) -> None:
-        idx = _index(ipr, name)
+        idx = _index(name)
         ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
     _call(f"add_address {cidr} dev {name}", fn, ignore=(errno.EEXIST,))
@@ -298,7 +391,7 @@ def delete_address(name: str, cidr: str | IPv4Interface) -> None:
     iface = IPv4Interface(str(cidr))
 
     def fn(ipr: IPRoute) -> None:
-        idx = _index(ipr, name)
+        idx = _index(name)
         ipr.addr("del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
     _call(f"delete_address {cidr} dev {name}", fn, ignore=(errno.EADDRNOTAVAIL, errno.ENOENT))
@@ -337,7 +430,7 @@ def replace_route(
         kw: dict[str, object] = {
             "dst": str(dst.network_address),
             "dst_len": dst.prefixlen,
-            "oif": _index(ipr, dev),
+            "oif": _index(dev),
             "table": table,
             "proto": 3,  # boot, what `ip route` uses
             "type": 1,  # unicast
@@ -368,10 +461,10 @@ def delete_route(dst_cidr: str | IPv4Network, dev: str | None = None) -> None:
             "table": RT_TABLE_MAIN,
         }
         if dev is not None:
-            idx = ipr.link_lookup(ifname=dev)
-            if not idx:
+            idx = _index_or_none(dev)
+            if idx is None:
                 return
-            kw["oif"] = idx[0]
+            kw["oif"] = idx
         ipr.route("del", **kw)
 
     _call(f"delete_route {dst}", fn, ignore=(errno.ESRCH, errno.ENOENT))
@@ -443,7 +536,7 @@ def replace_neigh(ip: str | IPv4Address, mac: bytes | str, dev: str) -> None:
             family=socket.AF_INET,
             dst=str(ip),
             lladdr=_mac_text(mac),
-            ifindex=_index(ipr, dev),
+            ifindex=_index(dev),
             state=NUD_PERMANENT,
         )
 
@@ -454,9 +547,9 @@ def delete_neigh(ip: str | IPv4Address, dev: str) -> None:
     """``ip neigh del IP dev DEV``; missing entry or device is not an error."""
 
     def fn(ipr: IPRoute) -> None:
-        idx = ipr.link_lookup(ifname=dev)
-        if idx:
-            ipr.neigh("del", family=socket.AF_INET, dst=str(ip), ifindex=idx[0])
+        idx = _index_or_none(dev)
+        if idx is not None:
+            ipr.neigh("del", family=socket.AF_INET, dst=str(ip), ifindex=idx)
 
     _call(f"delete_neigh {ip} dev {dev}", fn, ignore=(errno.ENOENT, errno.ESRCH))
 
@@ -467,7 +560,7 @@ def lookup_neigh(ip: str | IPv4Address, dev: str) -> bytes | None:
     want = ip_address(str(ip))
 
     def fn(ipr: IPRoute) -> bytes | None:
-        idx = _index(ipr, dev)
+        idx = _index(dev)
         for n in ipr.neigh("dump", family=socket.AF_INET, ifindex=idx):
             if n["ifindex"] != idx or n.get("dst") is None:
                 continue
@@ -487,7 +580,7 @@ def replace_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address) -> None:
         ipr.neigh(
             "replace",
             family=AF_BRIDGE,
-            ifindex=_index(ipr, dev),
+            ifindex=_index(dev),
             lladdr=_mac_text(mac),
             dst=str(dst_ip),
             state=NUD_PERMANENT | NUD_NOARP,
@@ -504,7 +597,7 @@ def append_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address) -> None:
         ipr.neigh(
             "append",
             family=AF_BRIDGE,
-            ifindex=_index(ipr, dev),
+            ifindex=_index(dev),
             lladdr=_mac_text(mac),
             dst=str(dst_ip),
             state=NUD_PERMANENT | NUD_NOARP,
@@ -518,12 +611,12 @@ def delete_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address | None = No
     """``bridge fdb del MAC dev DEV [dst DST] self``; missing is not an error."""
 
     def fn(ipr: IPRoute) -> None:
-        idx = ipr.link_lookup(ifname=dev)
-        if not idx:
+        idx = _index_or_none(dev)
+        if idx is None:
             return
         kw: dict[str, object] = {
             "family": AF_BRIDGE,
-            "ifindex": idx[0],
+            "ifindex": idx,
             "lladdr": _mac_text(mac),
             "state": NUD_PERMANENT | NUD_NOARP,
             "flags": NTF_SELF,
@@ -539,7 +632,7 @@ def fdb_entries(dev: str) -> list[tuple[bytes, IPv4Address | None]]:
     """(MAC, dst) pairs of ``dev``'s self FDB (vxlan remote entries)."""
 
     def fn(ipr: IPRoute) -> list[tuple[bytes, IPv4Address | None]]:
-        idx = _index(ipr, dev)
+        idx = _index(dev)
         out = []
         for n in ipr.neigh("dump", family=AF_BRIDGE, ifindex=idx):
             if n["ifindex"] != idx or not n.get("lladdr"):
