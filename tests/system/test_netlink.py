@@ -63,6 +63,8 @@ def test_links_addresses_and_lookups(lab: Lab, two_nodes) -> None:
         nl.delete_route("10.50.0.0/16", dev="eth0")
         nl.delete_route("10.50.0.0/16", dev="eth0")  # missing: fine
         nl.delete_route("10.50.0.0/16", dev="nope0")  # missing device: fine
+        nl.replace_route("10.52.0.0/16", dev="eth0")  # no gateway: scope link
+        nl.delete_route("10.52.0.0/16")  # any scope goes, as with `ip route del`
         with pytest.raises(nl.NetlinkError) as exc:  # gateway not on-link
             nl.replace_route("10.51.0.0/16", dev="eth0", via="10.9.9.9")
         assert exc.value.errno == errno.ENETUNREACH
