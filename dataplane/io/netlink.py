@@ -1,17 +1,25 @@
 """Thin pyroute2 adapter: links, addresses, routes, neighbours, FDB, sysctl.
 
 Everything acts on the network namespace of the *calling thread* (enter a lab
-namespace with ``control.lab.netns.in_netns``).  Calls from one namespace are
-run, one at a time, by that namespace's worker thread, which reuses one
-``pyroute2.IPRoute`` (a fresh socket after a socket-level error); the caller
-blocks until its call is done, with or without a running event loop in its
-thread (pyroute2's sync ``IPRoute`` refuses to run inside one, hence the
-thread).  A worker idle for ``IDLE_S`` closes its socket and exits, so it never
-keeps a deleted namespace (and its devices) alive longer than that.  Interface
-names are resolved with ``if_nametoindex`` in the calling thread's namespace.
-Any thread may call; from async code prefer ``await loop.run_in_executor(None,
-fn, ...)`` to avoid blocking the loop, but note that executor threads keep the
-namespace they were created in.
+namespace with ``control.lab.netns.in_netns``), and any thread may call, with
+or without a running event loop; the caller blocks until the call is done.
+
+Two paths, both per calling thread's namespace:
+
+- The writes kernel mode makes per peer (``replace/delete_neigh``,
+  ``replace/append/delete_fdb``, ``replace/delete_route``) and ``route_get``
+  are rtnetlink requests encoded here and sent on a socket opened for the call
+  in the calling thread (about 15 us): nothing is kept open.
+- Everything else goes through pyroute2, whose sync ``IPRoute`` refuses to run
+  in a thread with a running loop: the call is handed to the namespace's worker
+  thread, which reuses one ``IPRoute`` (a fresh one after a socket-level error).
+  A worker idle for ``IDLE_S`` closes its socket and exits, so it never keeps a
+  deleted namespace (and its devices) alive longer than that.
+
+Interface names are resolved with ``if_nametoindex`` in the calling thread's
+namespace.  From async code prefer ``await loop.run_in_executor(None, fn, ...)``
+to avoid blocking the loop, but note that executor threads keep the namespace
+they were created in.
 
 MACs are 6 raw bytes (``str`` "aa:bb:..." is accepted as input too).
 Every failure raises ``NetlinkError`` (an ``OSError`` with ``errno``) whose
@@ -155,8 +163,12 @@ def _run(fn: Callable[[IPRoute], T]) -> T:
     with _lock:
         worker = _workers.get(netns)
         if worker is None:
-            worker = _workers[netns] = _Worker(netns)
-            worker.thread.start()  # from this thread, so it is in this namespace
+            worker = _Worker(netns)
+            try:
+                worker.thread.start()  # from this thread, so it is in this namespace
+            except RuntimeError as e:  # can't start new thread
+                raise NetlinkError(errno.EAGAIN, f"netlink worker: {e}") from None
+            _workers[netns] = worker
         worker.jobs.put(job)
     job.done.acquire()
     if job.error is not None:
@@ -212,7 +224,7 @@ NLM_F_REPLACE = 0x100
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
 NLMSG_ERROR = 2
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
@@ -222,9 +234,8 @@ RT_SCOPE_NOWHERE = 255  # in a delete: match any scope, as `ip route del` does
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
-_RTMSG = struct.Struct(
-    "=BBBBBBBBI"
-)  # family, dst_len, src_len, tos, table, proto, scope, type, flags
+# family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTMSG = struct.Struct("=BBBBBBBBI")
 _NLA = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")
 
@@ -244,12 +255,12 @@ def _ip4(ip: str | IPv4Address) -> bytes:
 
 def _request(
     what: str, msg_type: int, flags: int, body: bytes, *, ignore: tuple[int, ...] = ()
-) -> None:
-    """Send one rtnetlink request from the calling thread's namespace and wait
-    for its ack; a kernel error becomes ``NetlinkError`` unless in ``ignore``."""
-    header = _NLMSGHDR.pack(
-        _NLMSGHDR.size + len(body), msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, 1, 0
-    )
+) -> bytes | None:
+    """Send one rtnetlink request from the calling thread's namespace and
+    return the kernel's answer: None for an ack, else the reply message (a
+    request without NLM_F_ACK in ``flags`` gets one).  A kernel error becomes
+    ``NetlinkError`` unless in ``ignore`` (then None)."""
+    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags | NLM_F_REQUEST, 1, 0)
     try:
         with socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
@@ -258,11 +269,27 @@ def _request(
             reply = sock.recv(65536)
     except OSError as e:
         raise NetlinkError(e.errno or errno.EIO, f"{what}: {e.strerror or e}") from None
-    if len(reply) < _NLMSGHDR.size + _ERRNO.size or _NLMSGHDR.unpack_from(reply)[1] != NLMSG_ERROR:
-        raise NetlinkError(errno.EIO, f"{what}: unexpected netlink reply")
+    if len(reply) < _NLMSGHDR.size + _ERRNO.size:
+        raise NetlinkError(errno.EIO, f"{what}: short netlink reply")
+    size, kind = _NLMSGHDR.unpack_from(reply)[:2]
+    if kind != NLMSG_ERROR:
+        return reply[:size]
     code = -_ERRNO.unpack_from(reply, _NLMSGHDR.size)[0]
     if code and code not in ignore:
         raise NetlinkError(code, f"{what}: {os.strerror(code)}")
+    return None
+
+
+def _attrs(message: bytes, offset: int) -> dict[int, bytes]:
+    """The top-level attributes from ``offset`` to the end of ``message``."""
+    out: dict[int, bytes] = {}
+    while offset + _NLA.size <= len(message):
+        size, kind = _NLA.unpack_from(message, offset)
+        if size < _NLA.size:
+            break
+        out[kind & 0x3FFF] = message[offset + _NLA.size : offset + size]  # no NESTED flag
+        offset += (size + 3) & ~3
+    return out
 
 
 def _neigh_body(family: int, ifindex: int, state: int, flags: int, *attrs: bytes) -> bytes:
@@ -300,7 +327,7 @@ def _net(cidr: str | IPv4Network) -> IPv4Network:
     return ip_network(str(cidr), strict=False)  # type: ignore[return-value]
 
 
-def _name_of(ipr: IPRoute, index: int | None) -> str | None:
+def _name_of(index: int | None) -> str | None:
     if not index:
         return None
     try:
@@ -529,7 +556,7 @@ def replace_route(
         + _nla(RTA_OIF, _u32(_index(dev)))
         + gateway
     )
-    _request(what, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
+    _request(what, RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def delete_route(dst_cidr: str | IPv4Network, dev: str | None = None) -> None:
@@ -542,7 +569,9 @@ def delete_route(dst_cidr: str | IPv4Network, dev: str | None = None) -> None:
         if idx is None:
             return
         body += _nla(RTA_OIF, _u32(idx))
-    _request(f"delete_route {dst}", RTM_DELROUTE, 0, body, ignore=(errno.ESRCH, errno.ENOENT))
+    _request(
+        f"delete_route {dst}", RTM_DELROUTE, NLM_F_ACK, body, ignore=(errno.ESRCH, errno.ENOENT)
+    )
 
 
 def routes_to(dst_cidr: str | IPv4Network) -> list[tuple[str | None, IPv4Address | None]]:
@@ -557,7 +586,7 @@ def routes_to(dst_cidr: str | IPv4Network) -> list[tuple[str | None, IPv4Address
             if IPv4Address(r.get("dst") or "0.0.0.0") != dst.network_address:
                 continue
             gw = r.get("gateway")
-            out.append((_name_of(ipr, r.get("oif")), IPv4Address(gw) if gw else None))
+            out.append((_name_of(r.get("oif")), IPv4Address(gw) if gw else None))
         return out
 
     return _call(f"routes_to {dst}", fn)  # type: ignore[return-value]
@@ -565,16 +594,22 @@ def routes_to(dst_cidr: str | IPv4Network) -> list[tuple[str | None, IPv4Address
 
 def route_get(ip: str | IPv4Address) -> tuple[str, IPv4Address | None]:
     """``ip route get IP`` → (output device, gateway or None)."""
-
-    def fn(ipr: IPRoute) -> tuple[str, IPv4Address | None]:
-        r = ipr.route("get", dst=str(ip))[0]
-        gw = r.get("gateway")
-        dev = _name_of(ipr, r.get("oif"))
-        if dev is None:
-            raise NetlinkError(errno.ENETUNREACH, f"no output device for {ip}")
-        return dev, (IPv4Address(gw) if gw else None)
-
-    return _call(f"route_get {ip}", fn)  # type: ignore[return-value]
+    what = f"route_get {ip}"
+    try:
+        dst = IPv4Network(str(ip))  # a /32
+    except ValueError as e:
+        raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
+    body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0) + _nla(
+        RTA_DST, dst.network_address.packed
+    )
+    reply = _request(what, RTM_GETROUTE, 0, body)
+    attrs = _attrs(reply or b"", _NLMSGHDR.size + _RTMSG.size)
+    oif = attrs.get(RTA_OIF)
+    dev = _name_of(struct.unpack("=I", oif)[0]) if oif and len(oif) == 4 else None
+    if dev is None:
+        raise NetlinkError(errno.ENETUNREACH, f"no output device for {ip}")
+    gateway = attrs.get(RTA_GATEWAY)
+    return dev, (IPv4Address(gateway) if gateway and len(gateway) == 4 else None)
 
 
 def default_route_interface() -> str | None:
@@ -594,7 +629,7 @@ def default_route_interface() -> str | None:
             prio = r.get("priority") or 0
             if best is None or prio < best[0]:
                 best = (prio, oif)
-        return _name_of(ipr, best[1]) if best else None
+        return _name_of(best[1]) if best else None
 
     return _call("default_route_interface", fn)
 
@@ -617,7 +652,7 @@ def replace_neigh(ip: str | IPv4Address, mac: bytes | str, dev: str) -> None:
         _nla(NDA_DST, dst),
         _nla(NDA_LLADDR, _mac_raw(mac)),
     )
-    _request(what, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
+    _request(what, RTM_NEWNEIGH, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def delete_neigh(ip: str | IPv4Address, dev: str) -> None:
@@ -631,7 +666,7 @@ def delete_neigh(ip: str | IPv4Address, dev: str) -> None:
     if idx is None:
         return
     body = _neigh_body(socket.AF_INET, idx, NUD_PERMANENT, 0, _nla(NDA_DST, dst))
-    _request(what, RTM_DELNEIGH, 0, body, ignore=(errno.ENOENT, errno.ESRCH))
+    _request(what, RTM_DELNEIGH, NLM_F_ACK, body, ignore=(errno.ENOENT, errno.ESRCH))
 
 
 def lookup_neigh(ip: str | IPv4Address, dev: str) -> bytes | None:
@@ -672,14 +707,16 @@ def replace_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address) -> None:
     (AF_BRIDGE, NTF_SELF, NUD_PERMANENT)."""
     what = f"replace_fdb {_mac_text(mac)} dev {dev} dst {dst_ip}"
     body = _fdb_body(mac, _index(dev), dst_ip, what)
-    _request(what, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
+    _request(what, RTM_NEWNEIGH, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def append_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address) -> None:
     """``bridge fdb append MAC dev DEV dst DST self permanent`` (one MAC, many dsts)."""
     what = f"append_fdb {_mac_text(mac)} dev {dev} dst {dst_ip}"
     body = _fdb_body(mac, _index(dev), dst_ip, what)
-    _request(what, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, body, ignore=(errno.EEXIST,))
+    _request(
+        what, RTM_NEWNEIGH, NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND, body, ignore=(errno.EEXIST,)
+    )
 
 
 def delete_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address | None = None) -> None:
@@ -689,7 +726,7 @@ def delete_fdb(mac: bytes | str, dev: str, dst_ip: str | IPv4Address | None = No
     if idx is None:
         return
     body = _fdb_body(mac, idx, dst_ip, what)
-    _request(what, RTM_DELNEIGH, 0, body, ignore=(errno.ENOENT, errno.ESRCH))
+    _request(what, RTM_DELNEIGH, NLM_F_ACK, body, ignore=(errno.ENOENT, errno.ESRCH))
 
 
 def fdb_entries(dev: str) -> list[tuple[bytes, IPv4Address | None]]:

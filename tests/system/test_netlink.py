@@ -44,6 +44,9 @@ def test_links_addresses_and_lookups(lab: Lab, two_nodes) -> None:
         assert ("eth0", IPv4Interface("192.168.77.10/24")) in nl.all_ipv4()
         assert nl.route_get(n2.underlay_ip) == ("eth0", None)
         assert nl.default_route_interface() is None  # nodes have no default route
+        with pytest.raises(nl.NetlinkError) as exc:
+            nl.route_get("10.200.0.1")
+        assert exc.value.errno == errno.ENETUNREACH and "\n" not in str(exc.value)
         assert nl.link_exists("eth0") and not nl.link_exists("nope0")
         with pytest.raises(nl.NetlinkError) as exc:
             nl.link_index("nope0")
