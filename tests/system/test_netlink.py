@@ -326,3 +326,16 @@ def test_a_deleted_namespace_is_released_once_its_worker_is_idle(lab: Lab) -> No
     assert "rb0" not in lab.ip(b, "link", "show")
     workers[0].join(timeout=1)
     assert not workers[0].is_alive()
+
+
+def test_unread_replies_do_not_pile_up_on_a_long_lived_socket(lab: Lab) -> None:
+    """pyroute2 0.9.7 never reads the ack that follows each ``link("get")``
+    reply; on a socket that served every call of an agent's lifetime they would
+    pile up (~1.6 KB each).  The worker replaces its socket every
+    CALLS_PER_SOCKET calls, so the backlog stays bounded."""
+    ns = lab.add_netns("rq")
+    with in_netns(ns):
+        for _ in range(3 * nl.CALLS_PER_SOCKET):
+            assert nl.link_mtu("lo") == 65536
+        backlog = nl._run(lambda ipr: ipr.asyncore.msg_queue.root.qsize())
+    assert backlog < nl.CALLS_PER_SOCKET
