@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
+import threading
+import time
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from control.lab.netns import in_netns
+from control.lab.netns import in_netns, netns_delete, netns_inode
 from control.lab.topology import Lab, add_kernel_vxlan_peer, make_kernel_vxlan
 from dataplane.io import netlink as nl
 
@@ -41,6 +44,9 @@ def test_links_addresses_and_lookups(lab: Lab, two_nodes) -> None:
         assert ("eth0", IPv4Interface("192.168.77.10/24")) in nl.all_ipv4()
         assert nl.route_get(n2.underlay_ip) == ("eth0", None)
         assert nl.default_route_interface() is None  # nodes have no default route
+        with pytest.raises(nl.NetlinkError) as exc:
+            nl.route_get("10.200.0.1")
+        assert exc.value.errno == errno.ENETUNREACH and "\n" not in str(exc.value)
         assert nl.link_exists("eth0") and not nl.link_exists("nope0")
         with pytest.raises(nl.NetlinkError) as exc:
             nl.link_index("nope0")
@@ -60,6 +66,8 @@ def test_links_addresses_and_lookups(lab: Lab, two_nodes) -> None:
         nl.delete_route("10.50.0.0/16", dev="eth0")
         nl.delete_route("10.50.0.0/16", dev="eth0")  # missing: fine
         nl.delete_route("10.50.0.0/16", dev="nope0")  # missing device: fine
+        nl.replace_route("10.52.0.0/16", dev="eth0")  # no gateway: scope link
+        nl.delete_route("10.52.0.0/16")  # any scope goes, as with `ip route del`
         with pytest.raises(nl.NetlinkError) as exc:  # gateway not on-link
             nl.replace_route("10.51.0.0/16", dev="eth0", via="10.9.9.9")
         assert exc.value.errno == errno.ENETUNREACH
@@ -194,3 +202,140 @@ def test_adapter_programmed_node_interoperates_with_kernel_peer(lab: Lab, two_no
         nl.replace_route(NET2, dev="flannel.1", via=NET2.network_address, onlink=True)
     assert lab.ping(p1, p2.ip)
     assert lab.ping(p2, p1.ip)
+
+
+# -- the per-namespace worker: one socket for many calls, released when idle ----------
+
+
+def _our_netlink_sockets() -> set[int]:
+    """Inodes of this process's open netlink sockets in the calling thread's namespace."""
+    with open("/proc/thread-self/net/netlink") as f:
+        in_ns = {int(line.split()[-1]) for line in f.readlines()[1:]}
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            ours.add(int(target[8:-1]))
+    return in_ns & ours
+
+
+def _workers_in(ns: str) -> list[threading.Thread]:
+    name = f"weft-netlink-{netns_inode(ns)}"
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def test_one_socket_and_one_thread_serve_many_calls(lab: Lab) -> None:
+    """Calls from one namespace, with and without a running event loop, reuse
+    one IPRoute socket held by one worker thread (not one socket, or one
+    thread, per call)."""
+    ns = lab.add_netns("so")
+    seen: list[frozenset[int]] = []
+    workers: set[int] = set()
+
+    def calls() -> None:
+        for _ in range(10):
+            assert nl.link_mtu("lo") == 65536
+            seen.append(frozenset(_our_netlink_sockets()))
+            workers.update(t.ident or 0 for t in _workers_in(ns))
+
+    async def calls_in_loop() -> None:
+        calls()
+
+    with in_netns(ns):
+        calls()
+        asyncio.run(calls_in_loop())
+    assert len(set(seen)) == 1 and len(seen[0]) == 1
+    assert len(workers) == 1
+
+
+def test_concurrent_callers_in_several_namespaces(lab: Lab) -> None:
+    """Threads calling at once, two per namespace (one from an event loop),
+    each get their own namespace's answer."""
+    names = [lab.add_netns(f"c{i}") for i in range(2)]
+    for i, ns in enumerate(names):
+        lab.ip(ns, "link", "add", "v0", "mtu", str(1400 + i), "type", "veth", "peer", "name", "v1")
+        lab.ip(ns, "link", "set", "v1", "up")
+        lab.ip(ns, "link", "set", "v0", "up")
+    failures: list[str] = []
+
+    def caller(i: int, in_loop: bool) -> None:
+        async def loop_body() -> None:
+            body()
+
+        def body() -> None:
+            for n in range(40):
+                mtu = nl.link_mtu("v0")
+                if mtu != 1400 + i:
+                    failures.append(f"{names[i]} call {n}: mtu {mtu}")
+                nl.replace_route(f"10.7{i}.{n}.0/24", dev="v0")
+
+        try:
+            with in_netns(names[i]):
+                asyncio.run(loop_body()) if in_loop else body()
+        except Exception as e:
+            failures.append(f"{names[i]}: {e!r}")
+
+    threads = [threading.Thread(target=caller, args=(i, loop)) for i in (0, 1) for loop in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+    for i, ns in enumerate(names):
+        routes = {r["dst"] for r in lab.ip_json(ns, "route", "show", "dev", "v0")}
+        assert routes == {f"10.7{i}.{n}.0/24" for n in range(40)}
+
+
+def test_a_socket_error_gets_a_fresh_socket_a_kernel_error_does_not(lab: Lab) -> None:
+    ns = lab.add_netns("se")
+    with in_netns(ns):
+        first = nl._run(lambda ipr: ipr)
+        assert nl._run(lambda ipr: ipr) is first
+        with pytest.raises(nl.NetlinkError) as exc:  # the kernel's answer: same socket
+            nl.replace_route("10.9.0.0/16", dev="lo", via="10.99.9.9")
+        assert exc.value.errno == errno.ENETUNREACH
+        assert nl._run(lambda ipr: ipr) is first
+
+        def socket_fails(ipr: object) -> None:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+        with pytest.raises(nl.NetlinkError) as exc:
+            nl._call("socket_fails", socket_fails)
+        assert exc.value.errno == errno.ENOBUFS and exc.value.strerror.startswith("socket_fails:")
+        assert nl._run(lambda ipr: ipr) is not first
+        assert nl.link_mtu("lo") == 65536
+
+
+def test_a_deleted_namespace_is_released_once_its_worker_is_idle(lab: Lab) -> None:
+    """The worker's socket and thread pin the namespace after ``ip netns del``;
+    after IDLE_S without calls they are gone, and so is the namespace with its
+    devices: the veth end in the other namespace disappears."""
+    a, b = lab.add_netns("ra"), lab.add_netns("rb")
+    lab.ip(a, "link", "add", "ra0", "type", "veth", "peer", "name", "rb0", "netns", b)
+    with in_netns(a):
+        assert nl.link_mtu("ra0") == 1500
+    workers = _workers_in(a)
+    assert len(workers) == 1
+    netns_delete(a)
+    deadline = time.monotonic() + nl.IDLE_S + 10
+    while "rb0" in lab.ip(b, "link", "show") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "rb0" not in lab.ip(b, "link", "show")
+    workers[0].join(timeout=1)
+    assert not workers[0].is_alive()
+
+
+def test_unread_replies_do_not_pile_up_on_a_long_lived_socket(lab: Lab) -> None:
+    """pyroute2 0.9.7 never reads the ack that follows each ``link("get")``
+    reply; on a socket that served every call of an agent's lifetime they would
+    pile up (~1.6 KB each).  The worker replaces its socket every
+    CALLS_PER_SOCKET calls, so the backlog stays bounded."""
+    ns = lab.add_netns("rq")
+    with in_netns(ns):
+        for _ in range(3 * nl.CALLS_PER_SOCKET):
+            assert nl.link_mtu("lo") == 65536
+        backlog = nl._run(lambda ipr: ipr.asyncore.msg_queue.root.qsize())
+    assert backlog < nl.CALLS_PER_SOCKET
