@@ -385,11 +385,10 @@ class Agent:
                 self.config.subnet_len,
             )
             return
-        clash = next((s for s in self._peers if s != subnet and s.overlaps(subnet)), None)
-        if clash is not None:
-            # First come stays: a more specific lease must not capture a peer's pods.
-            log.error("ignoring lease %s: it overlaps peer %s", subnet, clash)
-            return
+        # No scan of the other peers for overlaps: every peer passed the size check
+        # above, and aligned subnets of one size overlap only when they are equal —
+        # the same dict key. (A scan here made loading N leases O(N²): 2-8 ms a
+        # lease at 1,000-5,000.)
         if peer.public_ip == self.underlay.public_ip:
             if lease.attrs != self.my_attrs():
                 log.error(
