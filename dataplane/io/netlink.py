@@ -377,15 +377,22 @@ def link_mtu(name: str) -> int:
 
 
 def set_link(
-    name: str, *, up: bool | None = None, mtu: int | None = None, mac: bytes | str | None = None
+    name: str,
+    *,
+    up: bool | None = None,
+    mtu: int | None = None,
+    mac: bytes | str | None = None,
+    txqlen: int | None = None,
 ) -> None:
-    """Set any of MTU, MAC and admin state (in that order: MAC before up)."""
+    """Set any of MTU, MAC, queue length and admin state (MAC before up)."""
 
     def fn(ipr: IPRoute) -> None:
         idx = _index(name)
         kw: dict[str, object] = {}
         if mtu is not None:
             kw["mtu"] = mtu
+        if txqlen is not None:
+            kw["txqlen"] = txqlen
         if mac is not None:
             kw["address"] = _mac_text(mac)
         if kw:

@@ -40,6 +40,9 @@ log = logging.getLogger("weft.dataplane")
 BackendName = Literal["vxlan", "udp", "host-gw"]
 
 
+DEVICE_QUEUE = 1000  # packets (tx_queue_len)
+
+
 @dataclass
 class NodeSpec:
     """Everything the dataplane needs to know about this node."""
@@ -212,7 +215,9 @@ class UserspaceDataplane:
             netlink.sysctl_set(f"net/ipv6/conf/{name}/disable_ipv6", 1)
         if tap:
             netlink.set_link(name, mac=spec.vtep_mac)
-        netlink.set_link(name, mtu=self.device_mtu, up=True)
+        # A TUN's queue (what the kernel holds for weft to read) defaults to 500
+        # packets; flannel's proxy dropped under TCP bursts until it had 1000.
+        netlink.set_link(name, mtu=self.device_mtu, txqlen=DEVICE_QUEUE, up=True)
         # As flannel: the lease's .0 address as a /32, so the device owns an
         # address in the network without a connected route for the whole subnet.
         netlink.add_address(name, f"{spec.subnet.network_address}/32")

@@ -74,6 +74,8 @@ def test_weft_vxlan_interoperates_with_kernel_vxlan(lab: Lab, tmp_path: Path, de
     st = status(sock)
     assert st["device_kind"] == device
     assert st["counters"]["tx_packets"] > 0 and st["counters"]["rx_packets"] > 0
+    # The device queue flannel's proxy needed under TCP bursts (a TUN's default is 500).
+    assert lab.ip_json(n1, "link", "show", "dev", st["device"])[0]["txqlen"] == 1000
 
 
 def test_tshark_decodes_weft_vxlan(lab: Lab, tmp_path: Path) -> None:
