@@ -21,6 +21,16 @@ Packets that are not GSO (ACKs, pings, small writes) still go through the UDP
 socket; both sends run the kernel's transmit path synchronously inside the
 system call, in order, so a flow is not reordered between them.
 
+**Send fallback: TSO in, segments cut in userspace, UDP_SEGMENT out.** Without
+the egress TAP (Linux < 6.17, rp_filter, or switched off) weft still reads
+super-packets, cuts them itself into the segments the kernel's TCP GSO would
+make (dataplane/io/segment.py, numpy over all segments at once), each with
+the backend's headers in front, back to back in one buffer, and sends that
+with one sendmsg carrying a UDP_SEGMENT cmsg (Linux 4.18+): the kernel cuts
+the buffer into standard datagrams and fills in the outer UDP checksums. When
+the kernel refuses that send (before Linux 6.11 it does when the underlay
+device has no checksum offload: EIO) weft sends the segments one by one.
+
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
 comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
@@ -57,6 +67,7 @@ from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
 from dataplane.io.gro import Batch, Coalescer, split_messages
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
+from dataplane.io.segment import Segmenter, probe_udp_segment, segment_cmsg
 from dataplane.io.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -103,15 +114,26 @@ RX_ROUNDS = 4
 TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
+# Plain ints for the hot loop: `int & IntFlag` goes through enum.Flag.__rand__,
+# which showed up at 3–7 % of the send loop's profile.
+_NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
+_GSO_NONE = int(GsoType.NONE)
+_SEND = int(Verdict.SEND)
+_REPLY = int(Verdict.REPLY)
+#: sendmsg errors that say the buffer was full (drop, try the next), not that the
+#: kernel refuses UDP_SEGMENT sends.
+_TRANSIENT = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM})
 _U16 = struct.Struct("!H")
 
 #: The fast paths, as `weft status` names them:
 #: tso_read    TCP super-packets read from the pod device (IFF_VNET_HDR + TSO)
 #: tunnel_gso  … sent through a TAP with UDP-tunnel GSO (the kernel segments, checksums)
+#: udp_segment many datagrams to one peer in one sendmsg (UDP_SEGMENT): without
+#:             tunnel_gso, the segments weft cuts from a super-packet
 #: udp_gro     UDP_GRO on the socket (many datagrams of one flow per message)
 #: recvmmsg    up to 32 messages per system call (ctypes)
 #: gso_write   a GRO message's TCP segments written to the device as one GSO packet
-PATHS = ("tso_read", "tunnel_gso", "udp_gro", "recvmmsg", "gso_write")
+PATHS = ("tso_read", "tunnel_gso", "udp_segment", "udp_gro", "recvmmsg", "gso_write")
 
 
 class FastCounters:
@@ -125,6 +147,9 @@ class FastCounters:
         "rx_calls",
         "rx_messages",
         "rx_segments",
+        "split_packets",
+        "split_segments",
+        "udp_segment_sends",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -135,6 +160,9 @@ class FastCounters:
         self.rx_segments = 0  # datagrams in those messages
         self.gso_writes = 0  # coalesced packets written to the device
         self.gso_written_segments = 0  # … and the segments they carried
+        self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
+        self.split_segments = 0  # … and the segments they made
+        self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -178,6 +206,12 @@ class FastPaths:
             self.why_off[path] = f"disabled by {DISABLE_ENV}"
             return False
         return True
+
+    def turn_off(self, path: str, reason: str) -> None:
+        """A path the kernel refused while running (not at the probe): off from now on."""
+        self.on[path] = False
+        self.why_off[path] = reason
+        log.warning("fast path %s off: %s", path, reason)
 
     def enable(self, path: str) -> None:
         self.on[path] = True
@@ -357,6 +391,12 @@ def _sysctl_int(path: str) -> int | None:
 
 
 def setup_socket(paths: FastPaths, sock: socket.socket) -> None:
+    if paths.wanted("udp_segment"):
+        try:
+            probe_udp_segment(sock)
+            paths.enable("udp_segment")
+        except OSError as exc:
+            paths.refuse("udp_segment", f"setsockopt UDP_SEGMENT refused: {_errtext(exc)}")
     if paths.wanted("recvmmsg"):
         if batch.available():
             paths.enable("recvmmsg")
@@ -404,6 +444,8 @@ class FastEngine(Engine):
         self._port = port
         self._ip_id = 0
         self._outer: dict[tuple[str, int], tuple[int, int, bytes]] = {}
+        # Without the egress TAP, super-packets are cut here (dataplane/io/segment.py).
+        self._segmenter = Segmenter() if paths.on["tso_read"] and self._egress_fd < 0 else None
         l2 = forwarder.l2
         # Where the inner IP header sits in a received datagram (vxlan: after the
         # VXLAN header and inner Ethernet; udp: at once) and in what weft writes.
@@ -478,6 +520,8 @@ class FastEngine(Engine):
         vnet = self._tx_vnet
         unpack_vnet = VNET_STRUCT.unpack_from
         egress = self._egress_fd
+        # Super-packets leave through the TAP (the kernel cuts them) or are cut here.
+        gso_out = egress >= 0 or self._segmenter is not None
         sendto = self.send_socket.sendto  # type: ignore[union-attr]
         drops = fwd.counters.drops
         l2 = self._l2
@@ -501,7 +545,7 @@ class FastEngine(Engine):
             budget -= n
             end = head + n
             flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack_vnet(vnet)
-            if gso_type != GsoType.NONE and egress >= 0:
+            if gso_type != _GSO_NONE and gso_out:
                 # TCP super-packet: the forwarder judges its first segment (route,
                 # size against the path MTU, encapsulation in front).
                 l4 = head + csum_start
@@ -510,34 +554,37 @@ class FastEngine(Engine):
                     verdict = fwd.from_device(buf, head, seg_end)
                     if tracer is not None:
                         tracer.from_device(buf, head, seg_end, verdict, fwd)
-                    if verdict == Verdict.SEND:
-                        self._send_gso(fwd, end, seg_end, gso_type, gso_size, csum_start)
-                    elif verdict == Verdict.REPLY:
+                    if verdict == _SEND:
+                        if egress >= 0:
+                            self._send_gso(fwd, end, seg_end, gso_type, gso_size, csum_start)
+                        else:
+                            self._send_split(fwd, end, seg_end, gso_size, csum_start)
+                    elif verdict == _REPLY:
                         try:
                             writev(fd, [ZERO_VNET, fwd.reply])
                         except OSError:
                             drops[DropReason.WRITE_FAILED] += 1
                     continue
-            if flags & VnetFlag.NEEDS_CSUM:
+            if flags & _NEEDS_CSUM:
                 try:
                     complete_checksum(view[head:end], csum_start, csum_offset)
                 except ValueError:
                     drops[DropReason.TRUNCATED] += 1
                     continue
-            if gso_type != GsoType.NONE and end > head + (fwd.max_inner + (14 if l2 else 0)):
-                # A GSO packet and no way to send it segmented (no egress TAP):
-                # never happens, since TSO is only asked for with the TAP.
+            if gso_type != _GSO_NONE and end > head + (fwd.max_inner + (14 if l2 else 0)):
+                # A GSO packet and no way to send it segmented: never happens,
+                # since TSO is only asked for when super-packets can be sent.
                 drops[DropReason.TOO_BIG] += 1
                 continue
             verdict = fwd.from_device(buf, head, end)
             if tracer is not None:
                 tracer.from_device(buf, head, end, verdict, fwd)
-            if verdict == Verdict.SEND:
+            if verdict == _SEND:
                 try:
                     sendto(view[fwd.out_start : fwd.out_end], fwd.out_peer.sockaddr)  # type: ignore[union-attr]
                 except OSError:
                     drops[DropReason.SEND_FAILED] += 1
-            elif verdict == Verdict.REPLY:
+            elif verdict == _REPLY:
                 try:
                     writev(fd, [ZERO_VNET, fwd.reply])
                 except OSError:
@@ -599,6 +646,62 @@ class FastEngine(Engine):
         fc = self._fc
         fc.gso_sends += 1
         fc.gso_segments += nsegs
+
+    def _send_split(
+        self, fwd: Forwarder, end: int, seg_end: int, gso_size: int, csum_start: int
+    ) -> None:
+        """Cut buf[out_start:end] (backend headers, then the super-packet) into
+        datagrams in userspace; send each batch with one UDP_SEGMENT sendmsg."""
+        seg = self._segmenter
+        assert seg is not None
+        head = self._head
+        peer = fwd.out_peer
+        assert peer is not None
+        l4 = head + csum_start
+        nsegs = seg.start(
+            self._tx_buf, fwd.out_start, head + (14 if self._l2 else 0), l4, end, gso_size
+        )
+        counters = fwd.counters
+        if nsegs == 0:
+            counters.drops[DropReason.TRUNCATED] += 1
+            return
+        addr = peer.sockaddr
+        sock = self.send_socket
+        assert sock is not None
+        out = seg.view
+        row = seg.row
+        fc = self._fc
+        paths = self.paths
+        first = 0
+        while first < nsegs:
+            count = min(seg.per_batch, nsegs - first)
+            nbytes = seg.fill(first, count)
+            first += count
+            if count > 1 and paths.on["udp_segment"]:
+                try:
+                    sock.sendmsg([out[:nbytes]], segment_cmsg(row), 0, addr)
+                    fc.udp_segment_sends += 1
+                    continue
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT:
+                        counters.drops[DropReason.SEND_FAILED] += count
+                        continue
+                    # Refused (EIO: no checksum offload on the underlay before
+                    # Linux 6.11; EINVAL): one datagram per call from now on.
+                    paths.turn_off(
+                        "udp_segment", f"sendmsg with UDP_SEGMENT failed: {_errtext(exc)}"
+                    )
+            for off in range(0, nbytes, row):
+                try:
+                    sock.sendto(out[off : min(off + row, nbytes)], addr)
+                except OSError:
+                    counters.drops[DropReason.SEND_FAILED] += 1
+        # As _send_gso: the forwarder counted the first segment.
+        hdrs = row - gso_size - (head - fwd.out_start)  # inner headers per segment
+        counters.tx_packets += nsegs - 1
+        counters.tx_bytes += (end - seg_end) + (nsegs - 1) * hdrs
+        fc.split_packets += 1
+        fc.split_segments += nsegs
 
     def _first_error(self, what: str) -> None:
         if self.on_first_error is not None:

@@ -1,0 +1,123 @@
+"""The send fallback (no UDP-tunnel GSO, as on Linux < 6.17): super-packets read from
+the pod device are cut in userspace and sent with UDP_SEGMENT (dataplane/io/segment.py).
+
+Forced here with WEFT_OFFLOAD_DISABLE=tunnel_gso. weft vxlan → the kernel's VXLAN
+(flannel.1 as flanneld makes it): the receiving pod sees no TCP checksum errors, and
+every datagram on the wire is a standard MTU-sized VXLAN datagram with valid
+checksums (tshark recomputes them); weft udp ↔ weft udp; and the per-datagram
+sends when udp_segment is switched off too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_fastpath import (
+    SUBNET1,
+    SUBNET2,
+    WEFT_MAC,
+    iperf3_bytes,
+    kernel_vxlan_node,
+    nstat,
+    start,
+    two_node_pods,
+    udp_args,
+    vxlan_args,
+)
+from weft_helpers import status
+
+from control.lab.topology import Lab
+from dataplane.io import fastpath
+
+FALLBACK = {fastpath.DISABLE_ENV: "tunnel_gso"}
+
+
+def tshark_rows(pcap: Path, port: int, decode: str) -> list[list[str]]:
+    """frame length, UDP dst port, IP checksum status (outer, inner), UDP checksum
+    status, TCP checksum status, TCP payload length; one row per frame."""
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"udp.port=={port},{decode}",
+         "-o", "ip.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
+         "-o", "tcp.check_checksum:TRUE",
+         "-T", "fields", "-E", "separator=|", "-e", "frame.len", "-e", "udp.dstport",
+         "-e", "ip.checksum.status", "-e", "udp.checksum.status",
+         "-e", "tcp.checksum.status", "-e", "tcp.len", "-e", "vxlan.vni"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+@pytest.mark.parametrize("device", ["tun", "tap"])
+def test_fallback_to_kernel_vxlan_sends_standard_datagrams(
+    lab: Lab, tmp_path: Path, device: str
+) -> None:
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto", device)
+    _, sock = start(lab, n1, args, tmp_path, "n1", env=FALLBACK)
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    before = nstat(lab, pod2, "TcpInCsumErrors", "TcpExtTCPCsumErrors")
+    pcap = tmp_path / "outer.pcap"
+    cap = lab.capture(n2, "eth0", pcap, f"udp port 8472 and src host {n1.underlay_ip}")
+    end = iperf3_bytes(lab, pod1, pod2, "3M")
+    time.sleep(1)  # let tcpdump drain its ring before SIGTERM
+    lab.stop(cap)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    assert nstat(lab, pod2, "TcpInCsumErrors", "TcpExtTCPCsumErrors") == before
+    st = status(sock)
+    off = st["offload"]
+    assert "tso_read" in off["on"] and "udp_segment" in off["on"]
+    assert "WEFT_OFFLOAD_DISABLE" in off["off"]["tunnel_gso"]
+    fc = off["counters"]
+    assert fc["gso_sends"] == 0
+    # Super-packets were cut here, many segments each, sent many per sendmsg.
+    assert fc["split_packets"] > 0 and fc["split_segments"] > 4 * fc["split_packets"]
+    assert fc["udp_segment_sends"] >= fc["split_packets"]
+    assert not {"send_failed", "truncated", "too_big"} & set(st["counters"]["drops"])
+    rows = tshark_rows(pcap, 8472, "vxlan")
+    data = [r for r in rows if r[5] and int(r[5]) > 0]
+    assert len(data) > 1000, f"only {len(data)} data segments captured"
+    for length, dport, ip_ok, udp_ok, tcp_ok, _, vni in rows:
+        assert int(length) <= 1514 and dport.split(",")[0] == "8472" and vni == "1"
+        assert set(ip_ok.split(",")) == {"1"} and udp_ok.split(",")[0] == "1", (ip_ok, udp_ok)
+        assert tcp_ok == "1"
+    # Full-size datagrams: the inner IP packets fill the 1450-byte pod MTU.
+    assert max(int(r[0]) for r in rows) == 1514
+
+
+@pytest.mark.parametrize("disable", ["tunnel_gso", "tunnel_gso,udp_segment"])
+def test_fallback_between_weft_udp_nodes(lab: Lab, tmp_path: Path, disable: str) -> None:
+    """flannel's udp backend, both nodes weft: with UDP_SEGMENT, and one datagram
+    per sendto when udp_segment is off too (super-packets are still cut here)."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1472)
+    env = {fastpath.DISABLE_ENV: disable}
+    _, s1 = start(lab, n1, udp_args(n1, SUBNET1, n2, SUBNET2, "auto"), tmp_path, "n1", env)
+    _, s2 = start(lab, n2, udp_args(n2, SUBNET2, n1, SUBNET1, "auto"), tmp_path, "n2", env)
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    before = nstat(lab, pod2, "TcpInCsumErrors")
+    pcap = tmp_path / "outer.pcap"
+    cap = lab.capture(n2, "eth0", pcap, f"udp port 8285 and src host {n1.underlay_ip}")
+    end = iperf3_bytes(lab, pod1, pod2, "3M")
+    time.sleep(1)
+    lab.stop(cap)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    assert nstat(lab, pod2, "TcpInCsumErrors") == before
+    st = status(s1)
+    fc = st["offload"]["counters"]
+    assert fc["split_packets"] > 0 and fc["split_segments"] > 4 * fc["split_packets"]
+    if "udp_segment" in disable:
+        assert fc["udp_segment_sends"] == 0 and "udp_segment" not in st["offload"]["on"]
+    else:
+        assert fc["udp_segment_sends"] >= fc["split_packets"]
+    assert not {"send_failed", "truncated"} & set(st["counters"]["drops"])
+    assert not {"spoofed", "truncated"} & set(status(s2)["counters"]["drops"])
+    rows = tshark_rows(pcap, 8285, "ip")
+    assert len([r for r in rows if r[5] and int(r[5]) > 0]) > 1000
+    for length, _, ip_ok, udp_ok, tcp_ok, _, _ in rows:
+        assert int(length) <= 1514
+        assert set(ip_ok.split(",")) == {"1"} and udp_ok.split(",")[0] == "1", (ip_ok, udp_ok)
+        assert tcp_ok == "1"
+    assert max(int(r[0]) for r in rows) == 1514
