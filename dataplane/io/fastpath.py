@@ -67,7 +67,13 @@ from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
 from dataplane.io.gro import Batch, Coalescer, split_messages
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
-from dataplane.io.segment import Segmenter, probe_udp_segment, segment_cmsg
+from dataplane.io.segment import (
+    MAX_SEGMENTS,
+    MAX_SEND_BYTES,
+    Segmenter,
+    probe_udp_segment,
+    segment_cmsg,
+)
 from dataplane.io.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -90,6 +96,7 @@ from dataplane.packet.vnet import (
     VnetFlag,
     complete_checksum,
 )
+from dataplane.peers import Peer
 from dataplane.trace import Tracer
 
 log = logging.getLogger("weft.fastpath")
@@ -130,16 +137,21 @@ _U16 = struct.Struct("!H")
 #: tunnel_gso  … sent through a TAP with UDP-tunnel GSO (the kernel segments, checksums)
 #: udp_segment many datagrams to one peer in one sendmsg (UDP_SEGMENT): without
 #:             tunnel_gso, the segments weft cuts from a super-packet
+#: tx_batch    consecutive same-size datagrams to one peer read in one drain of the
+#:             device: one UDP_SEGMENT sendmsg
 #: udp_gro     UDP_GRO on the socket (many datagrams of one flow per message)
 #: recvmmsg    up to 32 messages per system call (ctypes)
 #: gso_write   a GRO message's TCP segments written to the device as one GSO packet
-PATHS = ("tso_read", "tunnel_gso", "udp_segment", "udp_gro", "recvmmsg", "gso_write")
+PATHS = (
+    "tso_read", "tunnel_gso", "udp_segment", "tx_batch", "udp_gro", "recvmmsg", "gso_write",
+)  # fmt: skip
 
 
 class FastCounters:
     """How much went through each fast path (counted per batch or per write, not per packet)."""
 
     __slots__ = (
+        "batched_datagrams",
         "gso_segments",
         "gso_sends",
         "gso_writes",
@@ -163,6 +175,7 @@ class FastCounters:
         self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
         self.split_segments = 0  # … and the segments they made
         self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
+        self.batched_datagrams = 0  # tx_batch: small datagrams sent in those calls
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -397,6 +410,11 @@ def setup_socket(paths: FastPaths, sock: socket.socket) -> None:
             paths.enable("udp_segment")
         except OSError as exc:
             paths.refuse("udp_segment", f"setsockopt UDP_SEGMENT refused: {_errtext(exc)}")
+    if paths.wanted("tx_batch"):
+        if paths.on["udp_segment"]:
+            paths.enable("tx_batch")
+        else:
+            paths.refuse("tx_batch", "needs udp_segment")
     if paths.wanted("recvmmsg"):
         if batch.available():
             paths.enable("recvmmsg")
@@ -431,12 +449,17 @@ class FastEngine(Engine):
     ) -> None:
         super().__init__(forwarder, device_fd, sock)
         self.paths = paths
-        head = VNET_HDR_TUNNEL_LEN + OUTER_HLEN + forwarder.headroom
-        self._head = head
-        self._tx_buf = bytearray(head + BUFFER_SIZE)
+        # A run of datagrams (tx_batch) starts at _base; every packet is read
+        # `headroom` bytes after where the previous datagram ended, with room in
+        # front of the first for the egress TAP's headers, and room for a whole
+        # super-packet after the longest run.
+        self._base = VNET_HDR_TUNNEL_LEN + OUTER_HLEN
+        head = self._base + forwarder.headroom
+        self._tx_buf = bytearray(head + MAX_SEND_BYTES + BUFFER_SIZE)
         self._tx_view = memoryview(self._tx_buf)
         self._tx_vnet = bytearray(VNET_HDR_LEN)
-        self._tx_iov = [self._tx_vnet, self._tx_view[head:]]
+        self._tx_iov = [self._tx_vnet, self._tx_view[head : head + BUFFER_SIZE]]
+        self._iov_at = head
         self._egress_fd = paths.egress.fileno() if paths.egress is not None else -1
         self._egress_mac = paths.egress_mac
         self._underlay_mac = underlay_mac
@@ -512,7 +535,7 @@ class FastEngine(Engine):
         fwd = self.forwarder
         buf = self._tx_buf
         view = self._tx_view
-        head = self._head
+        headroom = fwd.headroom
         fd = self.device_fd
         readv = os.readv
         writev = os.writev
@@ -528,11 +551,25 @@ class FastEngine(Engine):
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
         if tracer is not None:
             tracer.start_batch()
+        # tx_batch: each packet is read right behind the previous datagram (its
+        # backend headers land where that one ended), so a run of same-size
+        # datagrams to one peer is one buffer for one UDP_SEGMENT sendmsg.
+        # `base` is where the run starts, `pos` where it ends (the next datagram
+        # starts); a run is sent when the size or peer changes, before any other
+        # send, and at the end of the drain, so no packet waits for a later one.
+        batching = self.paths.on["tx_batch"]
+        base = pos = self._base
+        run_peer: Peer | None = None
+        run_size = run_count = 0
         budget = TX_BUDGET
         got = 0
         for _ in range(BATCH):
             if budget <= 0:
                 break
+            head = pos + headroom
+            if head != self._iov_at:
+                iov[1] = view[head : head + BUFFER_SIZE]
+                self._iov_at = head
             try:
                 n = readv(fd, iov) - VNET_HDR_LEN
             except BlockingIOError:
@@ -551,14 +588,18 @@ class FastEngine(Engine):
                 l4 = head + csum_start
                 seg_end = l4 + ((buf[l4 + 12] >> 4) << 2) + gso_size
                 if seg_end < end:
+                    if run_count:
+                        self._send_run(base, pos, run_size, run_count, run_peer)
+                        run_count = 0
+                        pos = base  # (the packet stays where it is: headers go in front)
                     verdict = fwd.from_device(buf, head, seg_end)
                     if tracer is not None:
                         tracer.from_device(buf, head, seg_end, verdict, fwd)
                     if verdict == _SEND:
                         if egress >= 0:
-                            self._send_gso(fwd, end, seg_end, gso_type, gso_size, csum_start)
+                            self._send_gso(fwd, head, end, seg_end, gso_type, gso_size, csum_start)
                         else:
-                            self._send_split(fwd, end, seg_end, gso_size, csum_start)
+                            self._send_split(fwd, head, end, seg_end, gso_size, csum_start)
                     elif verdict == _REPLY:
                         try:
                             writev(fd, [ZERO_VNET, fwd.reply])
@@ -580,21 +621,89 @@ class FastEngine(Engine):
             if tracer is not None:
                 tracer.from_device(buf, head, end, verdict, fwd)
             if verdict == _SEND:
-                try:
-                    sendto(view[fwd.out_start : fwd.out_end], fwd.out_peer.sockaddr)  # type: ignore[union-attr]
-                except OSError:
-                    drops[DropReason.SEND_FAILED] += 1
+                peer = fwd.out_peer
+                if not batching:
+                    try:
+                        sendto(view[fwd.out_start : end], peer.sockaddr)  # type: ignore[union-attr]
+                    except OSError:
+                        drops[DropReason.SEND_FAILED] += 1
+                    continue
+                # The datagram is buf[pos:end]: encap wrote `headroom` bytes in front.
+                size = end - pos
+                if run_count:
+                    if peer is run_peer and size <= run_size:
+                        run_count += 1
+                        pos = end
+                        if (
+                            size < run_size  # a shorter one ends a run
+                            or run_count == MAX_SEGMENTS
+                            or pos - base + run_size > MAX_SEND_BYTES
+                        ):
+                            self._send_run(base, pos, run_size, run_count, run_peer)
+                            run_count = 0
+                            pos = base
+                        continue
+                    # Another peer or a bigger datagram: send the run, move this one
+                    # to the front of the buffer and start the next run with it.
+                    self._send_run(base, pos, run_size, run_count, run_peer)
+                    view[base : base + size] = view[pos:end]  # memmove: may overlap
+                    pos, end = base, base + size
+                run_peer, run_size, run_count = peer, size, 1
+                pos = end
             elif verdict == _REPLY:
+                if run_count:
+                    self._send_run(base, pos, run_size, run_count, run_peer)
+                    run_count = 0
+                    pos = base
                 try:
                     writev(fd, [ZERO_VNET, fwd.reply])
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
+        if run_count:
+            self._send_run(base, pos, run_size, run_count, run_peer)
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
 
+    def _send_run(self, base: int, pos: int, size: int, count: int, peer: Peer | None) -> None:
+        """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to peer."""
+        assert peer is not None
+        sock = self.send_socket
+        assert sock is not None
+        out = self._tx_view
+        addr = peer.sockaddr
+        fc = self._fc
+        if count == 1:
+            try:
+                sock.sendto(out[base:pos], addr)
+            except OSError:
+                self.forwarder.counters.drops[DropReason.SEND_FAILED] += 1
+            return
+        try:
+            sock.sendmsg([out[base:pos]], segment_cmsg(size), 0, addr)
+            fc.udp_segment_sends += 1
+            fc.batched_datagrams += count
+            return
+        except OSError as exc:
+            if exc.errno in _TRANSIENT:
+                self.forwarder.counters.drops[DropReason.SEND_FAILED] += count
+                return
+            self.paths.turn_off("tx_batch", f"sendmsg with UDP_SEGMENT failed: {_errtext(exc)}")
+        for off in range(base, pos, size):
+            try:
+                sock.sendto(out[off : min(off + size, pos)], addr)
+            except OSError:
+                self.forwarder.counters.drops[DropReason.SEND_FAILED] += 1
+
     def _send_gso(
-        self, fwd: Forwarder, end: int, seg_end: int, gso_type: int, gso_size: int, csum_start: int
+        self,
+        fwd: Forwarder,
+        head: int,
+        end: int,
+        seg_end: int,
+        gso_type: int,
+        gso_size: int,
+        csum_start: int,
     ) -> None:
         """Outer headers and the tunnel vnet header in front of buf[out_start:end]; one write."""
         buf = self._tx_buf
@@ -621,7 +730,6 @@ class FastEngine(Engine):
             0x45, 0, ip_len, ip_id, 0x4000, 65, 17, ~csum & 0xFFFF, self._src, dst,
             self._port, peer.sockaddr[1], udp_len, ucsum,
         )  # fmt: skip
-        head = self._head
         # Offsets in the frame: the inner packet's csum_start counted from `head`.
         cs = csum_start + (head - frame)
         l4 = head + csum_start
@@ -648,13 +756,12 @@ class FastEngine(Engine):
         fc.gso_segments += nsegs
 
     def _send_split(
-        self, fwd: Forwarder, end: int, seg_end: int, gso_size: int, csum_start: int
+        self, fwd: Forwarder, head: int, end: int, seg_end: int, gso_size: int, csum_start: int
     ) -> None:
         """Cut buf[out_start:end] (backend headers, then the super-packet) into
         datagrams in userspace; send each batch with one UDP_SEGMENT sendmsg."""
         seg = self._segmenter
         assert seg is not None
-        head = self._head
         peer = fwd.out_peer
         assert peer is not None
         l4 = head + csum_start
