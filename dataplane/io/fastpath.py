@@ -679,16 +679,18 @@ class FastEngine(Engine):
             except OSError:
                 self.forwarder.counters.drops[DropReason.SEND_FAILED] += 1
             return
-        try:
-            sock.sendmsg([out[base:pos]], segment_cmsg(size), 0, addr)
-            fc.udp_segment_sends += 1
-            fc.batched_datagrams += count
-            return
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                self.forwarder.counters.drops[DropReason.SEND_FAILED] += count
+        if self.paths.on["tx_batch"]:  # (it may go off in the middle of a drain)
+            try:
+                sock.sendmsg([out[base:pos]], segment_cmsg(size), 0, addr)
+                fc.udp_segment_sends += 1
+                fc.batched_datagrams += count
                 return
-            self.paths.turn_off("tx_batch", f"sendmsg with UDP_SEGMENT failed: {_errtext(exc)}")
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    self.forwarder.counters.drops[DropReason.SEND_FAILED] += count
+                    return
+                if exc.errno != errno.EMSGSIZE:
+                    self._udp_segment_refused(exc)
         for off in range(base, pos, size):
             try:
                 sock.sendto(out[off : min(off + size, pos)], addr)
@@ -793,11 +795,10 @@ class FastEngine(Engine):
                     if exc.errno in _TRANSIENT:
                         counters.drops[DropReason.SEND_FAILED] += count
                         continue
-                    # Refused (EIO: no checksum offload on the underlay before
-                    # Linux 6.11; EINVAL): one datagram per call from now on.
-                    paths.turn_off(
-                        "udp_segment", f"sendmsg with UDP_SEGMENT failed: {_errtext(exc)}"
-                    )
+                    if exc.errno != errno.EMSGSIZE:
+                        self._udp_segment_refused(exc)
+                    # EMSGSIZE: the route's MTU is below the segments; sendto
+                    # fragments them as the kernel's VXLAN device would.
             for off in range(0, nbytes, row):
                 try:
                     sock.sendto(out[off : min(off + row, nbytes)], addr)
@@ -809,6 +810,24 @@ class FastEngine(Engine):
         counters.tx_bytes += (end - seg_end) + (nsegs - 1) * hdrs
         fc.split_packets += 1
         fc.split_segments += nsegs
+
+    def _udp_segment_refused(self, exc: OSError) -> None:
+        """The kernel refused a UDP_SEGMENT send (EIO: the underlay device has no
+        checksum offload, before Linux 6.11; EINVAL): udp_segment and tx_batch off.
+        Without the egress TAP, cutting super-packets and sending the segments one
+        by one costs more than reading them one by one, so stop asking the device
+        for super-packets too (those already queued are still cut)."""
+        why = f"sendmsg with UDP_SEGMENT failed: {_errtext(exc)}"
+        paths = self.paths
+        for path in ("udp_segment", "tx_batch"):
+            if paths.on[path]:
+                paths.turn_off(path, why)
+        if self._egress_fd < 0 and paths.on["tso_read"]:
+            try:
+                set_offload(self.device_fd, 0)
+                paths.turn_off("tso_read", f"no tunnel_gso, and {why}")
+            except TunError as err:
+                log.warning("could not switch TSO off on the device: %s", err)
 
     def _first_error(self, what: str) -> None:
         if self.on_first_error is not None:
