@@ -11,8 +11,10 @@ sends when udp_segment is switched off too.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,16 @@ from test_fastpath import (
 )
 from weft_helpers import status
 
+from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
+from dataplane.backends.udp import UdpBackend
+from dataplane.forwarder import Forwarder
 from dataplane.io import fastpath
+from dataplane.io.sockets import open_udp_socket
+from dataplane.peers import Peer
 
 FALLBACK = {fastpath.DISABLE_ENV: "tunnel_gso"}
+SO_NO_CHECK = 11  # asm-generic/socket.h: no UDP checksums on send (UDP GSO refuses it)
 
 
 def tshark_rows(pcap: Path, port: int, decode: str) -> list[list[str]]:
@@ -173,3 +181,55 @@ def test_small_datagrams_leave_in_runs(lab: Lab, tmp_path: Path) -> None:
     for length, dport, ip_ok, udp_ok, _, _, vni in rows:
         assert int(length) <= 1514 and dport.split(",")[0] == "8472" and vni == "1"
         assert set(ip_ok.split(",")) == {"1"} and set(udp_ok.split(",")) <= {"1", "2"}
+
+
+def test_a_refused_udp_segment_send_falls_back_to_one_datagram_per_call(lab: Lab) -> None:
+    """The kernel refuses UDP_SEGMENT sends on some set-ups (Linux < 6.11 when the
+    underlay device has no checksum offload: EIO); here a socket with SO_NO_CHECK
+    makes it refuse (EINVAL). A run read from a real TUN still arrives, whole and in
+    order, one datagram per sendto; udp_segment and tx_batch go off with the reason,
+    and, without the egress TAP, so does TSO on the device."""
+    ns = lab.add_netns("tx")
+    with in_netns(ns):
+        dev, paths = fastpath.open_pod_device("wtx0", tap=False, mode="auto")
+        peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx = open_udp_socket("127.0.0.1", 0)
+        try:
+            for cmd in (
+                ["link", "set", "wtx0", "up"],
+                ["addr", "add", "10.244.1.0/32", "dev", "wtx0"],
+                ["route", "add", "10.244.2.0/24", "dev", "wtx0"],
+            ):
+                subprocess.run(["ip", *cmd], check=True)
+            peer_sock.bind(("127.0.0.1", 0))
+            peer_sock.settimeout(2)
+            port = peer_sock.getsockname()[1]
+            tx.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+            fastpath.setup_socket(paths, tx)
+            assert paths.on["tso_read"] and paths.on["udp_segment"] and paths.on["tx_batch"]
+            fwd = Forwarder(UdpBackend(port=port), local_ip=IPv4Address("10.244.1.0"))
+            fwd.add_peer(Peer(IPv4Network(SUBNET2), IPv4Address("127.0.0.1"), port=port))
+            engine = fastpath.FastEngine(
+                fwd, dev.fileno(), tx, paths,
+                public_ip="127.0.0.1", underlay_mac=bytes(6), port=tx.getsockname()[1],
+            )  # fmt: skip
+            payloads = [bytes([i]) * 100 for i in range(10)]
+            for p in payloads:
+                app.sendto(p, ("10.244.2.5", 9999))
+            engine._on_device()  # one drain: the ten packets, one run
+            got = [peer_sock.recv(2048) for _ in payloads]
+            # udp backend: the inner IP packet is the datagram; UDP payload after 28 bytes.
+            assert [g[28:] for g in got] == payloads
+            assert paths.counters.udp_segment_sends == 0
+            for path in ("udp_segment", "tx_batch", "tso_read"):
+                assert not paths.on[path] and "EINVAL" in paths.why_off[path], path
+            # The device was told: the next packets are read one by one, still sent.
+            app.sendto(b"x" * 100, ("10.244.2.5", 9999))
+            engine._on_device()
+            assert peer_sock.recv(2048)[28:] == b"x" * 100
+        finally:
+            for s in (peer_sock, app, tx):
+                s.close()
+            paths.close()
+            dev.close()
