@@ -556,7 +556,9 @@ class FastEngine(Engine):
         # datagrams to one peer is one buffer for one UDP_SEGMENT sendmsg.
         # `base` is where the run starts, `pos` where it ends (the next datagram
         # starts); a run is sent when the size or peer changes, before any other
-        # send, and at the end of the drain, so no packet waits for a later one.
+        # send, and at the end of the drain, so no packet waits for a later one
+        # (but the last of a run waits for the next read: hence the first packet
+        # of a drain is sent at once, see below).
         batching = self.paths.on["tx_batch"]
         base = pos = self._base
         run_peer: Peer | None = None
@@ -622,7 +624,10 @@ class FastEngine(Engine):
                 tracer.from_device(buf, head, end, verdict, fwd)
             if verdict == _SEND:
                 peer = fwd.out_peer
-                if not batching:
+                if not batching or got == 1:
+                    # The first packet of a drain goes out at once: a lone packet
+                    # (ping, a request) must not wait for the read that finds the
+                    # device empty. Runs start with the second.
                     try:
                         sendto(view[fwd.out_start : end], peer.sockaddr)  # type: ignore[union-attr]
                     except OSError:
