@@ -21,6 +21,16 @@ Packets that are not GSO (ACKs, pings, small writes) still go through the UDP
 socket; both sends run the kernel's transmit path synchronously inside the
 system call, in order, so a flow is not reordered between them.
 
+**Send fallback: TSO in, segments cut in userspace, UDP_SEGMENT out.** Without
+the egress TAP (Linux < 6.17, rp_filter, or switched off) weft still reads
+super-packets, cuts them itself into the segments the kernel's TCP GSO would
+make (dataplane/io/segment.py, numpy over all segments at once), each with
+the backend's headers in front, back to back in one buffer, and sends that
+with one sendmsg carrying a UDP_SEGMENT cmsg (Linux 4.18+): the kernel cuts
+the buffer into standard datagrams and fills in the outer UDP checksums. When
+the kernel refuses that send (before Linux 6.11 it does when the underlay
+device has no checksum offload: EIO) weft sends the segments one by one.
+
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
 comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
@@ -60,6 +70,13 @@ from dataplane.io import batch, netlink
 from dataplane.io import uso as uso_mod
 from dataplane.io.gro import Batch, Coalescer, split_messages
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
+from dataplane.io.segment import (
+    MAX_SEGMENTS,
+    MAX_SEND_BYTES,
+    Segmenter,
+    probe_udp_segment,
+    segment_cmsg,
+)
 from dataplane.io.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -85,6 +102,7 @@ from dataplane.packet.vnet import (
     VnetFlag,
     complete_checksum,
 )
+from dataplane.peers import Peer
 from dataplane.trace import Tracer
 
 log = logging.getLogger("weft.fastpath")
@@ -109,22 +127,39 @@ RX_ROUNDS = 4
 TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
+# Plain ints for the hot loop: `int & IntFlag` goes through enum.Flag.__rand__,
+# which showed up at 3–7 % of the send loop's profile.
+_NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
+_GSO_NONE = int(GsoType.NONE)
+_SEND = int(Verdict.SEND)
+_REPLY = int(Verdict.REPLY)
+#: sendmsg errors that say the buffer was full (drop, try the next), not that the
+#: kernel refuses UDP_SEGMENT sends.
+_TRANSIENT = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM})
 _U16 = struct.Struct("!H")
 
 #: The fast paths, as `weft status` names them:
 #: tso_read    TCP super-packets read from the pod device (IFF_VNET_HDR + TSO)
 #: tunnel_gso  … sent through a TAP with UDP-tunnel GSO (the kernel segments, checksums)
+#: udp_segment many datagrams to one peer in one sendmsg (UDP_SEGMENT): without
+#:             tunnel_gso, the segments weft cuts from a super-packet
+#: tx_batch    consecutive same-size datagrams to one peer read in one drain of the
+#:             device: one UDP_SEGMENT sendmsg
 #: udp_gro     UDP_GRO on the socket (many datagrams of one flow per message)
-#: recvmmsg    up to 32 messages per system call (ctypes)
+#: recvmmsg    up to 128 messages per system call (ctypes)
 #: gso_write   a GRO message's TCP segments written to the device as one GSO packet
 #: uso_write   consecutive datagrams of one inner UDP flow written as one UDP GSO packet
-PATHS = ("tso_read", "tunnel_gso", "udp_gro", "recvmmsg", "gso_write", "uso_write")
+PATHS = (
+    "tso_read", "tunnel_gso", "udp_segment", "tx_batch", "udp_gro", "recvmmsg", "gso_write",
+    "uso_write",
+)  # fmt: skip
 
 
 class FastCounters:
     """How much went through each fast path (counted per batch or per write, not per packet)."""
 
     __slots__ = (
+        "batched_datagrams",
         "gso_segments",
         "gso_sends",
         "gso_writes",
@@ -132,6 +167,9 @@ class FastCounters:
         "rx_calls",
         "rx_messages",
         "rx_segments",
+        "split_packets",
+        "split_segments",
+        "udp_segment_sends",
         "uso_writes",
         "uso_written_segments",
     )  # fmt: skip
@@ -144,6 +182,10 @@ class FastCounters:
         self.rx_segments = 0  # datagrams in those messages
         self.gso_writes = 0  # coalesced packets written to the device
         self.gso_written_segments = 0  # … and the segments they carried
+        self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
+        self.split_segments = 0  # … and the segments they made
+        self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
+        self.batched_datagrams = 0  # tx_batch: small datagrams sent in those calls
         self.uso_writes = 0  # UDP GSO packets written to the device
         self.uso_written_segments = 0  # … and the datagrams they carried
 
@@ -189,6 +231,12 @@ class FastPaths:
             self.why_off[path] = f"disabled by {DISABLE_ENV}"
             return False
         return True
+
+    def turn_off(self, path: str, reason: str) -> None:
+        """A path the kernel refused while running (not at the probe): off from now on."""
+        self.on[path] = False
+        self.why_off[path] = reason
+        log.warning("fast path %s off: %s", path, reason)
 
     def enable(self, path: str) -> None:
         self.on[path] = True
@@ -386,6 +434,17 @@ def _sysctl_int(path: str) -> int | None:
 
 
 def setup_socket(paths: FastPaths, sock: socket.socket) -> None:
+    if paths.wanted("udp_segment"):
+        try:
+            probe_udp_segment(sock)
+            paths.enable("udp_segment")
+        except OSError as exc:
+            paths.refuse("udp_segment", f"setsockopt UDP_SEGMENT refused: {_errtext(exc)}")
+    if paths.wanted("tx_batch"):
+        if paths.on["udp_segment"]:
+            paths.enable("tx_batch")
+        else:
+            paths.refuse("tx_batch", "needs udp_segment")
     if paths.wanted("recvmmsg"):
         if batch.available():
             paths.enable("recvmmsg")
@@ -425,12 +484,17 @@ class FastEngine(Engine):
     ) -> None:
         super().__init__(forwarder, device_fd, sock)
         self.paths = paths
-        head = VNET_HDR_TUNNEL_LEN + OUTER_HLEN + forwarder.headroom
-        self._head = head
-        self._tx_buf = bytearray(head + BUFFER_SIZE)
+        # A run of datagrams (tx_batch) starts at _base; every packet is read
+        # `headroom` bytes after where the previous datagram ended, with room in
+        # front of the first for the egress TAP's headers, and room for a whole
+        # super-packet after the longest run.
+        self._base = VNET_HDR_TUNNEL_LEN + OUTER_HLEN
+        head = self._base + forwarder.headroom
+        self._tx_buf = bytearray(head + MAX_SEND_BYTES + BUFFER_SIZE)
         self._tx_view = memoryview(self._tx_buf)
         self._tx_vnet = bytearray(VNET_HDR_LEN)
-        self._tx_iov = [self._tx_vnet, self._tx_view[head:]]
+        self._tx_iov = [self._tx_vnet, self._tx_view[head : head + BUFFER_SIZE]]
+        self._iov_at = head
         self._egress_fd = paths.egress.fileno() if paths.egress is not None else -1
         self._egress_mac = paths.egress_mac
         self._underlay_mac = underlay_mac
@@ -438,6 +502,8 @@ class FastEngine(Engine):
         self._port = port
         self._ip_id = 0
         self._outer: dict[tuple[str, int], tuple[int, int, bytes]] = {}
+        # Without the egress TAP, super-packets are cut here (dataplane/io/segment.py).
+        self._segmenter = Segmenter() if paths.on["tso_read"] and self._egress_fd < 0 else None
         l2 = forwarder.l2
         # Where the inner IP header sits in a received datagram (vxlan: after the
         # VXLAN header and inner Ethernet; udp: at once) and in what weft writes.
@@ -513,7 +579,7 @@ class FastEngine(Engine):
         fwd = self.forwarder
         buf = self._tx_buf
         view = self._tx_view
-        head = self._head
+        headroom = fwd.headroom
         fd = self.device_fd
         readv = os.readv
         writev = os.writev
@@ -521,17 +587,35 @@ class FastEngine(Engine):
         vnet = self._tx_vnet
         unpack_vnet = VNET_STRUCT.unpack_from
         egress = self._egress_fd
+        # Super-packets leave through the TAP (the kernel cuts them) or are cut here.
+        gso_out = egress >= 0 or self._segmenter is not None
         sendto = self.send_socket.sendto  # type: ignore[union-attr]
         drops = fwd.counters.drops
         l2 = self._l2
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
         if tracer is not None:
             tracer.start_batch()
+        # tx_batch: each packet is read right behind the previous datagram (its
+        # backend headers land where that one ended), so a run of same-size
+        # datagrams to one peer is one buffer for one UDP_SEGMENT sendmsg.
+        # `base` is where the run starts, `pos` where it ends (the next datagram
+        # starts); a run is sent when the size or peer changes, before any other
+        # send, and at the end of the drain, so no packet waits for a later one
+        # (but the last of a run waits for the next read: hence the first packet
+        # of a drain is sent at once, see below).
+        batching = self.paths.on["tx_batch"]
+        base = pos = self._base
+        run_peer: Peer | None = None
+        run_size = run_count = 0
         budget = TX_BUDGET
         got = 0
         for _ in range(BATCH):
             if budget <= 0:
                 break
+            head = pos + headroom
+            if head != self._iov_at:
+                iov[1] = view[head : head + BUFFER_SIZE]
+                self._iov_at = head
             try:
                 n = readv(fd, iov) - VNET_HDR_LEN
             except BlockingIOError:
@@ -544,53 +628,133 @@ class FastEngine(Engine):
             budget -= n
             end = head + n
             flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack_vnet(vnet)
-            if gso_type != GsoType.NONE and egress >= 0:
+            if gso_type != _GSO_NONE and gso_out:
                 # TCP super-packet: the forwarder judges its first segment (route,
                 # size against the path MTU, encapsulation in front).
                 l4 = head + csum_start
                 seg_end = l4 + ((buf[l4 + 12] >> 4) << 2) + gso_size
                 if seg_end < end:
+                    if run_count:
+                        self._send_run(base, pos, run_size, run_count, run_peer)
+                        run_count = 0
+                        pos = base  # (the packet stays where it is: headers go in front)
                     verdict = fwd.from_device(buf, head, seg_end)
                     if tracer is not None:
                         tracer.from_device(buf, head, seg_end, verdict, fwd)
-                    if verdict == Verdict.SEND:
-                        self._send_gso(fwd, end, seg_end, gso_type, gso_size, csum_start)
-                    elif verdict == Verdict.REPLY:
+                    if verdict == _SEND:
+                        if egress >= 0:
+                            self._send_gso(fwd, head, end, seg_end, gso_type, gso_size, csum_start)
+                        else:
+                            self._send_split(fwd, head, end, seg_end, gso_size, csum_start)
+                    elif verdict == _REPLY:
                         try:
                             writev(fd, [ZERO_VNET, fwd.reply])
                         except OSError:
                             drops[DropReason.WRITE_FAILED] += 1
                     continue
-            if flags & VnetFlag.NEEDS_CSUM:
+            if flags & _NEEDS_CSUM:
                 try:
                     complete_checksum(view[head:end], csum_start, csum_offset)
                 except ValueError:
                     drops[DropReason.TRUNCATED] += 1
                     continue
-            if gso_type != GsoType.NONE and end > head + (fwd.max_inner + (14 if l2 else 0)):
-                # A GSO packet and no way to send it segmented (no egress TAP):
-                # never happens, since TSO is only asked for with the TAP.
+            if gso_type != _GSO_NONE and end > head + (fwd.max_inner + (14 if l2 else 0)):
+                # A GSO packet and no way to send it segmented: never happens,
+                # since TSO is only asked for when super-packets can be sent.
                 drops[DropReason.TOO_BIG] += 1
                 continue
             verdict = fwd.from_device(buf, head, end)
             if tracer is not None:
                 tracer.from_device(buf, head, end, verdict, fwd)
-            if verdict == Verdict.SEND:
-                try:
-                    sendto(view[fwd.out_start : fwd.out_end], fwd.out_peer.sockaddr)  # type: ignore[union-attr]
-                except OSError:
-                    drops[DropReason.SEND_FAILED] += 1
-            elif verdict == Verdict.REPLY:
+            if verdict == _SEND:
+                peer = fwd.out_peer
+                if not batching or got == 1:
+                    # The first packet of a drain goes out at once: a lone packet
+                    # (ping, a request) must not wait for the read that finds the
+                    # device empty. Runs start with the second.
+                    try:
+                        sendto(view[fwd.out_start : end], peer.sockaddr)  # type: ignore[union-attr]
+                    except OSError:
+                        drops[DropReason.SEND_FAILED] += 1
+                    continue
+                # The datagram is buf[pos:end]: encap wrote `headroom` bytes in front.
+                size = end - pos
+                if run_count:
+                    if peer is run_peer and size <= run_size:
+                        run_count += 1
+                        pos = end
+                        if (
+                            size < run_size  # a shorter one ends a run
+                            or run_count == MAX_SEGMENTS
+                            or pos - base + run_size > MAX_SEND_BYTES
+                        ):
+                            self._send_run(base, pos, run_size, run_count, run_peer)
+                            run_count = 0
+                            pos = base
+                        continue
+                    # Another peer or a bigger datagram: send the run, move this one
+                    # to the front of the buffer and start the next run with it.
+                    self._send_run(base, pos, run_size, run_count, run_peer)
+                    view[base : base + size] = view[pos:end]  # memmove: may overlap
+                    pos, end = base, base + size
+                run_peer, run_size, run_count = peer, size, 1
+                pos = end
+            elif verdict == _REPLY:
+                if run_count:
+                    self._send_run(base, pos, run_size, run_count, run_peer)
+                    run_count = 0
+                    pos = base
                 try:
                     writev(fd, [ZERO_VNET, fwd.reply])
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
+        if run_count:
+            self._send_run(base, pos, run_size, run_count, run_peer)
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
 
+    def _send_run(self, base: int, pos: int, size: int, count: int, peer: Peer | None) -> None:
+        """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to peer."""
+        assert peer is not None
+        sock = self.send_socket
+        assert sock is not None
+        out = self._tx_view
+        addr = peer.sockaddr
+        fc = self._fc
+        if count == 1:
+            try:
+                sock.sendto(out[base:pos], addr)
+            except OSError:
+                self.forwarder.counters.drops[DropReason.SEND_FAILED] += 1
+            return
+        if self.paths.on["tx_batch"]:  # (it may go off in the middle of a drain)
+            try:
+                sock.sendmsg([out[base:pos]], segment_cmsg(size), 0, addr)
+                fc.udp_segment_sends += 1
+                fc.batched_datagrams += count
+                return
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    self.forwarder.counters.drops[DropReason.SEND_FAILED] += count
+                    return
+                if exc.errno != errno.EMSGSIZE:
+                    self._udp_segment_refused(exc)
+        for off in range(base, pos, size):
+            try:
+                sock.sendto(out[off : min(off + size, pos)], addr)
+            except OSError:
+                self.forwarder.counters.drops[DropReason.SEND_FAILED] += 1
+
     def _send_gso(
-        self, fwd: Forwarder, end: int, seg_end: int, gso_type: int, gso_size: int, csum_start: int
+        self,
+        fwd: Forwarder,
+        head: int,
+        end: int,
+        seg_end: int,
+        gso_type: int,
+        gso_size: int,
+        csum_start: int,
     ) -> None:
         """Outer headers and the tunnel vnet header in front of buf[out_start:end]; one write."""
         buf = self._tx_buf
@@ -617,7 +781,6 @@ class FastEngine(Engine):
             0x45, 0, ip_len, ip_id, 0x4000, 65, 17, ~csum & 0xFFFF, self._src, dst,
             self._port, peer.sockaddr[1], udp_len, ucsum,
         )  # fmt: skip
-        head = self._head
         # Offsets in the frame: the inner packet's csum_start counted from `head`.
         cs = csum_start + (head - frame)
         l4 = head + csum_start
@@ -642,6 +805,78 @@ class FastEngine(Engine):
         fc = self._fc
         fc.gso_sends += 1
         fc.gso_segments += nsegs
+
+    def _send_split(
+        self, fwd: Forwarder, head: int, end: int, seg_end: int, gso_size: int, csum_start: int
+    ) -> None:
+        """Cut buf[out_start:end] (backend headers, then the super-packet) into
+        datagrams in userspace; send each batch with one UDP_SEGMENT sendmsg."""
+        seg = self._segmenter
+        assert seg is not None
+        peer = fwd.out_peer
+        assert peer is not None
+        l4 = head + csum_start
+        nsegs = seg.start(
+            self._tx_buf, fwd.out_start, head + (14 if self._l2 else 0), l4, end, gso_size
+        )
+        counters = fwd.counters
+        if nsegs == 0:
+            counters.drops[DropReason.TRUNCATED] += 1
+            return
+        addr = peer.sockaddr
+        sock = self.send_socket
+        assert sock is not None
+        out = seg.view
+        row = seg.row
+        fc = self._fc
+        paths = self.paths
+        first = 0
+        while first < nsegs:
+            count = min(seg.per_batch, nsegs - first)
+            nbytes = seg.fill(first, count)
+            first += count
+            if count > 1 and paths.on["udp_segment"]:
+                try:
+                    sock.sendmsg([out[:nbytes]], segment_cmsg(row), 0, addr)
+                    fc.udp_segment_sends += 1
+                    continue
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT:
+                        counters.drops[DropReason.SEND_FAILED] += count
+                        continue
+                    if exc.errno != errno.EMSGSIZE:
+                        self._udp_segment_refused(exc)
+                    # EMSGSIZE: the route's MTU is below the segments; sendto
+                    # fragments them as the kernel's VXLAN device would.
+            for off in range(0, nbytes, row):
+                try:
+                    sock.sendto(out[off : min(off + row, nbytes)], addr)
+                except OSError:
+                    counters.drops[DropReason.SEND_FAILED] += 1
+        # As _send_gso: the forwarder counted the first segment.
+        hdrs = row - gso_size - (head - fwd.out_start)  # inner headers per segment
+        counters.tx_packets += nsegs - 1
+        counters.tx_bytes += (end - seg_end) + (nsegs - 1) * hdrs
+        fc.split_packets += 1
+        fc.split_segments += nsegs
+
+    def _udp_segment_refused(self, exc: OSError) -> None:
+        """The kernel refused a UDP_SEGMENT send (EIO: the underlay device has no
+        checksum offload, before Linux 6.11; EINVAL): udp_segment and tx_batch off.
+        Without the egress TAP, cutting super-packets and sending the segments one
+        by one costs more than reading them one by one, so stop asking the device
+        for super-packets too (those already queued are still cut)."""
+        why = f"sendmsg with UDP_SEGMENT failed: {_errtext(exc)}"
+        paths = self.paths
+        for path in ("udp_segment", "tx_batch"):
+            if paths.on[path]:
+                paths.turn_off(path, why)
+        if self._egress_fd < 0 and paths.on["tso_read"]:
+            try:
+                set_offload(self.device_fd, 0)
+                paths.turn_off("tso_read", f"no tunnel_gso, and {why}")
+            except TunError as err:
+                log.warning("could not switch TSO off on the device: %s", err)
 
     def _first_error(self, what: str) -> None:
         if self.on_first_error is not None:

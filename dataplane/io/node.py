@@ -28,7 +28,7 @@ from dataplane.io import fastpath, netlink
 from dataplane.io.fastpath import FastPaths
 from dataplane.io.runner import Engine
 from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
-from dataplane.io.tun import TunDevice, open_tun, set_offload
+from dataplane.io.tun import TunDevice, open_tun
 from dataplane.packet.arp import ArpOp, build_arp, parse_arp
 from dataplane.packet.errors import DecodeError
 from dataplane.packet.ethernet import mac_to_str
@@ -180,12 +180,11 @@ class UserspaceDataplane:
         assert fast is not None and self.tun is not None and self.sock is not None
         assert self.forwarder is not None
         if fast.on["tso_read"]:
+            # Super-packets leave through the egress TAP (the kernel cuts them), or,
+            # without it, are cut in userspace and sent with UDP_SEGMENT (or one
+            # datagram per call): either way weft asks the device for them.
             fastpath.open_egress_tap(fast, spec.device_name)
-            if fast.egress is None:
-                # Super-packets could not leave segmented: do not ask for them.
-                set_offload(self.tun, 0)
-                fast.refuse("tso_read", "no TAP with UDP-tunnel GSO to send super-packets through")
-            else:
+            if fast.egress is not None:
                 try:
                     fastpath.limit_gso_size(spec.device_name)
                 except OSError as exc:

@@ -287,8 +287,8 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
 ) -> None:
     """rp_filter is max(all, device), so the TAP's own 0 does not win over all=1 or 2,
     and either mode drops frames from our own address coming in on an address-less
-    TAP. The probe leaves the send fast path off (traffic goes through the socket),
-    and `--offload on` refuses to start."""
+    TAP. The probe leaves the egress TAP off (super-packets are cut in userspace and
+    go through the socket), and `--offload on` refuses to start."""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
     lab.sysctl(n1, "net.ipv4.conf.all.rp_filter", rp_filter)
@@ -298,9 +298,9 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
     end = iperf3_bytes(lab, pod1, pod2, "4M")
     assert end["sum_sent"].get("retransmits", 0) == 0
     off = status(sock)["offload"]
-    assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"] and "tso_read" in off["off"]
-    assert off["on"] == ["udp_gro", "recvmmsg", "gso_write", "uso_write"]
-    assert off["counters"]["gso_sends"] == 0
+    assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"]
+    assert off["on"] == [p for p in ALL_PATHS if p != "tunnel_gso"]
+    assert off["counters"]["gso_sends"] == 0 and off["counters"]["split_packets"] > 0
     lab.stop(proc)
     with pytest.raises(AssertionError, match=f"rp_filter={rp_filter}"):
         start(lab, n1, [*args[:-1], "on"], tmp_path, "n1-on")
@@ -309,8 +309,12 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
 @pytest.mark.parametrize(
     ("disable", "left_on"),
     [
-        ("tunnel_gso,udp_gro", ["recvmmsg", "gso_write", "uso_write"]),
-        ("recvmmsg,gso_write", ["tso_read", "tunnel_gso"]),
+        (
+            "tunnel_gso,udp_gro",
+            ["tso_read", "udp_segment", "tx_batch", "recvmmsg", "gso_write", "uso_write"],
+        ),
+        ("recvmmsg,gso_write", ["tso_read", "tunnel_gso", "udp_segment", "tx_batch"]),
+        ("tso_read", ["udp_segment", "tx_batch", "udp_gro", "recvmmsg", "gso_write", "uso_write"]),
     ],
 )
 def test_a_path_switched_off_falls_back_and_says_so(
@@ -332,9 +336,13 @@ def test_a_path_switched_off_falls_back_and_says_so(
         assert "WEFT_OFFLOAD_DISABLE" in off["off"][path]
     log = (tmp_path / "n1.log").read_text()
     assert log.count(f"fast paths on: {', '.join(left_on)}") == 1
-    if "tso_read" not in left_on:
+    if "tunnel_gso" not in left_on:
         assert off["counters"]["gso_sends"] == 0
-        assert "fast path tso_read off: no TAP with UDP-tunnel GSO" in log
+    if "tso_read" in left_on and "tunnel_gso" not in left_on:
+        assert off["counters"]["split_packets"] > 0  # cut in userspace
+    if "tso_read" not in left_on:
+        assert off["counters"]["split_packets"] == 0
+        assert "fast path tunnel_gso off: used only with tso_read" in log
     if "recvmmsg" not in left_on:
         assert off["counters"]["rx_calls"] == 0
         assert "fast path udp_gro off: needs recvmmsg" in log
