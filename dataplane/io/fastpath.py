@@ -58,7 +58,7 @@ from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
 from dataplane.io import uso as uso_mod
-from dataplane.io.gro import Batch, Coalescer, split_messages
+from dataplane.io.gro import Batch, Coalescer, DatagramPlanner, split_messages
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
 from dataplane.io.tun import (
     TUN_F_CSUM,
@@ -102,6 +102,11 @@ POD_GSO_MAX_SIZE = 65400
 
 OUTER_HLEN = 14 + 20 + 8  # Ethernet, IPv4, UDP written by weft in front of the backend's headers
 RX_SLOTS = 128
+#: A batch of single datagrams is planned for coalescing (gro.DatagramPlanner, some
+#: 60–120 µs of numpy) only when it has at least this many datagrams whose length
+#: equals the one before: a stream's full-size segments. Request/response traffic
+#: (a datagram or two per batch) never pays for it.
+DATAGRAM_RUN_MIN = 4
 #: Work per readiness callback, so that one direction does not keep the other
 #: waiting: TCP's ACKs travel the other way, and a sender whose ACKs wait for
 #: a long batch stalls. recvmmsg calls per callback, and device bytes read.
@@ -117,8 +122,11 @@ _U16 = struct.Struct("!H")
 #: udp_gro     UDP_GRO on the socket (many datagrams of one flow per message)
 #: recvmmsg    up to 32 messages per system call (ctypes)
 #: gso_write   a GRO message's TCP segments written to the device as one GSO packet
+#: gso_datagrams  … and consecutive single datagrams of one TCP flow (no GRO upstream)
 #: uso_write   consecutive datagrams of one inner UDP flow written as one UDP GSO packet
-PATHS = ("tso_read", "tunnel_gso", "udp_gro", "recvmmsg", "gso_write", "uso_write")
+PATHS = (
+    "tso_read", "tunnel_gso", "udp_gro", "recvmmsg", "gso_write", "gso_datagrams", "uso_write",
+)  # fmt: skip
 
 
 class FastCounters:
@@ -249,6 +257,11 @@ def open_pod_device(name: str, *, tap: bool, mode: str) -> tuple[TunDevice, Fast
                 paths.refuse("tso_read", f"TUNSETOFFLOAD(CSUM|TSO4|TSO6) refused: {_errtext(exc)}")
         if paths.wanted("gso_write"):
             paths.enable("gso_write")
+        if paths.wanted("gso_datagrams"):
+            if paths.on["gso_write"]:
+                paths.enable("gso_datagrams")
+            else:
+                paths.why_off["gso_datagrams"] = "needs gso_write"
         if paths.wanted("uso_write"):
             _probe_uso(dev, paths)
     except BaseException:
@@ -447,6 +460,7 @@ class FastEngine(Engine):
         # receive
         self._rx: batch.MmsgReceiver | None = None
         self._coalescer: Coalescer | None = None
+        self._planner: DatagramPlanner | None = None
         if paths.on["recvmmsg"]:
             # Datagrams land so that the inner TCP checksum range (from the inner IP
             # addresses on) is 4-byte aligned: see gro.Coalescer._tcp_sums_ok.
@@ -454,6 +468,8 @@ class FastEngine(Engine):
             self._rx = batch.MmsgReceiver(RX_SLOTS, shift=shift)
             if paths.on["gso_write"]:
                 self._coalescer = Coalescer(self._rx.buf, self._ip_off)
+                if paths.on["gso_datagrams"]:
+                    self._planner = DatagramPlanner(self._rx.buf, self._ip_off)
         self._uso: UdpCoalescer | None = None
         if self._rx is not None and paths.on["uso_write"]:
             # Runs of up to 128 datagrams (UDP_MAX_SEGMENTS on Linux 6.x); the first
@@ -710,6 +726,13 @@ class FastEngine(Engine):
                         uso, offs, lens, np.where(sizes < lens, sizes, 0), rx.np_peers, None
                     )
                     continue
+            if (
+                coalescer is not None
+                and self._planner is not None
+                and rx.np_lengths is not None
+                and self._deliver_datagrams(rx, m, self._planner, uso)
+            ):
+                continue
             if coalescer is not None and self._deliver_whole(rx, m, coalescer, uso):
                 continue
             # (offset, length, GRO segment size or 0, peer number) per message, and
@@ -778,6 +801,60 @@ class FastEngine(Engine):
                 fc.rx_segments += 1
                 self._deliver_one(offsets[first], lengths[first], first, None)
         return True
+
+    def _deliver_datagrams(
+        self, rx: batch.MmsgReceiver, m: int, planner: DatagramPlanner, uso: UdpCoalescer | None
+    ) -> bool:
+        """A batch of single datagrams (no UDP GRO upstream: e.g. a kernel VXLAN
+        sender, whose outer UDP checksum 0 keeps the node's GRO from merging) that
+        looks like a TCP stream: the runs gro.DatagramPlanner finds go to the device
+        as one GSO write each, the rest one by one, in order. Returns False (nothing
+        done) for other batches: GRO messages, truncated or UDP datagrams (when USO
+        may take them), or fewer than DATAGRAM_RUN_MIN full-size-looking datagrams."""
+        lens, sizes, peers = rx.np_lengths, rx.np_sizes, rx.np_peers
+        assert lens is not None and sizes is not None and peers is not None
+        if rx.any_truncated or np.count_nonzero(lens[1:] == lens[:-1]) < DATAGRAM_RUN_MIN:
+            return False
+        if (sizes < lens).any():
+            return False  # GRO messages: _deliver_whole's
+        if uso is not None:
+            assert self._rx_u8 is not None
+            if (self._rx_u8[rx.np_offsets[:m] + (self._ip_off + 9)] == 17).any():
+                return False
+        offsets, lengths = rx.offsets, rx.lengths
+        hl, runs = planner.plan(offsets[0], rx.slot_size, lens, peers)
+        self._fc.rx_segments += m
+        done = 0
+        for first, count in runs:
+            for k in range(done, first):
+                self._deliver_one(offsets[k], lengths[k], k, None)
+            self._deliver_datagram_run(first, count, hl)
+            done = first + count
+        for k in range(done, m):
+            self._deliver_one(offsets[k], lengths[k], k, None)
+        return True
+
+    def _deliver_datagram_run(self, first: int, count: int, hl: int) -> None:
+        """Receiver messages first..first+count-1, single datagrams that make one run
+        (gro.DatagramPlanner), as one GSO write."""
+        rx = self._rx
+        rxv = self._rx_view
+        assert rx is not None and rxv is not None
+        offsets, lengths = rx.offsets, rx.lengths
+        s0, len0 = offsets[first], lengths[first]
+        fwd = self.forwarder
+        verdict = fwd.from_network(rxv[s0 : s0 + len0], len0, rx.sources[first])  # type: ignore[arg-type]
+        if verdict != Verdict.DELIVER:
+            fwd.counters.drops[fwd.drop_reason] += count - 1
+            return
+        stop = first + count
+        iov: list[bytes | bytearray | memoryview] = [b"", b""]
+        iov += [
+            rxv[o + hl : o + n]
+            for o, n in zip(offsets[first:stop], lengths[first:stop], strict=True)
+        ]
+        payload = sum(lengths[first:stop]) - count * hl
+        self._write_gso(iov, s0, len0, hl, offsets[stop - 1], payload, count)
 
     def _deliver_chain(self, first: int, count: int, hl: int, payload: int) -> None:
         """Receiver messages first..first+count-1, GRO messages of one segment size that

@@ -299,7 +299,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
     assert end["sum_sent"].get("retransmits", 0) == 0
     off = status(sock)["offload"]
     assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"] and "tso_read" in off["off"]
-    assert off["on"] == ["udp_gro", "recvmmsg", "gso_write", "uso_write"]
+    assert off["on"] == ["udp_gro", "recvmmsg", "gso_write", "gso_datagrams", "uso_write"]
     assert off["counters"]["gso_sends"] == 0
     lab.stop(proc)
     with pytest.raises(AssertionError, match=f"rp_filter={rp_filter}"):
@@ -309,7 +309,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
 @pytest.mark.parametrize(
     ("disable", "left_on"),
     [
-        ("tunnel_gso,udp_gro", ["recvmmsg", "gso_write", "uso_write"]),
+        ("tunnel_gso,udp_gro", ["recvmmsg", "gso_write", "gso_datagrams", "uso_write"]),
         ("recvmmsg,gso_write", ["tso_read", "tunnel_gso"]),
     ],
 )
