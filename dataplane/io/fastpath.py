@@ -133,6 +133,7 @@ class FastCounters:
     """How much went through each fast path (counted per batch or per write, not per packet)."""
 
     __slots__ = (
+        "gso_datagram_writes",
         "gso_segments",
         "gso_sends",
         "gso_writes",
@@ -152,6 +153,7 @@ class FastCounters:
         self.rx_segments = 0  # datagrams in those messages
         self.gso_writes = 0  # coalesced packets written to the device
         self.gso_written_segments = 0  # … and the segments they carried
+        self.gso_datagram_writes = 0  # … of them made of single datagrams (gso_datagrams)
         self.uso_writes = 0  # UDP GSO packets written to the device
         self.uso_written_segments = 0  # … and the datagrams they carried
 
@@ -854,6 +856,7 @@ class FastEngine(Engine):
             for o, n in zip(offsets[first:stop], lengths[first:stop], strict=True)
         ]
         payload = sum(lengths[first:stop]) - count * hl
+        self._fc.gso_datagram_writes += 1
         self._write_gso(iov, s0, len0, hl, offsets[stop - 1], payload, count)
 
     def _deliver_chain(self, first: int, count: int, hl: int, payload: int) -> None:

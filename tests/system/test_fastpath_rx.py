@@ -154,10 +154,11 @@ def test_bench_kernel_to_weft(lab: Lab, tmp_path: Path) -> None:
     """Kernel VXLAN (n2, outer checksum 0: no UDP GRO) → weft (n1), the bench's wire
     setting; 64-byte UDP at full speed and one TCP stream, each receive path off in
     turn, interleaved, repeated."""
-    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
+    gro = os.environ.get("WEFT_FASTPATH_BENCH_GRO", "1") != "0"  # 0: one datagram per read
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=gro)
     kmac = kernel_vxlan_node(lab, n2, n1)
     rounds = int(os.environ.get("WEFT_FASTPATH_BENCH_ROUNDS", "2"))
-    variants = os.environ.get("WEFT_FASTPATH_BENCH_VARIANTS", ",uso_write").split(",")
+    variants = os.environ.get("WEFT_FASTPATH_BENCH_VARIANTS", ",uso_write,gso_datagrams").split(",")
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
     for r in range(rounds):
         for disable in variants:
@@ -173,6 +174,8 @@ def test_bench_kernel_to_weft(lab: Lab, tmp_path: Path) -> None:
                 f"{udp['packets'] * (1 - udp['lost_percent'] / 100) / udp['seconds'] / 1e3:.0f}"
                 f" kpps, {udp['lost_percent']:.1f}% lost; tcp1 "
                 f"{tcp['bits_per_second'] / 1e9:.2f} Gbit/s; uso {fc['uso_writes']} writes "
-                f"{fc['uso_written_segments']} datagrams; rx {fc['rx_calls']} calls "
+                f"{fc['uso_written_segments']} datagrams; gso {fc['gso_writes']} writes "
+                f"{fc['gso_written_segments']} segments ({fc['gso_datagram_writes']} from "
+                f"datagrams); rx {fc['rx_calls']} calls "
                 f"{fc['rx_segments']} datagrams"
             )
