@@ -103,10 +103,12 @@ POD_GSO_MAX_SIZE = 65400
 OUTER_HLEN = 14 + 20 + 8  # Ethernet, IPv4, UDP written by weft in front of the backend's headers
 RX_SLOTS = 128
 #: A batch of single datagrams is planned for coalescing (gro.DatagramPlanner, some
-#: 60–120 µs of numpy) only when it has at least this many datagrams whose length
-#: equals the one before: a stream's full-size segments. Request/response traffic
-#: (a datagram or two per batch) never pays for it.
+#: 60–120 µs of numpy) only when it has at least this many datagrams longer than
+#: DATAGRAM_MIN_PAYLOAD + all headers whose length equals the one before: a stream's
+#: full-size segments. Request/response traffic (a datagram or two per batch) and
+#: batches of pure ACKs (a weft sender's receive side) pay a few numpy calls at most.
 DATAGRAM_RUN_MIN = 4
+DATAGRAM_MIN_PAYLOAD = 64
 #: Work per readiness callback, so that one direction does not keep the other
 #: waiting: TCP's ACKs travel the other way, and a sender whose ACKs wait for
 #: a long batch stalls. recvmmsg calls per callback, and device bytes read.
@@ -815,7 +817,11 @@ class FastEngine(Engine):
         may take them), or fewer than DATAGRAM_RUN_MIN full-size-looking datagrams."""
         lens, sizes, peers = rx.np_lengths, rx.np_sizes, rx.np_peers
         assert lens is not None and sizes is not None and peers is not None
-        if rx.any_truncated or np.count_nonzero(lens[1:] == lens[:-1]) < DATAGRAM_RUN_MIN:
+        if rx.any_truncated:
+            return False
+        # Inner IP + TCP headers with options are at most 80 bytes.
+        longer = self._ip_off + 80 + DATAGRAM_MIN_PAYLOAD
+        if np.count_nonzero((lens[1:] == lens[:-1]) & (lens[1:] > longer)) < DATAGRAM_RUN_MIN:
             return False
         if (sizes < lens).any():
             return False  # GRO messages: _deliver_whole's
