@@ -28,8 +28,11 @@ comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
 messages are validated and coalesced (dataplane/io/gro.py, numpy over whole
 messages) and written to the device as one super-packet with a GSO vnet
 header; the kernel delivers it to the pod as its own GRO would have. Single
-datagrams (no GRO upstream) go to the device one by one: coalescing them in
-the interpreter cost more than the writes it saved.
+datagrams (no GRO upstream: e.g. a sender's outer UDP checksum 0) that carry
+one TCP flow's consecutive segments in consecutive recvmmsg slots are coalesced
+the same way, planned for the whole batch at once (gro.DatagramPlanner, numpy
+over strided views of the slots; coalescing them in the interpreter cost more
+than the writes it saved); other single datagrams go to the device one by one.
 
 Datagrams still pass the forwarder (VXLAN header, VNI, VtepMAC, source
 check); for a coalesced run the first segment decides for all, because the
