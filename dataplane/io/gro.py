@@ -515,15 +515,36 @@ class DatagramPlanner:
         self.buf = buf
         self.ip_off = ip_off
         self.max_segments = max_segments
-        ip = ip_off
-        # Per 16-bit header word: the bits that must be equal between the segments of
-        # a run (all but IP total length, ID and checksum; TCP sequence number, flags
-        # — checked on their own — and checksum).
-        keep = np.full((ip + 80) >> 1, 0xFFFF, dtype=np.uint16)
-        for at in (ip + 2, ip + 4, ip + 10, ip + 24, ip + 26, ip + 36):
-            keep[at >> 1] = 0
-        keep[(ip + 32) >> 1] = 0x00FF  # data offset kept, flags not (little-endian words)
-        self._keep = keep
+        self._masks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _masks_for(self, hl: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For headers of hl bytes, read as little-endian 64-bit words (the last one
+        running on into the payload): the bits that must be equal between the
+        segments of a run (all but IP total length, ID and checksum; TCP sequence
+        number, flags — checked on their own — and checksum), and a mask and value
+        every candidate matches (IPv4 without options, not a fragment, TCP, this
+        data offset, flags ACK with or without PSH)."""
+        masks = self._masks.get(hl)
+        if masks is None:
+            ip = self.ip_off
+            size = -(-hl // 8) * 8
+            keep = np.zeros(size, dtype=np.uint8)
+            keep[:hl] = 0xFF
+            keep[[ip + 2, ip + 3, ip + 4, ip + 5, ip + 10, ip + 11]] = 0
+            keep[[ip + 24, ip + 25, ip + 26, ip + 27, ip + 33, ip + 36, ip + 37]] = 0
+            mask = np.zeros(size, dtype=np.uint8)
+            value = np.zeros(size, dtype=np.uint8)
+            for at, bits, want in (
+                (ip, 0xFF, 0x45),
+                (ip + 6, 0x3F, 0),  # MF and the fragment offset
+                (ip + 7, 0xFF, 0),
+                (ip + 9, 0xFF, 6),
+                (ip + 32, 0xF0, (hl - ip - 20) << 2),
+                (ip + 33, 0xFF & ~TCP_PSH, TCP_ACK),
+            ):
+                mask[at], value[at] = bits, want
+            masks = self._masks[hl] = (keep.view("<u8"), mask.view("<u8"), value.view("<u8"))
+        return masks
 
     def plan(
         self, base: int, stride: int, lengths: np.ndarray, peers: np.ndarray
@@ -531,8 +552,8 @@ class DatagramPlanner:
         """(header length, runs (first, count) of two or more datagrams, in order) over
         the m = len(lengths) datagrams at base + k * stride (k < m); `peers` any integer
         per datagram that differs between peers. The datagrams between the runs go as
-        they came. The receive buffer must have 4 bytes of room after every datagram
-        (read, not written)."""
+        they came. The receive buffer must have room after every datagram for the
+        header words (8 bytes) and the checksum sums (4), read, not written."""
         m = len(lengths)
         buf = self.buf
         ip = self.ip_off
@@ -545,26 +566,18 @@ class DatagramPlanner:
         hl = ip + 20 + ((buf[at + ip + 32] >> 4) << 2)
         if hl < ip + 40 or int(lengths[longest]) <= hl:
             return 0, []
-        h = np.ndarray((m, hl), np.uint8, buf, base, (stride, 1))
-        be16 = np.ndarray((m, hl >> 1), ">u2", buf, base, (stride, 2))
-        le16 = np.ndarray((m, hl >> 1), "<u2", buf, base, (stride, 2))
+        keep, mask, value = self._masks_for(hl)
+        words = np.ndarray((m, len(keep)), "<u8", buf, base, (stride, 8))
+        tot = np.ndarray((m,), ">u2", buf, base + ip + 2, (stride,))
+        flags = np.ndarray((m,), np.uint8, buf, base + ip + 33, (stride,))
         seq = np.ndarray((m,), ">u4", buf, base + ip + 24, (stride,)).astype(np.int64)
         pay = lengths - hl
-        flags = h[:, ip + 33]
-        candidate = (
-            (be16[:, ip >> 1] & 0xFF00 == 0x4500)
-            & (h[:, ip + 9] == 6)
-            & ((be16[:, (ip + 6) >> 1] & 0x3FFF) == 0)  # MF, fragment offset
-            & (be16[:, (ip + 2) >> 1] == lengths - ip)  # IP total length
-            & ((h[:, ip + 32] >> 4) == ((hl - ip - 20) >> 2))
-            & ((flags | TCP_PSH) == TCP_ACK | TCP_PSH)
-            & (pay > 0)
-        )
+        candidate = ((words & mask) == value).all(axis=1) & (tot == lengths - ip) & (pay > 0)
         joins = np.zeros(m, dtype=bool)
         joins[1:] = (
             candidate[1:]
             & candidate[:-1]
-            & ~((le16[1:] ^ le16[:-1]) & self._keep[: hl >> 1]).any(axis=1)
+            & ~((words[1:] ^ words[:-1]) & keep).any(axis=1)
             & (peers[1:] == peers[:-1])
             & ((seq[:-1] + pay[:-1]) & 0xFFFFFFFF == seq[1:])
             & (pay[1:] <= pay[:-1])
@@ -582,7 +595,8 @@ class DatagramPlanner:
         # header's) to the end as little-endian 32-bit words (16-bit when the rows are
         # not 4-byte aligned), the bytes after the end masked off the last word;
         # protocol and TCP length added (× 256: see Coalescer._tcp_sums_ok).
-        ip_sums = le16[:, ip >> 1 : (ip + 20) >> 1].sum(axis=1, dtype=np.uint64)
+        ip_hdr = np.ndarray((m, 10), "<u2", buf, base + ip, (stride, 2))
+        ip_sums = ip_hdr.sum(axis=1, dtype=np.uint64)
         good = ip_sums % _ONES == 0
         start = base + ip + 12
         unit = 4 if start & 3 == 0 else 2
