@@ -530,3 +530,18 @@ def test_datagram_planner_interleaved_flows_and_acks() -> None:
     segs = [*a[:3], ack, *a[3:]]
     rx = datagrams(segs)
     assert planner_runs(rx) == rx.runs() == [(0, 3), (3, 1), (4, 3)]
+
+
+@pytest.mark.parametrize("corrupt", [None, 7])
+def test_datagram_planner_streams_of_two_sizes(corrupt: int | None) -> None:
+    """Rows of the longest length are summed as one matrix, a few others one by one,
+    many others as a matrix per length: here 6 of 500 payload bytes after 4 of 1398."""
+    segs = [bytearray(s) for s in [*stream(4), *stream(6, size=500, sport=5202)]]
+    if corrupt is not None:
+        segs[corrupt][150] ^= 0x01
+    rx = datagrams([bytes(s) for s in segs])
+    runs = planner_runs(rx)
+    if corrupt is None:
+        assert runs == rx.runs() == [(0, 4), (4, 6)]
+    else:
+        assert runs == [(0, 4), (4, 3), (7, 1), (8, 2)]
