@@ -38,8 +38,11 @@ comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
 messages are validated and coalesced (dataplane/io/gro.py, numpy over whole
 messages) and written to the device as one super-packet with a GSO vnet
 header; the kernel delivers it to the pod as its own GRO would have. Single
-datagrams (no GRO upstream) go to the device one by one: coalescing them in
-the interpreter cost more than the writes it saved.
+datagrams (no GRO upstream: e.g. a sender's outer UDP checksum 0) that carry
+one TCP flow's consecutive segments in consecutive recvmmsg slots are coalesced
+the same way, planned for the whole batch at once (gro.DatagramPlanner, numpy
+over strided views of the slots; coalescing them in the interpreter cost more
+than the writes it saved); other single datagrams go to the device one by one.
 
 Datagrams still pass the forwarder (VXLAN header, VNI, VtepMAC, source
 check); for a coalesced run the first segment decides for all, because the
@@ -68,7 +71,7 @@ from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
 from dataplane.io import uso as uso_mod
-from dataplane.io.gro import Batch, Coalescer, split_messages
+from dataplane.io.gro import Batch, Coalescer, DatagramPlanner, split_messages
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
 from dataplane.io.segment import (
     MAX_SEGMENTS,
@@ -120,6 +123,13 @@ POD_GSO_MAX_SIZE = 65400
 
 OUTER_HLEN = 14 + 20 + 8  # Ethernet, IPv4, UDP written by weft in front of the backend's headers
 RX_SLOTS = 128
+#: A batch of single datagrams is planned for coalescing (gro.DatagramPlanner, some
+#: 60–120 µs of numpy) only when it has at least this many datagrams longer than
+#: DATAGRAM_MIN_PAYLOAD + all headers whose length equals the one before: a stream's
+#: full-size segments. Request/response traffic (a datagram or two per batch) and
+#: batches of pure ACKs (a weft sender's receive side) pay a few numpy calls at most.
+DATAGRAM_RUN_MIN = 4
+DATAGRAM_MIN_PAYLOAD = 64
 #: Work per readiness callback, so that one direction does not keep the other
 #: waiting: TCP's ACKs travel the other way, and a sender whose ACKs wait for
 #: a long batch stalls. recvmmsg calls per callback, and device bytes read.
@@ -148,10 +158,11 @@ _U16 = struct.Struct("!H")
 #: udp_gro     UDP_GRO on the socket (many datagrams of one flow per message)
 #: recvmmsg    up to 128 messages per system call (ctypes)
 #: gso_write   a GRO message's TCP segments written to the device as one GSO packet
+#: gso_datagrams  … and consecutive single datagrams of one TCP flow (no GRO upstream)
 #: uso_write   consecutive datagrams of one inner UDP flow written as one UDP GSO packet
 PATHS = (
     "tso_read", "tunnel_gso", "udp_segment", "tx_batch", "udp_gro", "recvmmsg", "gso_write",
-    "uso_write",
+    "gso_datagrams", "uso_write",
 )  # fmt: skip
 
 
@@ -160,6 +171,7 @@ class FastCounters:
 
     __slots__ = (
         "batched_datagrams",
+        "gso_datagram_writes",
         "gso_segments",
         "gso_sends",
         "gso_writes",
@@ -182,6 +194,7 @@ class FastCounters:
         self.rx_segments = 0  # datagrams in those messages
         self.gso_writes = 0  # coalesced packets written to the device
         self.gso_written_segments = 0  # … and the segments they carried
+        self.gso_datagram_writes = 0  # … of them made of single datagrams (gso_datagrams)
         self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
         self.split_segments = 0  # … and the segments they made
         self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
@@ -297,6 +310,11 @@ def open_pod_device(name: str, *, tap: bool, mode: str) -> tuple[TunDevice, Fast
                 paths.refuse("tso_read", f"TUNSETOFFLOAD(CSUM|TSO4|TSO6) refused: {_errtext(exc)}")
         if paths.wanted("gso_write"):
             paths.enable("gso_write")
+        if paths.wanted("gso_datagrams"):
+            if paths.on["gso_write"]:
+                paths.enable("gso_datagrams")
+            else:
+                paths.why_off["gso_datagrams"] = "needs gso_write"
         if paths.wanted("uso_write"):
             _probe_uso(dev, paths)
     except BaseException:
@@ -513,6 +531,7 @@ class FastEngine(Engine):
         # receive
         self._rx: batch.MmsgReceiver | None = None
         self._coalescer: Coalescer | None = None
+        self._planner: DatagramPlanner | None = None
         if paths.on["recvmmsg"]:
             # Datagrams land so that the inner TCP checksum range (from the inner IP
             # addresses on) is 4-byte aligned: see gro.Coalescer._tcp_sums_ok.
@@ -520,6 +539,8 @@ class FastEngine(Engine):
             self._rx = batch.MmsgReceiver(RX_SLOTS, shift=shift)
             if paths.on["gso_write"]:
                 self._coalescer = Coalescer(self._rx.buf, self._ip_off)
+                if paths.on["gso_datagrams"]:
+                    self._planner = DatagramPlanner(self._rx.buf, self._ip_off)
         self._uso: UdpCoalescer | None = None
         if self._rx is not None and paths.on["uso_write"]:
             # Runs of up to 128 datagrams (UDP_MAX_SEGMENTS on Linux 6.x); the first
@@ -945,6 +966,13 @@ class FastEngine(Engine):
                         uso, offs, lens, np.where(sizes < lens, sizes, 0), rx.np_peers, None
                     )
                     continue
+            if (
+                coalescer is not None
+                and self._planner is not None
+                and rx.np_lengths is not None
+                and self._deliver_datagrams(rx, m, self._planner, uso)
+            ):
+                continue
             if coalescer is not None and self._deliver_whole(rx, m, coalescer, uso):
                 continue
             # (offset, length, GRO segment size or 0, peer number) per message, and
@@ -1013,6 +1041,68 @@ class FastEngine(Engine):
                 fc.rx_segments += 1
                 self._deliver_one(offsets[first], lengths[first], first, None)
         return True
+
+    def _deliver_datagrams(
+        self, rx: batch.MmsgReceiver, m: int, planner: DatagramPlanner, uso: UdpCoalescer | None
+    ) -> bool:
+        """A batch of single datagrams (no UDP GRO upstream: e.g. a kernel VXLAN
+        sender, whose outer UDP checksum 0 keeps the node's GRO from merging) that
+        looks like a TCP stream: the runs gro.DatagramPlanner finds go to the device
+        as one GSO write each, the rest one by one, in order. Returns False (nothing
+        done) for other batches: GRO messages, truncated or UDP datagrams (when USO
+        may take them), or fewer than DATAGRAM_RUN_MIN full-size-looking datagrams."""
+        lens, sizes, peers = rx.np_lengths, rx.np_sizes, rx.np_peers
+        assert lens is not None and sizes is not None and peers is not None
+        if rx.any_truncated:
+            return False
+        # Inner IP + TCP headers with options are at most 80 bytes.
+        longer = self._ip_off + 80 + DATAGRAM_MIN_PAYLOAD
+        if np.count_nonzero((lens[1:] == lens[:-1]) & (lens[1:] > longer)) < DATAGRAM_RUN_MIN:
+            return False
+        if (sizes < lens).any():
+            return False  # GRO messages: _deliver_whole's
+        if uso is not None:
+            assert self._rx_u8 is not None
+            if (self._rx_u8[rx.np_offsets[:m] + (self._ip_off + 9)] == 17).any():
+                return False
+        offsets, lengths = rx.offsets, rx.lengths
+        hl, runs = planner.plan(offsets[0], rx.slot_size, lens, peers)
+        self._fc.rx_segments += m
+        done = 0
+        for first, count in runs:
+            for k in range(done, first):
+                self._deliver_one(offsets[k], lengths[k], k, None)
+            self._deliver_datagram_run(first, count, hl)
+            done = first + count
+        for k in range(done, m):
+            self._deliver_one(offsets[k], lengths[k], k, None)
+        return True
+
+    def _deliver_datagram_run(self, first: int, count: int, hl: int) -> None:
+        """Receiver messages first..first+count-1, single datagrams that make one run
+        (gro.DatagramPlanner), as one GSO write."""
+        rx = self._rx
+        rxv = self._rx_view
+        assert rx is not None and rxv is not None
+        offsets, lengths = rx.offsets, rx.lengths
+        s0, len0 = offsets[first], lengths[first]
+        fwd = self.forwarder
+        verdict = fwd.from_network(rxv[s0 : s0 + len0], len0, rx.sources[first])  # type: ignore[arg-type]
+        if verdict != Verdict.DELIVER:
+            fwd.counters.drops[fwd.drop_reason] += count - 1
+            return
+        # The payloads of all but the last (one size: the run's rules) are rows of a
+        # strided view over the slots, copied out in one numpy call: measured 3.5 µs
+        # for 46 segments against 8.6 µs for an iovec per segment (build + writev).
+        last = offsets[first + count - 1]
+        len_last = lengths[first + count - 1]
+        rows = np.ndarray((count - 1, len0 - hl), np.uint8, rx.buf, s0 + hl, (rx.slot_size, 1))
+        iov: list[bytes | bytearray | memoryview] = [
+            b"", b"", memoryview(np.ascontiguousarray(rows)), rxv[last + hl : last + len_last]
+        ]  # fmt: skip
+        payload = (count - 1) * (len0 - hl) + len_last - hl
+        self._fc.gso_datagram_writes += 1
+        self._write_gso(iov, s0, len0, hl, last, payload, count)
 
     def _deliver_chain(self, first: int, count: int, hl: int, payload: int) -> None:
         """Receiver messages first..first+count-1, GRO messages of one segment size that

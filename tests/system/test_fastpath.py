@@ -311,10 +311,29 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
     [
         (
             "tunnel_gso,udp_gro",
-            ["tso_read", "udp_segment", "tx_batch", "recvmmsg", "gso_write", "uso_write"],
+            [
+                "tso_read",
+                "udp_segment",
+                "tx_batch",
+                "recvmmsg",
+                "gso_write",
+                "gso_datagrams",
+                "uso_write",
+            ],
         ),
         ("recvmmsg,gso_write", ["tso_read", "tunnel_gso", "udp_segment", "tx_batch"]),
-        ("tso_read", ["udp_segment", "tx_batch", "udp_gro", "recvmmsg", "gso_write", "uso_write"]),
+        (
+            "tso_read",
+            [
+                "udp_segment",
+                "tx_batch",
+                "udp_gro",
+                "recvmmsg",
+                "gso_write",
+                "gso_datagrams",
+                "uso_write",
+            ],
+        ),
     ],
 )
 def test_a_path_switched_off_falls_back_and_says_so(

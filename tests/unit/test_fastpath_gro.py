@@ -7,12 +7,13 @@ rest stays single (the kernel validates those when they are written).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
-from dataplane.io.gro import MAX_SEGMENTS, Coalescer, split_messages
+from dataplane.io.gro import MAX_SEGMENTS, Coalescer, DatagramPlanner, split_messages
 from dataplane.packet.checksum import internet_checksum
 
 MAC = "02:77:00:00:00:01"
@@ -361,3 +362,186 @@ def test_a_batch_with_a_corrupt_segment_is_left_to_plan() -> None:
     rx.buf[off] ^= 0x40
     assert whole_runs(rx) is None
     assert rx.coalescer.plan(rx.messages).runs == [(0, 10), *((k, 1) for k in range(10, 20))]
+
+
+# gro.DatagramPlanner: the same rules over single datagrams in fixed-stride slots,
+# vectorised. Every case is checked against the interpreter's plan (Coalescer with
+# datagrams=True), which the tests above pin down.
+
+
+def planner_runs(rx: Rx) -> list[tuple[int, int]]:
+    """DatagramPlanner's runs over rx's single datagrams, with the datagrams between
+    them as runs of one (plan's form)."""
+    msgs = rx.messages
+    assert all(size == 0 for _, _, size, _ in msgs)
+    planner = DatagramPlanner(rx.buf, rx.coalescer.ip_off)
+    lengths = np.array([n for _, n, _, _ in msgs], dtype=np.int64)
+    peers = np.array([peer for *_, peer in msgs], dtype=np.int64)
+    hl, runs = planner.plan(msgs[0][0], rx.slot, lengths, peers)
+    out: list[tuple[int, int]] = []
+    done = 0
+    for first, count in runs:
+        assert count > 1 and first >= done
+        out += [(k, 1) for k in range(done, first)]
+        out.append((first, count))
+        done = first + count
+        # The header length the engine cuts the payloads at: every segment's.
+        assert all(hl == 22 * (rx.coalescer.ip_off == 22) + 20 + 32 for _ in range(count))
+    return out + [(k, 1) for k in range(done, len(msgs))]
+
+
+def datagrams(segs: list[bytes], *, shift: int = 2, peers: list[int] | None = None,
+              ip_off: int = 22) -> Rx:  # fmt: skip
+    rx = Rx(ip_off=ip_off, slots=len(segs) + 1, shift=shift)
+    for i, s in enumerate(segs):
+        rx.datagram(s, peer=0 if peers is None else peers[i])
+    return rx
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("last", [1398, 100, 101, 1])
+def test_datagram_planner_merges_a_stream(shift: int, last: int) -> None:
+    rx = datagrams(stream(8, last=last), shift=shift)
+    assert planner_runs(rx) == rx.runs() == [(0, 8)]
+
+
+def test_datagram_planner_udp_backend() -> None:
+    rx = datagrams(stream(5, vxlan=False), ip_off=0, shift=0)
+    assert planner_runs(rx) == rx.runs() == [(0, 5)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["psh", "short", "gap", "peer", "sport", "ack", "window", "src", "tos", "ttl", "options",
+     "syn", "fin", "pure_ack", "udp", "fragment", "ip_options", "padding", "wrap", "empty"],
+)  # fmt: skip
+def test_datagram_planner_follows_the_merge_rules(case: str) -> None:
+    """A stream of 4 + 1 changed + 4: where the interpreter's plan cuts, so does the
+    planner (and both merge what the kernel's GRO would)."""
+    size = 1398
+    start = ((1 << 32) - 5 * size) if case == "wrap" else 1000
+    segs = [segment((start + i * size) % (1 << 32), bytes([i]) * size) for i in range(9)]
+    peers = [0] * 9
+    seq4 = (start + 4 * size) % (1 << 32)
+    odd: dict[str, bytes] = {
+        "psh": segment(seq4, b"p" * size, "PA"),
+        "short": segment(seq4, b"s" * 500),
+        "gap": segment(seq4 + 1, b"g" * size),
+        "sport": segment(seq4, b"x" * size, sport=5202),
+        "ack": segment(seq4, b"x" * size, ack=2),
+        "window": segment(seq4, b"x" * size, window=501),
+        "src": segment(seq4, b"x" * size, src="10.244.2.3"),
+        "tos": segment(seq4, b"x" * size, tos=4),
+        "options": segment(seq4, b"x" * size, options=[("NOP", None), ("NOP", None),
+                                                         ("Timestamp", (1, 3))]),
+        "syn": segment(seq4, b"x" * size, "S"),
+        "fin": segment(seq4, b"x" * size, "FA"),
+        "pure_ack": segment(seq4, b""),
+    }  # fmt: skip
+    if case in odd:
+        segs[4] = odd[case]
+    elif case == "peer":
+        peers[4:] = [1] * 5
+    elif case == "ttl":
+        seg = bytearray(segs[4])
+        seg[22 + 8] -= 1
+        seg[22 + 10 : 22 + 12] = b"\0\0"
+        seg[22 + 10 : 22 + 12] = (~internet_checksum(bytes(seg[22:42])) & 0xFFFF).to_bytes(2)
+        segs[4] = bytes(seg)
+    elif case in ("udp", "fragment", "ip_options", "padding", "empty"):
+        inner = bytearray(segs[4][22:])
+        if case == "udp":
+            inner[9] = 17
+        elif case == "fragment":
+            inner[6] |= 0x20  # MF
+        elif case == "ip_options":
+            inner[0] = 0x46
+        elif case == "padding":
+            inner += b"\0\0"  # the IP total length no longer matches the datagram
+        else:
+            inner = bytearray()
+        if case != "padding" and inner:
+            inner[10:12] = b"\0\0"
+            inner[10:12] = (~internet_checksum(bytes(inner[:20])) & 0xFFFF).to_bytes(2)
+        segs[4] = segs[4][:22] + bytes(inner)
+    rx = datagrams(segs, peers=peers)
+    expected = rx.runs()
+    assert planner_runs(rx) == expected
+    if case in ("psh", "short"):
+        assert expected == [(0, 5), (5, 4)]
+    elif case == "wrap":
+        assert expected == [(0, 9)]
+    elif case == "peer":
+        assert expected == [(0, 4), (4, 5)]
+    else:
+        assert expected == [(0, 4), (4, 1), (5, 4)]
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("where", [0, 3, 7])
+@pytest.mark.parametrize("last", [1398, 101])
+def test_datagram_planner_never_merges_a_corrupt_segment(shift: int, where: int, last: int) -> None:
+    segs = [bytearray(s) for s in stream(8, last=last)]
+    if where == 7:
+        segs[where][-1] ^= 0x01  # the last byte: the masked tail word must catch it
+    else:
+        segs[where][200] ^= 0x40  # a payload bit: only the TCP checksum notices
+    rx = datagrams([bytes(s) for s in segs], shift=shift)
+    runs = planner_runs(rx)
+    # (The interpreter's plan splits a whole run with a bad segment into single
+    # ones; the planner cuts out only the bad one.)
+    assert runs == [r for r in [(0, where), (where, 1), (where + 1, 7 - where)] if r[1]]
+
+
+def test_datagram_planner_never_merges_a_corrupt_ip_header() -> None:
+    segs = [bytearray(s) for s in stream(6)]
+    segs[2][22 + 4] ^= 1  # IP ID (allowed to differ), IP checksum now wrong
+    rx = datagrams([bytes(s) for s in segs])
+    assert planner_runs(rx) == [(0, 2), (2, 1), (3, 3)]
+
+
+def test_datagram_planner_ignores_stale_bytes_after_a_datagram() -> None:
+    """The bytes after a datagram in its slot (from an earlier, longer one) are not
+    summed: a checksum that is only right with them must still be found wrong."""
+    segs = stream(4, last=101)
+    rx = datagrams(segs)
+    off = rx.messages[3][0] + len(segs[3])
+    rx.buf[off : off + 4] = b"\xff\xee\xdd\xcc"
+    assert planner_runs(rx) == [(0, 4)]
+
+
+def test_datagram_planner_caps_runs_in_count_and_size() -> None:
+    rx = Rx(slots=MAX_SEGMENTS + 7, slot=2048, shift=2)
+    for s in stream(MAX_SEGMENTS + 6, size=200):
+        rx.datagram(s)
+    assert planner_runs(rx) == rx.runs() == [(0, MAX_SEGMENTS), (MAX_SEGMENTS, 6)]
+    rx = datagrams(stream(60))
+    assert planner_runs(rx) == rx.runs() == [(0, 46), (46, 14)]
+
+
+def test_datagram_planner_interleaved_flows_and_acks() -> None:
+    """Two streams interleaved datagram by datagram do not merge (runs need
+    neighbours); a stream with the other direction's pure ACKs between merges in
+    the stretches between them."""
+    a, b = stream(6), stream(6, sport=5202)
+    rx = datagrams([x for pair in zip(a, b, strict=True) for x in pair])
+    assert planner_runs(rx) == rx.runs() == [(k, 1) for k in range(12)]
+    ack = segment(77, b"", sport=40000)
+    segs = [*a[:3], ack, *a[3:]]
+    rx = datagrams(segs)
+    assert planner_runs(rx) == rx.runs() == [(0, 3), (3, 1), (4, 3)]
+
+
+@pytest.mark.parametrize("corrupt", [None, 7])
+def test_datagram_planner_streams_of_two_sizes(corrupt: int | None) -> None:
+    """Rows of the longest length are summed as one matrix, a few others one by one,
+    many others as a matrix per length: here 6 of 500 payload bytes after 4 of 1398."""
+    segs = [bytearray(s) for s in [*stream(4), *stream(6, size=500, sport=5202)]]
+    if corrupt is not None:
+        segs[corrupt][150] ^= 0x01
+    rx = datagrams([bytes(s) for s in segs])
+    runs = planner_runs(rx)
+    if corrupt is None:
+        assert runs == rx.runs() == [(0, 4), (4, 6)]
+    else:
+        assert runs == [(0, 4), (4, 3), (7, 1), (8, 2)]
