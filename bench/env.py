@@ -160,7 +160,7 @@ MODES: dict[str, Mode] = {
             "kernel",
             "vxlan",
             "kernel flannel.1 on the sending node, weft vxlan on the receiver (weft's receive "
-            "path alone; the kernel sends outer UDP checksum 0, so no UDP GRO)",
+            "path alone)",
         ),
     )
 }
