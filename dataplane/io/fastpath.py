@@ -2,8 +2,8 @@
 
 weft's plain engine (runner.Engine) does one read, one send per packet;
 profiling showed ~9 µs of system calls per packet against ~0.15 µs of Python,
-so speed comes from moving more bytes per call. Three kernel features do it,
-each probed at start-up and used only when the kernel accepts it:
+so speed comes from moving more bytes per call. Kernel features do it, each
+probed at start-up and used only when the kernel accepts it:
 
 **Send: TSO in, UDP-tunnel GSO out.** The pod-side device is opened with
 IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4|TSO6): the kernel hands weft whole
@@ -29,12 +29,21 @@ the backend's headers in front, back to back in one buffer, and sends that
 with one sendmsg carrying a UDP_SEGMENT cmsg (Linux 4.18+): the kernel cuts
 the buffer into standard datagrams and fills in the outer UDP checksums. When
 the kernel refuses that send (before Linux 6.11 it does when the underlay
-device has no checksum offload: EIO) weft sends the segments one by one.
+device has no checksum offload: EIO) weft turns UDP_SEGMENT and TSO off and
+sends one datagram per call (cutting in userspace without UDP_SEGMENT cost as
+much as not asking for TSO at all).
+
+**Send: small datagrams batched (tx_batch).** Within one drain of the device,
+consecutive packets to one peer whose datagrams have the same size (a 64-byte
+UDP flood, a run of pure ACKs) are read back to back into one buffer and sent
+with one UDP_SEGMENT sendmsg; the run is flushed when the size or peer changes,
+before any other send, and at the end of the drain, and the first packet of a
+drain is sent at once, so nothing waits for a later packet.
 
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
 comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
-32 messages per call. The consecutive TCP segments of one inner flow in GRO
+128 messages per call. The consecutive TCP segments of one inner flow in GRO
 messages are validated and coalesced (dataplane/io/gro.py, numpy over whole
 messages) and written to the device as one super-packet with a GSO vnet
 header; the kernel delivers it to the pod as its own GRO would have. Single
@@ -43,6 +52,9 @@ one TCP flow's consecutive segments in consecutive recvmmsg slots are coalesced
 the same way, planned for the whole batch at once (gro.DatagramPlanner, numpy
 over strided views of the slots; coalescing them in the interpreter cost more
 than the writes it saved); other single datagrams go to the device one by one.
+Same-size datagrams of one inner *UDP* flow go to the device as one UDP GSO
+(USO) write (dataplane/io/uso.py): the kernel cuts it back into the same
+datagrams at the pod's socket.
 
 Datagrams still pass the forwarder (VXLAN header, VNI, VtepMAC, source
 check); for a coalesced run the first segment decides for all, because the
