@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from weft_helpers import iperf3_transfer, start_weft, status
+from weft_helpers import iperf3_run, iperf3_transfer, start_weft, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod, add_kernel_vxlan_peer, make_kernel_vxlan
@@ -106,22 +106,7 @@ def kernel_vxlan_node(lab: Lab, node: Node, weft_node: Node, subnet: str = SUBNE
 
 def iperf3_bytes(lab: Lab, client: Pod, server: Pod, nbytes: str) -> dict[str, Any]:
     """One TCP iperf3 transfer of `nbytes` (e.g. "4M") from client to server."""
-    srv = lab.spawn(server, ["iperf3", "-s", "-1"])
-    try:
-        for _ in range(50):
-            cp = lab.run(
-                client, "iperf3", "-c", str(server.ip), "-n", nbytes, "-J",
-                check=False, timeout=60,
-            )  # fmt: skip
-            result = json.loads(cp.stdout) if cp.stdout.startswith("{") else {}
-            if cp.returncode == 0 and "sum_received" in result.get("end", {}):
-                return result["end"]
-            if "refused" not in (result.get("error") or cp.stderr):
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"iperf3 failed: {cp.stdout[-1500:]} {cp.stderr[-500:]}")
-    finally:
-        lab.stop(srv)
+    return iperf3_run(lab, client, server, ["-n", nbytes], want="sum_received", timeout=60)
 
 
 def nstat(lab: Lab, ns: Pod | Node, *names: str) -> dict[str, int]:

@@ -10,7 +10,6 @@ sends when udp_segment is switched off too.
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
@@ -31,7 +30,7 @@ from test_fastpath import (
     udp_args,
     vxlan_args,
 )
-from weft_helpers import status
+from weft_helpers import iperf3_run, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
@@ -135,22 +134,8 @@ def test_fallback_between_weft_udp_nodes(lab: Lab, tmp_path: Path, disable: str)
 
 def iperf3_udp(lab: Lab, client: Pod, server: Pod, size: int, seconds: int = 1) -> dict[str, Any]:
     """iperf3 UDP at full speed (-b 0) with `size`-byte payloads; the JSON end summary."""
-    srv = lab.spawn(server, ["iperf3", "-s", "-1"])
-    try:
-        for _ in range(50):
-            cp = lab.run(
-                client, "iperf3", "-c", str(server.ip), "-u", "-l", str(size), "-b", "0",
-                "-t", str(seconds), "-J", check=False, timeout=seconds + 30,
-            )  # fmt: skip
-            result = json.loads(cp.stdout) if cp.stdout.startswith("{") else {}
-            if cp.returncode == 0 and "sum" in result.get("end", {}):
-                return result["end"]
-            if "refused" not in (result.get("error") or cp.stderr):
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"iperf3 failed: {cp.stdout[-1500:]} {cp.stderr[-500:]}")
-    finally:
-        lab.stop(srv)
+    args = ["-u", "-l", str(size), "-b", "0", "-t", str(seconds)]
+    return iperf3_run(lab, client, server, args, want="sum", timeout=seconds + 30)
 
 
 def test_small_datagrams_leave_in_runs(lab: Lab, tmp_path: Path) -> None:

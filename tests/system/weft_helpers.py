@@ -52,19 +52,21 @@ def status(sock: Path) -> dict[str, Any]:
     return api_request(str(sock), {"op": "status"})
 
 
-def iperf3_transfer(lab: Lab, client: Pod, server: Pod, seconds: int = 2) -> dict[str, Any]:
-    """One TCP iperf3 run from client to server; returns iperf3's JSON end summary."""
+def iperf3_run(
+    lab: Lab, client: Pod, server: Pod, args: list[str], *, want: str, timeout: float
+) -> dict[str, Any]:
+    """`iperf3 -c <server> ARGS -J` against a one-shot server in `server`; retried while
+    the server is not listening yet. Returns iperf3's JSON end summary, which must
+    hold `want` (e.g. "sum_received" for TCP, "sum" for UDP)."""
     srv = lab.spawn(server, ["iperf3", "-s", "-1"])
     try:
         last = ""
         for _ in range(50):
             cp = lab.run(
-                client,
-                "iperf3", "-c", str(server.ip), "-t", str(seconds), "-J",
-                check=False, timeout=seconds + 30,
-            )  # fmt: skip
+                client, "iperf3", "-c", str(server.ip), *args, "-J", check=False, timeout=timeout
+            )
             result = json.loads(cp.stdout) if cp.stdout.startswith("{") else {}
-            if cp.returncode == 0 and "sum_received" in result.get("end", {}):
+            if cp.returncode == 0 and want in result.get("end", {}):
                 return result["end"]
             last = result.get("error") or (cp.stdout + cp.stderr)
             if "refused" not in last and "busy" not in last:
@@ -73,6 +75,13 @@ def iperf3_transfer(lab: Lab, client: Pod, server: Pod, seconds: int = 2) -> dic
         raise AssertionError(f"iperf3 failed: {last[-2000:]}")
     finally:
         lab.stop(srv)
+
+
+def iperf3_transfer(lab: Lab, client: Pod, server: Pod, seconds: int = 2) -> dict[str, Any]:
+    """One TCP iperf3 run from client to server; returns iperf3's JSON end summary."""
+    return iperf3_run(
+        lab, client, server, ["-t", str(seconds)], want="sum_received", timeout=seconds + 30
+    )
 
 
 def send_datagrams(lab: Lab, ns: str, dst: str, port: int, payloads: list[bytes]) -> None:
