@@ -536,7 +536,10 @@ class Agent:
         extra = getattr(self.dataplane, "status", None)
         if callable(extra):
             dp = extra()
-            keys = ("device", "device_kind", "device_mtu", "counters", "direct_routes", "offload")
+            keys = (
+                "device", "device_kind", "device_mtu", "counters", "direct_routes", "offload",
+                "busy_poll_us",
+            )  # fmt: skip
             for key in keys:
                 if key in dp:
                     out[key] = dp[key]

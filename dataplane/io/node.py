@@ -336,6 +336,7 @@ class UserspaceDataplane:
             ],
             "counters": fwd.counters.as_dict() if fwd else {},
             "offload": self._offload_status(),
+            "busy_poll_us": self.spec.busy_poll_us,
         }
 
     def _offload_status(self) -> dict[str, object]:

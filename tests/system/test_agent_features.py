@@ -53,6 +53,25 @@ def test_direct_routing_gives_onlink_peers_a_plain_route(
         assert st["counters"]["tx_packets"] == 0  # the kernel carried it, not the tunnel
 
 
+def test_agents_with_busy_polling_carry_traffic(
+    lab: Lab, etcd: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--busy-poll (and its FLANNELD_BUSY_POLL form) reaches the engine; pods still talk."""
+    etcd.etcdctl("put", CONFIG_KEY, '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}')
+    n1, n2 = node(lab, "n1"), node(lab, "n2")
+    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, ["--busy-poll", "2000"])
+    monkeypatch.setenv("FLANNELD_BUSY_POLL", "500")
+    _, d2 = start_agent(lab, n2, etcd.endpoint, tmp_path)
+    p1 = add_pod_from_subnet_env(lab, n1, d1)
+    p2 = add_pod_from_subnet_env(lab, n2, d2)
+    assert lab.wait_ping(p1, p2.ip, timeout_s=10)
+    assert lab.ping(p2, p1.ip, count=5)
+    s1, s2 = status(d1 / "weft.sock"), status(d2 / "weft.sock")
+    assert (s1["busy_poll_us"], s2["busy_poll_us"]) == (2000, 500)
+    assert s1["counters"]["tx_packets"] > 0 and s2["counters"]["rx_packets"] > 0
+    assert "recvmmsg" in s1["offload"]["on"]
+
+
 def test_health_endpoints_and_sigterm_keeps_the_lease(
     lab: Lab, etcd: EtcdServer, tmp_path: Path
 ) -> None:
