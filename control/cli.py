@@ -161,29 +161,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(
+    print(render_status(status), end="")
+    return 0
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """`weft status` as text: node, peers, counters, drops, fast paths."""
+    lines: list[str] = []
+    out = lines.append
+    out(
         f"node {status.get('public_ip')}  subnet {status.get('subnet')}  "
         f"backend {status.get('backend')}  device {status.get('device')} "
         f"({status.get('device_kind')}, mtu {status.get('device_mtu')})"
     )
     if status.get("vtep_mac"):
-        print(f"VtepMAC {status['vtep_mac']}")
+        out(f"VtepMAC {status['vtep_mac']}")
     peers = status.get("peers", [])
-    print(f"\n{'PEER SUBNET':<20} {'PUBLIC IP':<16} VTEP MAC")
+    out(f"\n{'PEER SUBNET':<20} {'PUBLIC IP':<16} VTEP MAC")
     for p in peers:
-        print(f"{p['subnet']:<20} {p['public_ip']:<16} {p.get('vtep_mac') or '-'}")
+        out(f"{p['subnet']:<20} {p['public_ip']:<16} {p.get('vtep_mac') or '-'}")
     c = status.get("counters", {})
-    print(
+    out(
         f"\ntx {c.get('tx_packets', 0)} packets / {c.get('tx_bytes', 0)} bytes   "
         f"rx {c.get('rx_packets', 0)} packets / {c.get('rx_bytes', 0)} bytes   "
         f"icmp sent {c.get('icmp_sent', 0)}"
     )
     drops = c.get("drops", {})
     if drops:
-        print("drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+        out("drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
     else:
-        print("drops: none")
-    return 0
+        out("drops: none")
+    offload = status.get("offload")
+    if isinstance(offload, dict):
+        on = offload.get("on") or []
+        out(f"fast paths ({offload.get('mode')}): " + (", ".join(on) if on else "none"))
+        for path, why in sorted((offload.get("off") or {}).items()):
+            out(f"  {path} off: {why}")
+    if status.get("busy_poll_us"):
+        out(f"busy polling: {status['busy_poll_us']} µs after the last packet")
+    return "".join(line + "\n" for line in lines)
 
 
 # -- the parser ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from weft_helpers import add_pod_from_subnet_env, start_agent, status
+from weft_helpers import WEFT, add_pod_from_subnet_env, start_agent, status
 
 from control.lab.etcd import EtcdServer
 from control.lab.topology import Lab, wire_like
@@ -70,6 +70,8 @@ def test_agents_with_busy_polling_carry_traffic(
     assert (s1["busy_poll_us"], s2["busy_poll_us"]) == (2000, 500)
     assert s1["counters"]["tx_packets"] > 0 and s2["counters"]["rx_packets"] > 0
     assert "recvmmsg" in s1["offload"]["on"]
+    text = lab.run(n1, *WEFT, "status", "--api-socket", str(d1 / "weft.sock")).stdout
+    assert "fast paths (auto): " in text and "busy polling: 2000 µs" in text, text
 
 
 def test_health_endpoints_and_sigterm_keeps_the_lease(
