@@ -242,6 +242,26 @@ def test_consecutive_gro_messages_of_one_flow_make_one_run() -> None:
     assert rx.runs() == [(0, 30)]
 
 
+def first_gro_message(rx: Rx, second: str) -> int:
+    """A GRO message of 10 segments, shaped for what `second` tests (its last
+    segment with PSH, or short), then a sequence gap or a single datagram when
+    `second` asks; returns the sequence number the next message should start at."""
+    first = stream(10)
+    nxt = 1000 + 10 * 1398
+    if second == "psh":
+        first[-1] = segment(1000 + 9 * 1398, bytes([9]) * 1398, "PA")
+    if second == "short":
+        first[-1] = segment(1000 + 9 * 1398, b"s" * 700)
+        nxt = 1000 + 9 * 1398 + 700
+    rx.gro(first)
+    if second == "gap":
+        nxt += 1398
+    if second == "single":
+        rx.datagram(segment(nxt, b"x" * 1398))
+        nxt += 1398
+    return nxt
+
+
 @pytest.mark.parametrize(
     "second",
     [
@@ -254,16 +274,7 @@ def test_consecutive_gro_messages_of_one_flow_make_one_run() -> None:
 )
 def test_gro_messages_that_cannot_continue_a_run(second: str) -> None:
     rx = Rx()
-    first = stream(10)
-    nxt = 1000 + 10 * 1398
-    if second == "psh":
-        first[-1] = segment(1000 + 9 * 1398, bytes([9]) * 1398, "PA")
-    if second == "short":
-        first[-1] = segment(1000 + 9 * 1398, b"s" * 700)
-        nxt = 1000 + 9 * 1398 + 700
-    rx.gro(first)
-    if second == "gap":
-        nxt += 1398
+    nxt = first_gro_message(rx, second)
     rest = stream(5, start=nxt, sport=5202 if second == "flow" else 5201)
     rx.gro(rest, peer=1 if second == "peer" else 0)
     assert rx.runs() == [(0, 10), (10, 5)]
@@ -321,19 +332,7 @@ def whole_runs(rx: Rx) -> list[tuple[int, int]] | None:
 def test_whole_message_batches_plan_as_plan_does(second: str) -> None:
     rx = Rx(shift=2)
     rx.coalescer = Coalescer(rx.buf, 22)  # the engine's setting
-    first = stream(10)
-    nxt = 1000 + 10 * 1398
-    if second == "psh":
-        first[-1] = segment(1000 + 9 * 1398, bytes([9]) * 1398, "PA")
-    if second == "short":
-        first[-1] = segment(1000 + 9 * 1398, b"s" * 700)
-        nxt = 1000 + 9 * 1398 + 700
-    rx.gro(first)
-    if second == "gap":
-        nxt += 1398
-    if second == "single":
-        rx.datagram(segment(nxt, b"x" * 1398))
-        nxt += 1398
+    nxt = first_gro_message(rx, second)
     rest = stream(5, start=nxt, sport=5202 if second == "flow" else 5201)
     rx.gro(rest, peer=1 if second == "peer" else 0)
     rx.gro(stream(4, start=nxt + 5 * 1398, sport=5202 if second == "flow" else 5201))
