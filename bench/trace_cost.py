@@ -28,7 +28,10 @@ MAC_A = bytes.fromhex("027700000001")
 MAC_B = bytes.fromhex("027700000002")
 
 
-def _engine() -> tuple[Engine, socket.socket, list[socket.socket]]:
+def loopback_engine() -> tuple[Engine, socket.socket, list[socket.socket]]:
+    """The real Engine between a datagram socketpair (the device; packets go in through
+    the returned feeder) and a UDP socket that sends to a sink on 127.0.0.1, with one
+    peer (10.244.2.0/24) at that sink. Also returns [sink, sender, device, feeder]."""
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -58,7 +61,7 @@ def _tracer(subscribed: bool) -> Tracer:
 
 
 def run(batches: int = 2000, rounds: int = 5, size: int = 1400) -> dict[str, Any]:
-    engine, feeder, sockets = _engine()
+    engine, feeder, sockets = loopback_engine()
     packet = build_ipv4("10.244.1.2", "10.244.2.2", 17, bytes(size - 20), ttl=64)
     variants = {
         "off": None,

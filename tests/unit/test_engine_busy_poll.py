@@ -9,37 +9,22 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 import uvloop
 
-from dataplane.backends.vxlan import VxlanBackend
-from dataplane.forwarder import Forwarder
+from bench.trace_cost import loopback_engine
 from dataplane.io.runner import Engine
 from dataplane.packet.ipv4 import build_ipv4
-from dataplane.peers import Peer
-
-MAC_A = bytes.fromhex("027700000001")
-MAC_B = bytes.fromhex("027700000002")
 
 
 @pytest.fixture
 def parts():
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink.bind(("127.0.0.1", 0))
+    engine, feeder, sockets = loopback_engine()
+    sink, sender, device, _ = sockets
     sink.setblocking(False)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender.bind(("127.0.0.1", 0))
-    sender.setblocking(False)
-    device, feeder = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    device.setblocking(False)
-    fwd = Forwarder(VxlanBackend(1, MAC_A), local_ip=IPv4Address("10.244.1.0"))
-    fwd.add_peer(
-        Peer(IPv4Network("10.244.2.0/24"), IPv4Address("127.0.0.1"), MAC_B, sink.getsockname()[1])
-    )
-    yield fwd, device, sender, feeder, sink
-    for s in (sink, sender, device, feeder):
+    yield engine.forwarder, device, sender, feeder, sink
+    for s in sockets:
         s.close()
 
 
