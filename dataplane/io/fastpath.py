@@ -750,34 +750,46 @@ class FastEngine(Engine):
     def _send_run(self, base: int, pos: int, size: int, count: int, peer: Peer | None) -> None:
         """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to peer."""
         assert peer is not None
+        # (tx_batch may go off in the middle of a drain)
+        self._fc.batched_datagrams += self._send_datagrams(
+            self._tx_view, base, pos, size, count, peer.sockaddr, "tx_batch"
+        )
+
+    def _send_datagrams(
+        self,
+        out: memoryview,
+        start: int,
+        stop: int,
+        size: int,
+        count: int,
+        addr: tuple[str, int],
+        path: str,
+    ) -> int:
+        """out[start:stop]: `count` datagrams of `size` bytes (the last may be shorter)
+        to addr, with one UDP_SEGMENT sendmsg while `path` is on, else one sendto each.
+        Returns how many went out in that one sendmsg (0: none did)."""
         sock = self.send_socket
         assert sock is not None
-        out = self._tx_view
-        addr = peer.sockaddr
-        fc = self._fc
-        if count == 1:
+        drops = self.forwarder.counters.drops
+        if count > 1 and self.paths.on[path]:
             try:
-                sock.sendto(out[base:pos], addr)
-            except OSError:
-                self.forwarder.counters.drops[DropReason.SEND_FAILED] += 1
-            return
-        if self.paths.on["tx_batch"]:  # (it may go off in the middle of a drain)
-            try:
-                sock.sendmsg([out[base:pos]], segment_cmsg(size), 0, addr)
-                fc.udp_segment_sends += 1
-                fc.batched_datagrams += count
-                return
+                sock.sendmsg([out[start:stop]], segment_cmsg(size), 0, addr)
+                self._fc.udp_segment_sends += 1
+                return count
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
-                    self.forwarder.counters.drops[DropReason.SEND_FAILED] += count
-                    return
+                    drops[DropReason.SEND_FAILED] += count
+                    return 0
                 if exc.errno != errno.EMSGSIZE:
                     self._udp_segment_refused(exc)
-        for off in range(base, pos, size):
+                # EMSGSIZE: the route's MTU is below the segments; sendto
+                # fragments them as the kernel's VXLAN device would.
+        for off in range(start, stop, size):
             try:
-                sock.sendto(out[off : min(off + size, pos)], addr)
+                sock.sendto(out[off : min(off + size, stop)], addr)
             except OSError:
-                self.forwarder.counters.drops[DropReason.SEND_FAILED] += 1
+                drops[DropReason.SEND_FAILED] += 1
+        return 0
 
     def _send_gso(
         self,
@@ -857,35 +869,14 @@ class FastEngine(Engine):
             counters.drops[DropReason.TRUNCATED] += 1
             return
         addr = peer.sockaddr
-        sock = self.send_socket
-        assert sock is not None
-        out = seg.view
         row = seg.row
         fc = self._fc
-        paths = self.paths
         first = 0
         while first < nsegs:
             count = min(seg.per_batch, nsegs - first)
             nbytes = seg.fill(first, count)
             first += count
-            if count > 1 and paths.on["udp_segment"]:
-                try:
-                    sock.sendmsg([out[:nbytes]], segment_cmsg(row), 0, addr)
-                    fc.udp_segment_sends += 1
-                    continue
-                except OSError as exc:
-                    if exc.errno in _TRANSIENT:
-                        counters.drops[DropReason.SEND_FAILED] += count
-                        continue
-                    if exc.errno != errno.EMSGSIZE:
-                        self._udp_segment_refused(exc)
-                    # EMSGSIZE: the route's MTU is below the segments; sendto
-                    # fragments them as the kernel's VXLAN device would.
-            for off in range(0, nbytes, row):
-                try:
-                    sock.sendto(out[off : min(off + row, nbytes)], addr)
-                except OSError:
-                    counters.drops[DropReason.SEND_FAILED] += 1
+            self._send_datagrams(seg.view, 0, nbytes, row, count, addr, "udp_segment")
         # As _send_gso: the forwarder counted the first segment.
         hdrs = row - gso_size - (head - fwd.out_start)  # inner headers per segment
         counters.tx_packets += nsegs - 1
