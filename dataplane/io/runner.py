@@ -64,8 +64,7 @@ class Engine:
         #: set while someone runs `weft trace live`; checked once per batch.
         self.tracer: Tracer | None = None
         self.busy_poll_ns = busy_poll_us * 1000
-        self._spin: asyncio.Handle | None = None
-        self._spinning = False
+        self._spin: asyncio.Handle | None = None  # the next busy-poll round, while polling
         self._idle_since = 0  # monotonic ns of the last packet while busy polling
         self._got = 0  # packets taken by readers since the spin last looked
 
@@ -100,7 +99,6 @@ class Engine:
     def _start_spin(self) -> None:
         self._idle_since = time.monotonic_ns()
         if self._spin is None and self._loop is not None:
-            self._spinning = True
             self._spin = self._loop.call_soon(self._poll)
 
     def _poll(self) -> None:
@@ -120,7 +118,6 @@ class Engine:
             self._spin = self._loop.call_soon(self._poll)
         else:
             self._spin = None
-            self._spinning = False
 
     def _on_device(self) -> None:
         fwd = self.forwarder
@@ -174,7 +171,7 @@ class Engine:
 
         Empty busy-poll rounds are not wake-ups, and are not counted."""
         self._got += packets
-        if self._spinning and not packets:
+        if self._spin is not None and not packets:
             return
         counters = self.forwarder.counters
         counters.batches[source] += 1
