@@ -258,8 +258,12 @@ def _u32(value: int) -> bytes:
     return struct.pack("=I", value)
 
 
-def _ip4(ip: str | IPv4Address) -> bytes:
-    return IPv4Address(str(ip)).packed  # ValueError on anything but dotted IPv4
+def _ip4(ip: str | IPv4Address, what: str) -> bytes:
+    """The 4 bytes of a dotted IPv4 address; anything else is a NetlinkError for `what`."""
+    try:
+        return IPv4Address(str(ip)).packed
+    except ValueError as e:
+        raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
 
 
 def _request(
@@ -556,10 +560,7 @@ def replace_route(
     what = f"replace_route {dst} dev {dev}" + (f" via {via}" if via else "")
     if scope is None:
         scope = RT_SCOPE_UNIVERSE if via is not None else RT_SCOPE_LINK
-    try:
-        gateway = _nla(RTA_GATEWAY, _ip4(via)) if via is not None else b""
-    except ValueError as e:
-        raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
+    gateway = _nla(RTA_GATEWAY, _ip4(via, what)) if via is not None else b""
     body = (
         _route_body(
             dst,
@@ -656,10 +657,7 @@ def default_route_interface() -> str | None:
 def replace_neigh(ip: str | IPv4Address, mac: bytes | str, dev: str) -> None:
     """``ip neigh replace IP lladdr MAC dev DEV nud permanent``."""
     what = f"replace_neigh {ip} dev {dev}"
-    try:
-        dst = _ip4(ip)
-    except ValueError as e:
-        raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
+    dst = _ip4(ip, what)
     body = _neigh_body(
         socket.AF_INET,
         _index(dev),
@@ -674,10 +672,7 @@ def replace_neigh(ip: str | IPv4Address, mac: bytes | str, dev: str) -> None:
 def delete_neigh(ip: str | IPv4Address, dev: str) -> None:
     """``ip neigh del IP dev DEV``; missing entry or device is not an error."""
     what = f"delete_neigh {ip} dev {dev}"
-    try:
-        dst = _ip4(ip)
-    except ValueError as e:
-        raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
+    dst = _ip4(ip, what)
     idx = _index_or_none(dev)
     if idx is None:
         return
@@ -704,10 +699,7 @@ def lookup_neigh(ip: str | IPv4Address, dev: str) -> bytes | None:
 
 
 def _fdb_body(mac: bytes | str, ifindex: int, dst_ip: str | IPv4Address | None, what: str) -> bytes:
-    try:
-        dst = _nla(NDA_DST, _ip4(dst_ip)) if dst_ip is not None else b""
-    except ValueError as e:
-        raise NetlinkError(errno.EINVAL, f"{what}: {e}") from None
+    dst = _nla(NDA_DST, _ip4(dst_ip, what)) if dst_ip is not None else b""
     return _neigh_body(
         AF_BRIDGE,
         ifindex,
