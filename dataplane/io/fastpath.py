@@ -135,6 +135,12 @@ POD_GSO_MAX_SIZE = 65400
 
 OUTER_HLEN = 14 + 20 + 8  # Ethernet, IPv4, UDP written by weft in front of the backend's headers
 RX_SLOTS = 128
+#: A receive slot: the longest GRO message, and room after it to pad its last segment
+#: to a jumbo frame's segment size (gro.Coalescer.plan_batch pads in place).
+RX_SLOT_SIZE = batch.SLOT_SIZE + 9216
+#: Batches of at least this many GRO messages are planned for all messages at once
+#: (gro.Coalescer.plan_batch); below it, message by message costs less (plan_whole).
+BATCH_PLAN_MIN = 6
 #: A batch of single datagrams is planned for coalescing (gro.DatagramPlanner, some
 #: 60–120 µs of numpy) only when it has at least this many datagrams longer than
 #: DATAGRAM_MIN_PAYLOAD + all headers whose length equals the one before: a stream's
@@ -182,6 +188,7 @@ class FastCounters:
     """How much went through each fast path (counted per batch or per write, not per packet)."""
 
     __slots__ = (
+        "batch_plans",
         "batched_datagrams",
         "gso_datagram_writes",
         "gso_segments",
@@ -207,6 +214,7 @@ class FastCounters:
         self.gso_writes = 0  # coalesced packets written to the device
         self.gso_written_segments = 0  # … and the segments they carried
         self.gso_datagram_writes = 0  # … of them made of single datagrams (gso_datagrams)
+        self.batch_plans = 0  # recvmmsg batches of GRO messages planned at once
         self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
         self.split_segments = 0  # … and the segments they made
         self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
@@ -548,7 +556,7 @@ class FastEngine(Engine):
             # Datagrams land so that the inner TCP checksum range (from the inner IP
             # addresses on) is 4-byte aligned: see gro.Coalescer._tcp_sums_ok.
             shift = -(self._ip_off + 12) % 4
-            self._rx = batch.MmsgReceiver(RX_SLOTS, shift=shift)
+            self._rx = batch.MmsgReceiver(RX_SLOTS, RX_SLOT_SIZE, shift=shift)
             if paths.on["gso_write"]:
                 self._coalescer = Coalescer(self._rx.buf, self._ip_off)
                 if paths.on["gso_datagrams"]:
@@ -1012,7 +1020,7 @@ class FastEngine(Engine):
         uso: UdpCoalescer | None,
     ) -> bool:
         """The common TCP batch: every message a single datagram or a GRO message that
-        is one valid run (gro.Coalescer.plan_whole), nothing truncated, no UDP inside
+        is one valid run (gro.Coalescer.plan_batch, plan_whole), nothing truncated, no UDP
         when USO may take it. Delivers it and returns True; False: not such a batch,
         nothing done. Straight from the receiver's lists: no per-message tuples, no
         per-segment lists."""
@@ -1033,7 +1041,16 @@ class FastEngine(Engine):
                 for i in range(m):
                     if buf[offsets[i] + proto_at] == 17:
                         return False
-        runs = coalescer.plan_whole(offsets, lengths, sizes, rx.sources, rx.ports, m)
+        runs = None
+        if m >= BATCH_PLAN_MIN and rx.np_lengths is not None:
+            assert rx.np_sizes is not None and rx.np_peers is not None
+            runs = coalescer.plan_batch(
+                offsets[0], rx.slot_size, rx.np_lengths, rx.np_sizes, rx.np_peers
+            )
+            if runs is not None:
+                self._fc.batch_plans += 1
+        if runs is None:
+            runs = coalescer.plan_whole(offsets, lengths, sizes, rx.sources, rx.ports, m)
         if runs is None:
             return False
         fc = self._fc
@@ -1109,8 +1126,8 @@ class FastEngine(Engine):
 
     def _deliver_chain(self, first: int, count: int, hl: int, payload: int) -> None:
         """Receiver messages first..first+count-1, GRO messages of one segment size that
-        make one run (gro.Coalescer.plan_whole), as one GSO write: the payload of every
-        segment, cut from the messages every `size` bytes."""
+        make one run (gro.Coalescer.plan_whole or plan_batch), as one GSO write: the
+        payload of every segment, cut from the messages every `size` bytes."""
         rx = self._rx
         rxv = self._rx_view
         assert rx is not None and rxv is not None
@@ -1118,22 +1135,28 @@ class FastEngine(Engine):
         size = rx.segment_sizes[first]
         s0 = offsets[first]
         verdict = self.forwarder.from_network(rxv[s0 : s0 + size], size, rx.sources[first])  # type: ignore[arg-type]
-        segments = 0
-        iov: list[bytes | bytearray | memoryview] = [b"", b""]
-        last = s0
-        for k in range(first, first + count):
-            o = offsets[k]
-            full = (lengths[k] - 1) // size  # segments before the last
-            last = o + full * size
-            segments += full + 1
-            if verdict == Verdict.DELIVER:
-                pay = size - hl
-                iov += [rxv[p : p + pay] for p in range(o + hl, last, size)]
-                iov.append(rxv[last + hl : o + lengths[k]])
+        stop = first + count
+        segments = sum((n - 1) // size for n in lengths[first:stop]) + count
         self._fc.rx_segments += segments
         if verdict != Verdict.DELIVER:
             self.forwarder.counters.drops[self.forwarder.drop_reason] += segments - 1
             return
+        # Every message's payloads but the run's very last one are rows of a strided
+        # view (all full-size: only a run's last segment may be short), copied out
+        # in one numpy call: ~2 µs for 44 segments against ~5 µs to slice an iovec
+        # entry for each.
+        pay = size - hl
+        blocks = []
+        buf = rx.buf
+        for k in range(first, stop):
+            rows = (lengths[k] - 1) // size + (k < stop - 1)
+            blocks.append(np.ndarray((rows, pay), np.uint8, buf, offsets[k] + hl, (size, 1)))
+        o = offsets[stop - 1]
+        last = o + (lengths[stop - 1] - 1) // size * size
+        body = np.concatenate(blocks) if len(blocks) > 1 else np.ascontiguousarray(blocks[0])
+        iov: list[bytes | bytearray | memoryview] = [
+            b"", b"", memoryview(body).cast("B"), rxv[last + hl : o + lengths[stop - 1]]
+        ]  # fmt: skip
         self._write_gso(iov, s0, size, hl, last, payload, segments)
 
     def _deliver_mixed(

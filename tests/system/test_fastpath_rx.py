@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -127,27 +128,17 @@ def test_uso_write_switched_off(lab: Lab, tmp_path: Path) -> None:
     assert off["counters"]["uso_writes"] == 0
 
 
-def test_a_tcp_stream_of_single_datagrams_arrives_intact(lab: Lab, tmp_path: Path) -> None:
-    """Kernel VXLAN → weft with no GRO on the way (one datagram per read, as from a
-    sender whose outer UDP checksum is 0): weft coalesces the TCP stream's datagrams
-    across recvmmsg slots (gso_datagrams) and the pod receives every byte in order,
-    without checksum errors."""
-    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
-    kmac = kernel_vxlan_node(lab, n2, n1)
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
-    _, sock = start(lab, n1, args, tmp_path, "n1")
-    assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
-    data = os.urandom(8 << 20)
-    with in_netns(pod1.ns):
+def send_over_tcp(sender: Pod, receiver: Pod, data: bytes) -> bytes:
+    """`data` from a socket in `sender` to one in `receiver`; what arrived."""
+    with in_netns(receiver.ns):
         server = socket.create_server(("0.0.0.0", PORT))
-    with in_netns(pod2.ns):
+    with in_netns(sender.ns):
         client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     got = bytearray()
-    before = nstat(lab, pod1, "TcpInCsumErrors")
     try:
         server.settimeout(10)
         client.settimeout(10)
-        client.connect((str(pod1.ip), PORT))
+        client.connect((str(receiver.ip), PORT))
         conn, _ = server.accept()
         conn.settimeout(10)
         done = threading.Thread(target=client.sendall, args=(data,))
@@ -162,10 +153,61 @@ def test_a_tcp_stream_of_single_datagrams_arrives_intact(lab: Lab, tmp_path: Pat
     finally:
         client.close()
         server.close()
-    assert len(got) == len(data) and got == data
+    return bytes(got)
+
+
+def test_a_tcp_stream_of_single_datagrams_arrives_intact(lab: Lab, tmp_path: Path) -> None:
+    """Kernel VXLAN → weft with no GRO on the way (one datagram per read, as from a
+    sender whose outer UDP checksum is 0): weft coalesces the TCP stream's datagrams
+    across recvmmsg slots (gso_datagrams) and the pod receives every byte in order,
+    without checksum errors."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    _, sock = start(lab, n1, args, tmp_path, "n1")
+    assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
+    data = os.urandom(8 << 20)
+    before = nstat(lab, pod1, "TcpInCsumErrors")
+    assert send_over_tcp(pod2, pod1, data) == data
     assert nstat(lab, pod1, "TcpInCsumErrors") == before
     fc = status(sock)["offload"]["counters"]
     assert fc["gso_datagram_writes"] > 0
+    assert fc["gso_written_segments"] > 2 * fc["gso_writes"]
+
+
+def test_a_tcp_stream_after_a_backlog_arrives_intact(lab: Lab, tmp_path: Path) -> None:
+    """Kernel VXLAN → weft with GRO on the way, weft paused now and then (SIGSTOP, by
+    its PID) so that its socket holds a backlog: the next recvmmsg returns many GRO
+    messages, planned all at once (gro.Coalescer.plan_batch). The pod receives every
+    byte in order, without checksum errors."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    proc, sock = start(lab, n1, args, tmp_path, "n1")
+    assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
+    data = os.urandom(32 << 20)
+    before = nstat(lab, pod1, "TcpInCsumErrors")
+    stop = threading.Event()
+
+    def pause_now_and_then() -> None:
+        while not stop.wait(0.03):
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                time.sleep(0.01)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+
+    pauser = threading.Thread(target=pause_now_and_then)
+    pauser.start()
+    try:
+        got = send_over_tcp(pod2, pod1, data)
+    finally:
+        stop.set()
+        pauser.join()
+    assert got == data
+    assert nstat(lab, pod1, "TcpInCsumErrors") == before
+    fc = status(sock)["offload"]["counters"]
+    assert fc["batch_plans"] > 0
     assert fc["gso_written_segments"] > 2 * fc["gso_writes"]
 
 

@@ -544,3 +544,161 @@ def test_datagram_planner_streams_of_two_sizes(corrupt: int | None) -> None:
         assert runs == rx.runs() == [(0, 4), (4, 6)]
     else:
         assert runs == [(0, 4), (4, 3), (7, 1), (8, 2)]
+
+
+# gro.Coalescer.plan_batch: plan_whole's decisions for a whole recvmmsg batch of GRO
+# messages at once. Checked against plan_whole (and so against plan) on the same
+# buffers, including every way a message can fail to be one run.
+
+
+def batch_runs(rx: Rx) -> list[tuple[int, int]] | None:
+    """plan_batch over rx's messages, converted like whole_runs; None when it declines."""
+    msgs = rx.messages
+    runs = rx.coalescer.plan_batch(
+        msgs[0][0],
+        rx.slot,
+        np.array([n for _, n, _, _ in msgs], dtype=np.int64),
+        np.array([size or n for _, n, size, _ in msgs], dtype=np.int64),
+        np.array([peer for *_, peer in msgs], dtype=np.int64),
+    )
+    if runs is None:
+        return None
+    segments = [-(-n // s) for _, n, s, _ in msgs]
+    out = []
+    for first, count, hl, payload in runs:
+        assert hl == rx.coalescer.ip_off + 20 + 32
+        assert payload == sum(n for _, n, _, _ in msgs[first : first + count]) - hl * sum(
+            segments[first : first + count]
+        )
+        out.append((sum(segments[:first]), sum(segments[first : first + count])))
+    return out
+
+
+def gro_batch(messages: list[list[bytes]], *, shift: int = 2, ip_off: int = 22,
+              peers: list[int] | None = None) -> Rx:  # fmt: skip
+    rx = Rx(ip_off=ip_off, shift=shift)
+    rx.coalescer = Coalescer(rx.buf, ip_off)  # the engine's setting
+    for i, segs in enumerate(messages):
+        rx.gro(segs, peer=0 if peers is None else peers[i])
+    return rx
+
+
+@pytest.mark.parametrize("shift", [0, 2])  # 16-bit and 32-bit checksum words
+@pytest.mark.parametrize("second", ["same", "gap", "psh", "short", "peer", "flow"])
+def test_batch_plans_as_plan_whole_does(second: str, shift: int) -> None:
+    rx = Rx(shift=shift)
+    rx.coalescer = Coalescer(rx.buf, 22)
+    nxt = first_gro_message(rx, second)
+    rest = stream(5, start=nxt, sport=5202 if second == "flow" else 5201)
+    rx.gro(rest, peer=1 if second == "peer" else 0)
+    rx.gro(stream(4, start=nxt + 5 * 1398, sport=5202 if second == "flow" else 5201))
+    expected = whole_runs(rx)
+    assert expected == rx.coalescer.plan(rx.messages).runs
+    assert batch_runs(rx) == expected
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("last", [1398, 100, 101, 1])
+def test_batch_short_last_segments_of_any_length(last: int, shift: int) -> None:
+    """The last segment is padded to the segment size for the sums: odd and even
+    lengths, and padding that must not change what the next message holds."""
+    msgs = [stream(6, start=1000 + k * 6 * 1398) for k in range(3)]
+    msgs.append(stream(5, start=1000 + 18 * 1398, last=last))
+    rx = gro_batch(msgs, shift=shift)
+    held = bytes(rx.buf)
+    assert batch_runs(rx) == whole_runs(rx) == [(0, 23)]
+    for off, n, _, _ in rx.messages:
+        assert rx.buf[off : off + n] == held[off : off + n]
+
+
+def test_batch_udp_backend() -> None:
+    segs = stream(12, vxlan=False)
+    rx = gro_batch([segs[:5], segs[5:9], segs[9:]], ip_off=0, shift=0)
+    assert batch_runs(rx) == whole_runs(rx) == [(0, 12)]
+
+
+@pytest.mark.parametrize(
+    ("size", "count", "expected"),
+    [(500, 30, [(0, 60), (60, 30)]),  # 64 segments at most
+     (1398, 15, [(0, 45), (45, 45)])],  # 64 KiB at most
+)  # fmt: skip
+def test_batch_respects_the_caps(size: int, count: int, expected: list) -> None:
+    seq, msgs = 1000, []
+    for _ in range(6 if size == 1398 else 3):
+        msgs.append(stream(count, size=size, start=seq))
+        seq += count * size
+    rx = gro_batch(msgs)
+    assert batch_runs(rx) == whole_runs(rx) == expected
+
+
+def test_batch_sequence_numbers_that_wrap() -> None:
+    start = (1 << 32) - 7 * 1398 - 5
+    segs = [segment((start + i * 1398) % (1 << 32), bytes([i]) * 1398) for i in range(12)]
+    rx = gro_batch([segs[:6], segs[6:]])
+    assert batch_runs(rx) == whole_runs(rx) == [(0, 12)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["psh", "gap", "sport", "ack", "window", "src", "tos", "ttl", "options", "syn", "fin",
+     "udp", "fragment", "ip_options", "first_ip_sum", "tot", "payload", "last_payload",
+     "last_odd_payload"],
+)  # fmt: skip
+@pytest.mark.parametrize("shift", [0, 2])
+def test_batch_declines_what_plan_whole_declines(case: str, shift: int) -> None:
+    """One segment of the second message is not what the run needs: plan_batch
+    declines the batch as plan_whole does (plan then cuts it segment by segment)."""
+    size = 1398
+    n_last = 101 if case == "last_odd_payload" else size
+    segs = stream(15, last=n_last)
+    where = 14 if case.startswith("last") else (5 if case == "first_ip_sum" else 8)
+    seq = 1000 + where * size
+    odd: dict[str, bytes] = {
+        "psh": segment(seq, bytes([where]) * size, "PA"),
+        "gap": segment(seq + 1, bytes([where]) * size),
+        "sport": segment(seq, bytes([where]) * size, sport=5202),
+        "ack": segment(seq, bytes([where]) * size, ack=2),
+        "window": segment(seq, bytes([where]) * size, window=501),
+        "src": segment(seq, bytes([where]) * size, src="10.244.2.3"),
+        "tos": segment(seq, bytes([where]) * size, tos=4),
+        "options": segment(seq, bytes([where]) * size,
+                           options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 3))]),
+        "syn": segment(seq, bytes([where]) * size, "S"),
+        "fin": segment(seq, bytes([where]) * size, "FA"),
+    }  # fmt: skip
+    if case in odd:
+        segs[where] = odd[case]
+    else:
+        seg = bytearray(segs[where])
+        ip = 22
+        if case == "ttl":
+            seg[ip + 8] -= 1
+        elif case == "udp":
+            seg[ip + 9] = 17
+        elif case == "fragment":
+            seg[ip + 6] |= 0x20
+        elif case == "ip_options":
+            seg[ip] = 0x46
+        elif case == "tot":
+            seg[ip + 3] -= 2  # says 2 bytes fewer than the datagram holds
+        elif case == "first_ip_sum":
+            seg[ip + 10] ^= 0x01  # the IP header checksum of a message's first segment
+        else:
+            seg[-1 if case == "last_odd_payload" else 300] ^= 0x20
+        if case in ("ttl", "udp", "fragment", "ip_options", "tot"):
+            seg[ip + 10 : ip + 12] = b"\0\0"
+            csum = ~internet_checksum(bytes(seg[ip : ip + 20])) & 0xFFFF
+            seg[ip + 10 : ip + 12] = csum.to_bytes(2)
+        segs[where] = bytes(seg)
+    rx = gro_batch([segs[:5], segs[5:]], shift=shift)
+    assert whole_runs(rx) is None
+    assert batch_runs(rx) is None
+
+
+def test_batch_leaves_other_shapes_to_plan_whole() -> None:
+    segs = stream(12)
+    rx = gro_batch([segs[:5], segs[5:10]])
+    rx.datagram(segs[10])  # a single datagram in the batch
+    assert batch_runs(rx) is None and whole_runs(rx) is not None
+    rx = gro_batch([stream(5), stream(5, size=1000, start=1000 + 5 * 1398)])  # two sizes
+    assert batch_runs(rx) is None and whole_runs(rx) is not None
