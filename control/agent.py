@@ -204,7 +204,7 @@ class Agent:
                     log.warning(
                         "waiting for the network config at %s: write it with the etcd v3 API, "
                         "e.g. ETCDCTL_API=3 etcdctl put %s "
-                        "'{\"Network\":\"10.244.0.0/16\",\"Backend\":{\"Type\":\"vxlan\"}}' "
+                        '\'{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}\' '
                         "(or: weft config set)",
                         key,
                         key,

@@ -68,9 +68,7 @@ def parse_static_peer(text: str) -> tuple[IPv4Network, IPv4Address, bytes | None
     """SUBNET,PUBLIC_IP[,VTEPMAC] as given to `weft dataplane run --peer`."""
     parts = text.split(",")
     if len(parts) not in (2, 3):
-        raise argparse.ArgumentTypeError(
-            f"--peer {text!r}: expected SUBNET,PUBLIC_IP[,VTEPMAC]"
-        )
+        raise argparse.ArgumentTypeError(f"--peer {text!r}: expected SUBNET,PUBLIC_IP[,VTEPMAC]")
     mac = parse_mac(parts[2]) if len(parts) == 3 else None
     return parse_ipv4_network(parts[0]), parse_ipv4(parts[1]), mac
 
@@ -226,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=0)
     run.add_argument("--vtep-mac", type=parse_mac)
     run.add_argument(
-        "--peer", type=parse_static_peer, action="append", default=[],
+        "--peer",
+        type=parse_static_peer,
+        action="append",
+        default=[],
         metavar="SUBNET,PUBLIC_IP[,VTEPMAC]",
     )
     run.add_argument("--accept-any-source", action="store_true")

@@ -215,9 +215,7 @@ def register(sub: Any) -> None:
     add_etcd_flags(p)
     p.add_argument("--iface", default=env_default("--iface"), help="interface name or address")
     p.add_argument("--public-ip", type=parse_ipv4, default=env_default("--public-ip"))
-    p.add_argument(
-        "--subnet-file", default=env_default("--subnet-file", "/run/flannel/subnet.env")
-    )
+    p.add_argument("--subnet-file", default=env_default("--subnet-file", "/run/flannel/subnet.env"))
     p.add_argument(
         "--subnet-lease-renew-margin",
         type=int,

@@ -56,10 +56,7 @@ def format_event(ev: dict[str, Any]) -> str:
         proto += f" type {ev['icmp_type']}"
     verdict = ev["verdict"] + (f" ({ev['reason']})" if "reason" in ev else "")
     peer = f" peer {ev['peer']}" if "peer" in ev else ""
-    return (
-        f"{t} {ev['dir']} {ev['backend']} {where} {proto} {ev.get('len', '?')}B"
-        f"{peer} {verdict}"
-    )
+    return f"{t} {ev['dir']} {ev['backend']} {where} {proto} {ev.get('len', '?')}B{peer} {verdict}"
 
 
 def cmd_live(args: argparse.Namespace) -> int:

@@ -192,9 +192,7 @@ class Tracer:
             if sub.wakeup is not None:
                 sub.wakeup()
 
-    def from_device(
-        self, buf: bytearray, start: int, end: int, verdict: int, fwd: Any
-    ) -> None:
+    def from_device(self, buf: bytearray, start: int, end: int, verdict: int, fwd: Any) -> None:
         """A device packet and what the forwarder did with it (call right after it)."""
         out_start, out_end, peer = fwd.out_start, fwd.out_end, fwd.out_peer
         reason = fwd.drop_reason

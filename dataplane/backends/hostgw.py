@@ -28,9 +28,7 @@ class HostGwBackend(Backend):
 
     def __init__(self, underlay_mac: bytes, connected: Iterable[IPv4Interface | IPv4Network]):
         self.underlay_mac = bytes(underlay_mac)
-        self.connected = [
-            c.network if isinstance(c, IPv4Interface) else c for c in connected
-        ]
+        self.connected = [c.network if isinstance(c, IPv4Interface) else c for c in connected]
         #: gateway public IP → its MAC, filled by the edge from the neighbour table / ARP.
         self.neighbours: dict[IPv4Address, bytes] = {}
         #: gateways a packet waited for; the edge resolves them and calls learn().

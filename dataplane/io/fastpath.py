@@ -1248,9 +1248,7 @@ class FastEngine(Engine):
             else:
                 self._deliver_uso(uso, starts[first : first + count], lengths_l[first], source)
 
-    def _deliver_uso(
-        self, uso: UdpCoalescer, starts: np.ndarray, length: int, source: int
-    ) -> None:
+    def _deliver_uso(self, uso: UdpCoalescer, starts: np.ndarray, length: int, source: int) -> None:
         """Same-size datagrams of one UDP flow (see uso.UdpCoalescer) as one USO write:
         the first datagram's headers with the lengths of the whole, the UDP checksum
         field holding the pseudo-header sum (NEEDS_CSUM), then every payload."""

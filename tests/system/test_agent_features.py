@@ -35,8 +35,13 @@ def node(lab: Lab, name: str):
 def test_direct_routing_gives_onlink_peers_a_plain_route(
     lab: Lab, etcd: EtcdServer, tmp_path: Path, dataplane: str
 ) -> None:
-    etcd.etcdctl("put", CONFIG_KEY, json.dumps(
-        {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": True}}))
+    etcd.etcdctl(
+        "put",
+        CONFIG_KEY,
+        json.dumps(
+            {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": True}}
+        ),
+    )
     n1, n2 = node(lab, "n1"), node(lab, "n2")
     _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, ["--dataplane", dataplane])
     _, d2 = start_agent(lab, n2, etcd.endpoint, tmp_path, ["--dataplane", dataplane])
@@ -79,8 +84,13 @@ def test_health_endpoints_and_sigterm_keeps_the_lease(
 ) -> None:
     etcd.etcdctl("put", CONFIG_KEY, '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}')
     n1 = node(lab, "n1")
-    proc, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path,
-                           ["--healthz-ip", str(n1.underlay_ip), "--healthz-port", "8081"])
+    proc, d1 = start_agent(
+        lab,
+        n1,
+        etcd.endpoint,
+        tmp_path,
+        ["--healthz-ip", str(n1.underlay_ip), "--healthz-port", "8081"],
+    )
     code = (
         "import urllib.request,sys\n"
         "for p in ('/healthz','/readyz','/metrics'):\n"

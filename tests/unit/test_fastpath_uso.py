@@ -231,9 +231,7 @@ def _segment(vnet: bytes, header: bytes, payloads: list[bytes], ip: int) -> list
         h[ip + 24 : ip + 26] = (8 + len(p)).to_bytes(2, "big")
         h[ip + 26 : ip + 28] = b"\0\0"
         pseudo = ones_complement_sum(h[ip + 12 : ip + 20], 17 + 8 + len(p))
-        h[ip + 26 : ip + 28] = internet_checksum(bytes(h[ip + 20 :]) + p, pseudo).to_bytes(
-            2, "big"
-        )
+        h[ip + 26 : ip + 28] = internet_checksum(bytes(h[ip + 20 :]) + p, pseudo).to_bytes(2, "big")
         out.append(bytes(h) + p)
     return out
 

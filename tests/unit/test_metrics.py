@@ -14,8 +14,10 @@ def test_metrics_text_has_counters_drops_batches_and_control_stats() -> None:
             "rx_bytes": 400,
             "icmp_sent": 1,
             "drops": {"wrong_vni": 3},
-            "batches": {"device": {"batches": 2, "packets": 5}, "network": {"batches": 4,
-                                                                           "packets": 4}},
+            "batches": {
+                "device": {"batches": 2, "packets": 5},
+                "network": {"batches": 4, "packets": 4},
+            },
         },
         "control": {"watch_resyncs": 1, "route_updates": 2},
     }
