@@ -178,9 +178,11 @@ _U16 = struct.Struct("!H")
 #: gso_write   a GRO message's TCP segments written to the device as one GSO packet
 #: gso_datagrams  … and consecutive single datagrams of one TCP flow (no GRO upstream)
 #: uso_write   consecutive datagrams of one inner UDP flow written as one UDP GSO packet
+#: packet_gso  host-gw: super-packets (and checksums) handed whole to the AF_PACKET
+#:             socket with a vnet header (dataplane/io/packet_gso.py)
 PATHS = (
     "tso_read", "tunnel_gso", "udp_segment", "tx_batch", "udp_gro", "recvmmsg", "gso_write",
-    "gso_datagrams", "uso_write",
+    "gso_datagrams", "uso_write", "packet_gso",
 )  # fmt: skip
 
 
@@ -306,13 +308,16 @@ def _errtext(exc: OSError) -> str:
     return f"{name}: {exc.strerror or exc}"
 
 
-def open_pod_device(name: str, *, tap: bool, mode: str) -> tuple[TunDevice, FastPaths]:
+def open_pod_device(
+    name: str, *, tap: bool, mode: str, receives: bool = True
+) -> tuple[TunDevice, FastPaths]:
     """The pod-side TUN/TAP with IFF_VNET_HDR and TSO when the kernel allows it.
 
     Every read and write on the returned device carries a 10-byte vnet header
     (little-endian) — whatever the probe found, since the header was asked for
     at creation. When the offloads are refused, reads are never GSO, and
-    writes may still be (GSO writes need only IFF_VNET_HDR)."""
+    writes may still be (GSO writes need only IFF_VNET_HDR). `receives` False
+    (host-gw: the kernel delivers what peers send): only the read side is probed."""
     paths = FastPaths(mode)
     dev = open_tun(name, tap=tap, vnet_hdr=True)
     try:
@@ -328,6 +333,9 @@ def open_pod_device(name: str, *, tap: bool, mode: str) -> tuple[TunDevice, Fast
                 paths.enable("tso_read")
             except TunError as exc:
                 paths.refuse("tso_read", f"TUNSETOFFLOAD(CSUM|TSO4|TSO6) refused: {_errtext(exc)}")
+        if not receives:
+            return dev, paths
+        paths.why_off["packet_gso"] = "host-gw only"
         if paths.wanted("gso_write"):
             paths.enable("gso_write")
         if paths.wanted("gso_datagrams"):

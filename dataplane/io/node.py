@@ -24,7 +24,7 @@ from dataplane.backends.hostgw import HostGwBackend
 from dataplane.backends.udp import UdpBackend
 from dataplane.backends.vxlan import VxlanBackend
 from dataplane.forwarder import Forwarder
-from dataplane.io import fastpath, netlink
+from dataplane.io import fastpath, netlink, packet_gso
 from dataplane.io.fastpath import FastPaths
 from dataplane.io.runner import Engine
 from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
@@ -75,8 +75,6 @@ class NodeSpec:
             raise ValueError(f"--offload {self.offload!r}: expected auto, on or off")
         if not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(f"--busy-poll {self.busy_poll_us}: expected 0..1000000 µs")
-        if self.offload == "on" and self.backend == "host-gw":
-            raise ValueError("--offload on: host-gw has no fast path (it sends through AF_PACKET)")
 
 
 def make_backend(spec: NodeSpec, underlay_mac: bytes) -> Backend:
@@ -128,6 +126,13 @@ class UserspaceDataplane:
             self.tun, self.fast = fastpath.open_pod_device(
                 spec.device_name, tap=tap, mode=spec.offload
             )
+        elif spec.offload != "off":
+            # host-gw: whether the device may hand out super-packets depends on the
+            # AF_PACKET socket taking vnet headers, so the socket comes first.
+            self.packet_sock = open_packet_socket(spec.underlay_iface)
+            self.tun, self.fast = packet_gso.open_hostgw_device(
+                spec.device_name, self.packet_sock, mode=spec.offload
+            )
         else:
             self.tun = open_tun(spec.device_name, tap=tap)
         try:
@@ -140,11 +145,19 @@ class UserspaceDataplane:
                 else:
                     self.engine = Engine(self.forwarder, self.tun.fileno(), self.sock)
             else:
-                self.packet_sock = open_packet_socket(spec.underlay_iface)
+                if self.packet_sock is None:
+                    self.packet_sock = open_packet_socket(spec.underlay_iface)
                 self.arp_sock = open_packet_socket(spec.underlay_iface, ETH_P_ARP)
-                self.engine = Engine(
-                    self.forwarder, self.tun.fileno(), None, send_socket=self.packet_sock
-                )
+                if self.fast is not None:
+                    self.fast.log_summary()
+                if self.fast is not None and self.fast.on["packet_gso"]:
+                    self.engine = packet_gso.PacketGsoEngine(
+                        self.forwarder, self.tun.fileno(), self.packet_sock, self.fast
+                    )
+                else:
+                    self.engine = Engine(
+                        self.forwarder, self.tun.fileno(), None, send_socket=self.packet_sock
+                    )
                 self.engine.after_batch = self._check_unresolved
                 loop.add_reader(self.arp_sock.fileno(), self._on_arp)
                 self._resolver = loop.create_task(self._resolve_loop())
@@ -281,7 +294,8 @@ class UserspaceDataplane:
                 self._want_resolve.set()
 
     def _send_arp_request(self, gateway: IPv4Address) -> None:
-        assert self.packet_sock is not None and isinstance(self.backend, HostGwBackend)
+        # The ARP socket sends it: the data socket may expect a vnet header (packet_gso).
+        assert self.arp_sock is not None and isinstance(self.backend, HostGwBackend)
         arp = build_arp(
             ArpOp.REQUEST,
             self.backend.underlay_mac,
@@ -291,7 +305,7 @@ class UserspaceDataplane:
         )
         frame = b"\xff" * 6 + self.backend.underlay_mac + b"\x08\x06" + arp
         try:
-            self.packet_sock.send(frame)
+            self.arp_sock.send(frame)
         except OSError as exc:
             log.warning("ARP request for %s failed: %s", gateway, exc)
 
@@ -343,11 +357,8 @@ class UserspaceDataplane:
         """Which fast paths are on (dataplane/io/fastpath.py), and why the others are off."""
         if self.fast is not None:
             return self.fast.status()
-        if self.spec.offload == "off":
-            why = "--offload off"
-        else:
-            why = f"{self.spec.backend} sends through AF_PACKET; no fast path"
-        return {"mode": self.spec.offload, "on": [], "off": dict.fromkeys(fastpath.PATHS, why)}
+        off = dict.fromkeys(fastpath.PATHS, "--offload off")
+        return {"mode": self.spec.offload, "on": [], "off": off}
 
     async def trace_stream(self, request: dict[str, object]) -> AsyncIterator[dict[str, object]]:
         """`weft trace live`: events as they come, a heartbeat each second meanwhile."""

@@ -32,7 +32,7 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import status
+from weft_helpers import send_over_tcp, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
@@ -126,34 +126,6 @@ def test_uso_write_switched_off(lab: Lab, tmp_path: Path) -> None:
     off = status(sock)["offload"]
     assert "WEFT_OFFLOAD_DISABLE" in off["off"]["uso_write"]
     assert off["counters"]["uso_writes"] == 0
-
-
-def send_over_tcp(sender: Pod, receiver: Pod, data: bytes) -> bytes:
-    """`data` from a socket in `sender` to one in `receiver`; what arrived."""
-    with in_netns(receiver.ns):
-        server = socket.create_server(("0.0.0.0", PORT))
-    with in_netns(sender.ns):
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    got = bytearray()
-    try:
-        server.settimeout(10)
-        client.settimeout(10)
-        client.connect((str(receiver.ip), PORT))
-        conn, _ = server.accept()
-        conn.settimeout(10)
-        done = threading.Thread(target=client.sendall, args=(data,))
-        done.start()
-        while len(got) < len(data):
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                break
-            got += chunk
-        done.join(10)
-        conn.close()
-    finally:
-        client.close()
-        server.close()
-    return bytes(got)
 
 
 def test_a_tcp_stream_of_single_datagrams_arrives_intact(lab: Lab, tmp_path: Path) -> None:

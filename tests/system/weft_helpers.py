@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from control.api import api_request
+from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod
 
 WEFT = [sys.executable, "-m", "control.cli"]
+TCP_PORT = 7000  # send_over_tcp's server port, in the receiving pod
 
 
 def start_weft(
@@ -136,3 +140,31 @@ def add_pod_from_subnet_env(lab: Lab, node: Node, d: Path) -> Pod:
     subnet = ip_interface(env["FLANNEL_SUBNET"]).network
     lab.add_cni(node, subnet, mtu=int(env["FLANNEL_MTU"]))
     return lab.add_pod(node)
+
+
+def send_over_tcp(sender: Pod, receiver: Pod, data: bytes) -> bytes:
+    """`data` from a socket in `sender` to one in `receiver`; what arrived."""
+    with in_netns(receiver.ns):
+        server = socket.create_server(("0.0.0.0", TCP_PORT))
+    with in_netns(sender.ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    got = bytearray()
+    try:
+        server.settimeout(10)
+        client.settimeout(10)
+        client.connect((str(receiver.ip), TCP_PORT))
+        conn, _ = server.accept()
+        conn.settimeout(10)
+        done = threading.Thread(target=client.sendall, args=(data,))
+        done.start()
+        while len(got) < len(data):
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        done.join(10)
+        conn.close()
+    finally:
+        client.close()
+        server.close()
+    return bytes(got)
