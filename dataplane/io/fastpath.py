@@ -1143,28 +1143,25 @@ class FastEngine(Engine):
         size = rx.segment_sizes[first]
         s0 = offsets[first]
         verdict = self.forwarder.from_network(rxv[s0 : s0 + size], size, rx.sources[first])  # type: ignore[arg-type]
-        stop = first + count
-        segments = sum((n - 1) // size for n in lengths[first:stop]) + count
+        segments = 0
+        iov: list[bytes | bytearray | memoryview] = [b"", b""]
+        last = s0
+        # An iovec entry per segment, straight from the receive buffer: measured
+        # against copying each message's payload rows out with numpy first, it
+        # is as fast at MTU 1500 and faster for jumbo segments (seven per message).
+        for k in range(first, first + count):
+            o = offsets[k]
+            full = (lengths[k] - 1) // size  # segments before the last
+            last = o + full * size
+            segments += full + 1
+            if verdict == Verdict.DELIVER:
+                pay = size - hl
+                iov += [rxv[p : p + pay] for p in range(o + hl, last, size)]
+                iov.append(rxv[last + hl : o + lengths[k]])
         self._fc.rx_segments += segments
         if verdict != Verdict.DELIVER:
             self.forwarder.counters.drops[self.forwarder.drop_reason] += segments - 1
             return
-        # Every message's payloads but the run's very last one are rows of a strided
-        # view (all full-size: only a run's last segment may be short), copied out
-        # in one numpy call: ~2 µs for 44 segments against ~5 µs to slice an iovec
-        # entry for each.
-        pay = size - hl
-        blocks = []
-        buf = rx.buf
-        for k in range(first, stop):
-            rows = (lengths[k] - 1) // size + (k < stop - 1)
-            blocks.append(np.ndarray((rows, pay), np.uint8, buf, offsets[k] + hl, (size, 1)))
-        o = offsets[stop - 1]
-        last = o + (lengths[stop - 1] - 1) // size * size
-        body = np.concatenate(blocks) if len(blocks) > 1 else np.ascontiguousarray(blocks[0])
-        iov: list[bytes | bytearray | memoryview] = [
-            b"", b"", memoryview(body).cast("B"), rxv[last + hl : o + lengths[stop - 1]]
-        ]  # fmt: skip
         self._write_gso(iov, s0, size, hl, last, payload, segments)
 
     def _deliver_mixed(
