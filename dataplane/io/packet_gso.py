@@ -83,10 +83,12 @@ class PacketGsoEngine(Engine):
         super().__init__(forwarder, device_fd, None, send_socket=packet_sock)
         self.paths = paths
         self._fc = paths.counters
-        self._vnet = bytearray(VNET_HDR_LEN)
-        # The packet lands `headroom` (14) bytes in, where the Ethernet header goes.
-        self._iov = [self._vnet, memoryview(self._dev_buf)[forwarder.headroom :]]
-        self._sock_fd = packet_sock.fileno()
+        # The device's vnet header lands at the start of the buffer, the packet
+        # `headroom` (14) bytes after it, where the Ethernet header goes: vnet
+        # header and frame are then one contiguous buffer for the socket.
+        buf = memoryview(self._dev_buf)
+        self._at = VNET_HDR_LEN + forwarder.headroom
+        self._iov = [buf[:VNET_HDR_LEN], buf[self._at :]]
         self._failed_once = False
 
     #: Written to the device (ICMP errors back to a pod): behind a vnet header.
@@ -98,15 +100,14 @@ class PacketGsoEngine(Engine):
         fwd = self.forwarder
         buf = self._dev_buf
         out = self._dev_out
-        head = fwd.headroom
+        head = self._at
         fd = self.device_fd
-        sock_fd = self._sock_fd
         readv = os.readv
         writev = os.writev
+        send = self.send_socket.send  # type: ignore[union-attr]
         iov = self._iov
-        vnet = self._vnet
         unpack = VNET_STRUCT.unpack_from
-        pack = VNET_STRUCT.pack
+        pack_into = VNET_STRUCT.pack_into
         drops = fwd.counters.drops
         fc = self._fc
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
@@ -128,30 +129,32 @@ class PacketGsoEngine(Engine):
                 continue
             budget -= n
             end = head + n
-            flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = unpack(vnet)
             check_end = end
-            if gso_type != _GSO_NONE:
-                # The forwarder judges the first segment (route, size against the MTU).
-                l4 = head + csum_start
-                check_end = min(end, l4 + ((buf[l4 + 12] >> 4) << 2) + gso_size)
+            offloaded = buf[0] or buf[1]  # vnet flags or GSO type: header to adjust
+            if offloaded:
+                flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = unpack(buf)
+                if gso_type != _GSO_NONE:
+                    # The forwarder judges the first segment (route, size against MTU).
+                    l4 = head + csum_start
+                    check_end = min(end, l4 + ((buf[l4 + 12] >> 4) << 2) + gso_size)
             verdict = fwd.from_device(buf, head, check_end)
             if tracer is not None:
                 tracer.from_device(buf, head, check_end, verdict, fwd)
             if verdict == _SEND:
-                if flags or gso_type != _GSO_NONE:
-                    hdr = pack(
-                        flags, gso_type, hdr_len + ETH_HLEN, gso_size,
+                # The Ethernet header went in front of the packet, right after the
+                # vnet header, whose offsets now count it too.
+                if offloaded:
+                    pack_into(
+                        buf, 0, flags, gso_type, hdr_len + ETH_HLEN, gso_size,
                         csum_start + ETH_HLEN, csum_offset,
                     )  # fmt: skip
-                else:
-                    hdr = ZERO_VNET
                 try:
-                    writev(sock_fd, [hdr, out[fwd.out_start : end]])
+                    send(out[fwd.out_start - VNET_HDR_LEN : end])
                 except OSError as exc:
                     drops[DropReason.SEND_FAILED] += 1
                     self._send_failed(exc)
                     continue
-                if gso_type != _GSO_NONE:
+                if offloaded and gso_type != _GSO_NONE:
                     fc.gso_sends += 1
                     fc.gso_segments += -(-(end - check_end) // gso_size) + 1
             elif verdict == _REPLY:
