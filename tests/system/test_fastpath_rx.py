@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -128,16 +129,25 @@ def test_uso_write_switched_off(lab: Lab, tmp_path: Path) -> None:
     assert off["counters"]["uso_writes"] == 0
 
 
+def kernel_sends_weft_receives(
+    lab: Lab, tmp_path: Path, *, gro: bool
+) -> tuple[Pod, Pod, subprocess.Popen, Path]:
+    """pod2 behind the kernel's VXLAN on n2, pod1 behind weft on n1 (fast paths on),
+    with or without GRO on the underlay: (pod1, pod2, weft's process, its socket)."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=gro)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    proc, sock = start(lab, n1, args, tmp_path, "n1")
+    assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
+    return pod1, pod2, proc, sock
+
+
 def test_a_tcp_stream_of_single_datagrams_arrives_intact(lab: Lab, tmp_path: Path) -> None:
     """Kernel VXLAN → weft with no GRO on the way (one datagram per read, as from a
     sender whose outer UDP checksum is 0): weft coalesces the TCP stream's datagrams
     across recvmmsg slots (gso_datagrams) and the pod receives every byte in order,
     without checksum errors."""
-    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
-    kmac = kernel_vxlan_node(lab, n2, n1)
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
-    _, sock = start(lab, n1, args, tmp_path, "n1")
-    assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
+    pod1, pod2, _, sock = kernel_sends_weft_receives(lab, tmp_path, gro=False)
     data = os.urandom(8 << 20)
     before = nstat(lab, pod1, "TcpInCsumErrors")
     assert send_over_tcp(pod2, pod1, data) == data
@@ -152,11 +162,7 @@ def test_a_tcp_stream_after_a_backlog_arrives_intact(lab: Lab, tmp_path: Path) -
     its PID) so that its socket holds a backlog: the next recvmmsg returns many GRO
     messages, planned all at once (gro.Coalescer.plan_batch). The pod receives every
     byte in order, without checksum errors."""
-    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
-    kmac = kernel_vxlan_node(lab, n2, n1)
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
-    proc, sock = start(lab, n1, args, tmp_path, "n1")
-    assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
+    pod1, pod2, proc, sock = kernel_sends_weft_receives(lab, tmp_path, gro=True)
     data = os.urandom(32 << 20)
     before = nstat(lab, pod1, "TcpInCsumErrors")
     stop = threading.Event()
