@@ -89,6 +89,7 @@ from dataplane.io.segment import (
     MAX_SEGMENTS,
     MAX_SEND_BYTES,
     Segmenter,
+    complete_checksums,
     probe_udp_segment,
     segment_cmsg,
 )
@@ -653,9 +654,15 @@ class FastEngine(Engine):
         # (but the last of a run waits for the next read: hence the first packet
         # of a drain is sent at once, see below).
         batching = self.paths.on["tx_batch"]
+        # Checksums the pod left to offload (NEEDS_CSUM) are completed for a whole
+        # run at once when it is sent (segment.complete_checksums): `run_csum` is
+        # the run's (start, offset), -1 when its datagrams need none. Not while
+        # tracing, which shows packets as they leave.
+        defer = batching and tracer is None
         base = pos = self._base
         run_peer: Peer | None = None
         run_size = run_count = 0
+        run_csum = -1
         budget = TX_BUDGET
         got = 0
         for _ in range(BATCH):
@@ -684,7 +691,7 @@ class FastEngine(Engine):
                 seg_end = l4 + ((buf[l4 + 12] >> 4) << 2) + gso_size
                 if seg_end < end:
                     if run_count:
-                        self._send_run(base, pos, run_size, run_count, run_peer)
+                        self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                         run_count = 0
                         pos = base  # (the packet stays where it is: headers go in front)
                     verdict = fwd.from_device(buf, head, seg_end)
@@ -701,12 +708,19 @@ class FastEngine(Engine):
                         except OSError:
                             drops[DropReason.WRITE_FAILED] += 1
                     continue
+            csum = -1
             if flags & _NEEDS_CSUM:
-                try:
-                    complete_checksum(view[head:end], csum_start, csum_offset)
-                except ValueError:
-                    drops[DropReason.TRUNCATED] += 1
-                    continue
+                if defer and got > 1 and gso_type == _GSO_NONE:
+                    if csum_start + csum_offset + 2 > n:
+                        drops[DropReason.TRUNCATED] += 1
+                        continue
+                    csum = csum_start << 16 | csum_offset  # completed with its run
+                else:
+                    try:
+                        complete_checksum(view[head:end], csum_start, csum_offset)
+                    except ValueError:
+                        drops[DropReason.TRUNCATED] += 1
+                        continue
             if gso_type != _GSO_NONE and end > head + (fwd.max_inner + (14 if l2 else 0)):
                 # A GSO packet and no way to send it segmented: never happens,
                 # since TSO is only asked for when super-packets can be sent.
@@ -729,7 +743,7 @@ class FastEngine(Engine):
                 # The datagram is buf[pos:end]: encap wrote `headroom` bytes in front.
                 size = end - pos
                 if run_count:
-                    if peer is run_peer and size <= run_size:
+                    if peer is run_peer and size <= run_size and csum == run_csum:
                         run_count += 1
                         pos = end
                         if (
@@ -737,20 +751,21 @@ class FastEngine(Engine):
                             or run_count == MAX_SEGMENTS
                             or pos - base + run_size > MAX_SEND_BYTES
                         ):
-                            self._send_run(base, pos, run_size, run_count, run_peer)
+                            self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                             run_count = 0
                             pos = base
                         continue
-                    # Another peer or a bigger datagram: send the run, move this one
-                    # to the front of the buffer and start the next run with it.
-                    self._send_run(base, pos, run_size, run_count, run_peer)
+                    # Another peer, a bigger datagram or other checksum offsets: send
+                    # the run, move this one to the front of the buffer and start the
+                    # next run with it.
+                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                     view[base : base + size] = view[pos:end]  # memmove: may overlap
                     pos, end = base, base + size
-                run_peer, run_size, run_count = peer, size, 1
+                run_peer, run_size, run_count, run_csum = peer, size, 1, csum
                 pos = end
             elif verdict == _REPLY:
                 if run_count:
-                    self._send_run(base, pos, run_size, run_count, run_peer)
+                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                     run_count = 0
                     pos = base
                 try:
@@ -758,14 +773,23 @@ class FastEngine(Engine):
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
         if run_count:
-            self._send_run(base, pos, run_size, run_count, run_peer)
+            self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
 
-    def _send_run(self, base: int, pos: int, size: int, count: int, peer: Peer | None) -> None:
-        """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to peer."""
+    def _send_run(
+        self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int
+    ) -> None:
+        """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to
+        peer; `csum` ≥ 0: their inner checksums are still to complete, from csum >> 16
+        bytes into the inner packet, the field csum & 0xFFFF bytes after that."""
         assert peer is not None
+        if csum >= 0:
+            at = self.forwarder.headroom  # the inner packet, in each datagram
+            complete_checksums(
+                self._tx_buf, base, size, count, pos, at + (csum >> 16), csum & 0xFFFF
+            )
         # (tx_batch may go off in the middle of a drain)
         self._fc.batched_datagrams += self._send_datagrams(
             self._tx_view, base, pos, size, count, peer.sockaddr, "tx_batch"

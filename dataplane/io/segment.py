@@ -34,6 +34,8 @@ import struct
 
 import numpy as np
 
+from dataplane.packet.vnet import complete_checksum
+
 SOL_UDP = 17
 UDP_SEGMENT = 103  # linux/udp.h: the segment size for a send (socket option or cmsg)
 #: UDP_MAX_SEGMENTS (1 << 6) in Linux before 6.10; later kernels take 128.
@@ -229,3 +231,40 @@ class Segmenter:
             csum = (sums + lengths - 1) % 0xFFFF
             rows[:, t + 16 : t + 18].view(">u2")[:, 0] = 0xFFFE - csum
         return count * row - short
+
+
+def complete_checksums(
+    buf: bytearray,
+    base: int,
+    size: int,
+    count: int,
+    stop: int,
+    csum_start: int,
+    csum_offset: int,
+) -> None:
+    """What NEEDS_CSUM asks (vnet.complete_checksum) for `count` datagrams at once:
+    datagram i at buf[base + i * size:], every one `size` bytes long but the last,
+    which ends at `stop`; in each, the one's complement sum runs from `csum_start`
+    to its end, and the checksum field (holding the pseudo-header sum) is at
+    csum_start + csum_offset. A result of 0 is stored as 0xFFFF, as the kernel does.
+
+    All but the last are the rows of a strided view, summed in one numpy call; the
+    last (its length may differ) goes through vnet.complete_checksum. Nothing
+    outside the datagrams is read or written (the next packet may already sit at
+    `stop`)."""
+    full = count - 1
+    if full:
+        span = size - csum_start  # bytes summed in a row
+        rows = np.ndarray((full, span >> 1), ">u2", buf, base + csum_start, (size, 2))
+        sums = rows.sum(axis=1, dtype=np.uint64)
+        if span & 1:
+            # A row's odd last byte is the high half of a word whose low half is zero.
+            odd = np.ndarray((full,), np.uint8, buf, base + size - 1, (size,))
+            sums += odd.astype(np.uint64) << np.uint64(8)
+        folded = sums % np.uint64(0xFFFF)
+        # ~fold(total) is 0xFFFF - (total mod 0xFFFF); a total ≡ 0 (fold 0xFFFF) gives
+        # 0, stored as 0xFFFF.
+        field = np.ndarray((full,), ">u2", buf, base + csum_start + csum_offset, (size,))
+        field[:] = np.where(folded == 0, 0xFFFF, 0xFFFF - folded)
+    last = base + full * size
+    complete_checksum(memoryview(buf)[last:stop], csum_start, csum_offset)
