@@ -193,8 +193,12 @@ def render_status(status: dict[str, Any]) -> str:
     if isinstance(offload, dict):
         on = offload.get("on") or []
         out(f"fast paths ({offload.get('mode')}): " + (", ".join(on) if on else "none"))
+        # One line per reason: host-gw has eight paths off for the same one.
+        reasons: dict[str, list[str]] = {}
         for path, why in sorted((offload.get("off") or {}).items()):
-            out(f"  {path} off: {why}")
+            reasons.setdefault(str(why), []).append(path)
+        for why, paths in reasons.items():
+            out(f"  {', '.join(paths)} off: {why}")
     if status.get("busy_poll_us"):
         out(f"busy polling: {status['busy_poll_us']} µs after the last packet")
     return "".join(line + "\n" for line in lines)
@@ -233,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accept-any-source", action="store_true")
     run.add_argument(
         "--offload", choices=["auto", "on", "off"], default="auto",
-        help="fast paths (TSO/GSO through TAP, UDP GRO, recvmmsg): auto uses what the "
-        "kernel accepts, on fails when it refuses one, off runs the plain engine",
+        help="fast paths (TSO/GSO through a TAP or AF_PACKET, UDP GRO, recvmmsg): auto uses "
+        "what the kernel accepts, on fails when it refuses one, off runs the plain engine",
     )  # fmt: skip
     run.add_argument(
         "--busy-poll", type=parse_busy_poll, default=0, metavar="USEC",

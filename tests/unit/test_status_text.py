@@ -36,3 +36,17 @@ def test_status_text_of_a_kernel_mode_node_has_no_fast_path_lines() -> None:
     kernel["counters"] = {}
     text = render_status(kernel)
     assert "drops: none" in text and "fast paths" not in text and "busy" not in text
+
+
+def test_status_text_puts_paths_off_for_one_reason_on_one_line() -> None:
+    hostgw = dict(STATUS, backend="host-gw")
+    why = "vxlan and udp only (host-gw moves no datagrams)"
+    hostgw["offload"] = {
+        "mode": "auto",
+        "on": ["tso_read", "packet_gso"],
+        "off": {"udp_gro": why, "recvmmsg": why, "tunnel_gso": why},
+    }
+    text = render_status(hostgw)
+    assert "fast paths (auto): tso_read, packet_gso" in text
+    assert f"  recvmmsg, tunnel_gso, udp_gro off: {why}" in text
+    assert text.count(" off: ") == 1
