@@ -310,16 +310,18 @@ def _errtext(exc: OSError) -> str:
 
 
 def open_pod_device(
-    name: str, *, tap: bool, mode: str, receives: bool = True
+    name: str, *, tap: bool, mode: str, paths: FastPaths | None = None
 ) -> tuple[TunDevice, FastPaths]:
     """The pod-side TUN/TAP with IFF_VNET_HDR and TSO when the kernel allows it.
 
     Every read and write on the returned device carries a 10-byte vnet header
     (little-endian) — whatever the probe found, since the header was asked for
     at creation. When the offloads are refused, reads are never GSO, and
-    writes may still be (GSO writes need only IFF_VNET_HDR). `receives` False
-    (host-gw: the kernel delivers what peers send): only the read side is probed."""
-    paths = FastPaths(mode)
+    writes may still be (GSO writes need only IFF_VNET_HDR). Given `paths` (host-gw's:
+    the kernel delivers what peers send), only the read side is probed, into them."""
+    receives = paths is None
+    if paths is None:
+        paths = FastPaths(mode)
     dev = open_tun(name, tap=tap, vnet_hdr=True)
     try:
         try:

@@ -429,7 +429,8 @@ class Coalescer:
         words = np.ndarray((m, rows, w), "<u8", buf, base, (stride, size, 8))[ii, jj]
         if ((words & mask[: n * w].reshape(n, w)) != value[: n * w].reshape(n, w)).any():
             return None
-        firsts = np.repeat(np.cumsum(segs) - segs, segs)
+        heads = np.cumsum(segs) - segs  # each message's first segment, in the gathered rows
+        firsts = np.repeat(heads, segs)  # … for every segment
         if ((words ^ words[firsts]) & keep[: n * w].reshape(n, w)).any():
             return None
         # PSH only on a message's last segment; IP total lengths; sequence numbers
@@ -471,9 +472,8 @@ class Coalescer:
             return None
         # Which message continues the one before it: same peer and flow, contiguous
         # sequence numbers, the earlier one's last segment full-size without PSH.
-        heads = firsts[jj == 0]
         pays = lengths - segs * hl
-        seq_first = seq0[heads]
+        seq_first = seq[heads]
         last_flags = flags[np.arange(m - 1), full[:-1]]
         joins = (
             (peers[1:] == peers[:-1])

@@ -122,20 +122,21 @@ class UserspaceDataplane:
             accept_any_source=spec.accept_any_source,
         )
         tap = spec.device == "tap"
-        if spec.offload != "off" and backend.transport == "udp":
-            self.tun, self.fast = fastpath.open_pod_device(
-                spec.device_name, tap=tap, mode=spec.offload
-            )
-        elif spec.offload != "off":
-            # host-gw: whether the device may hand out super-packets depends on the
-            # AF_PACKET socket taking vnet headers, so the socket comes first.
-            self.packet_sock = open_packet_socket(spec.underlay_iface)
-            self.tun, self.fast = packet_gso.open_hostgw_device(
-                spec.device_name, self.packet_sock, mode=spec.offload
-            )
-        else:
-            self.tun = open_tun(spec.device_name, tap=tap)
         try:
+            if backend.transport == "packet":
+                # host-gw: whether the device may hand out super-packets depends on
+                # the AF_PACKET socket taking vnet headers, so the socket comes first.
+                self.packet_sock = open_packet_socket(spec.underlay_iface)
+            if spec.offload == "off":
+                self.tun = open_tun(spec.device_name, tap=tap)
+            elif self.packet_sock is not None:
+                self.tun, self.fast = packet_gso.open_hostgw_device(
+                    spec.device_name, self.packet_sock, mode=spec.offload
+                )
+            else:
+                self.tun, self.fast = fastpath.open_pod_device(
+                    spec.device_name, tap=tap, mode=spec.offload
+                )
             self._configure_device(tap)
             if backend.transport == "udp":
                 port = backend.port  # type: ignore[attr-defined]
@@ -145,8 +146,7 @@ class UserspaceDataplane:
                 else:
                     self.engine = Engine(self.forwarder, self.tun.fileno(), self.sock)
             else:
-                if self.packet_sock is None:
-                    self.packet_sock = open_packet_socket(spec.underlay_iface)
+                assert self.packet_sock is not None
                 self.arp_sock = open_packet_socket(spec.underlay_iface, ETH_P_ARP)
                 if self.fast is not None:
                     self.fast.log_summary()

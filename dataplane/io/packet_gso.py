@@ -62,10 +62,7 @@ def open_hostgw_device(name: str, sock: socket.socket, *, mode: str) -> tuple[Tu
     if not paths.on["packet_gso"]:
         paths.why_off.setdefault("tso_read", "needs packet_gso")
         return open_tun(name), paths
-    dev, pod = fastpath.open_pod_device(name, tap=False, mode=mode, receives=False)
-    paths.on["tso_read"] = pod.on["tso_read"]
-    if not pod.on["tso_read"]:
-        paths.why_off["tso_read"] = pod.why_off.get("tso_read", "refused")
+    dev, _ = fastpath.open_pod_device(name, tap=False, mode=mode, paths=paths)
     return dev, paths
 
 
@@ -90,11 +87,6 @@ class PacketGsoEngine(Engine):
         self._at = VNET_HDR_LEN + forwarder.headroom
         self._iov = [buf[:VNET_HDR_LEN], buf[self._at :]]
         self._failed_once = False
-
-    #: Written to the device (ICMP errors back to a pod): behind a vnet header.
-    @staticmethod
-    def write_device(fd: int, packet: memoryview) -> int:
-        return os.writev(fd, [ZERO_VNET, packet])
 
     def _on_device(self) -> None:
         fwd = self.forwarder
