@@ -45,6 +45,9 @@ from control.lab.netns import (
 )
 
 VXLAN_OVERHEAD = 50
+#: gro_flush_timeout for a pod veth with UDP GRO forwarding (Lab.udp_gro_forwarding):
+#: how long a merged UDP packet stays open for more datagrams.
+POD_GRO_FLUSH_NS = 20_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Pod:
     node: Node
     prefixlen: int = 24
     mtu: int = 1500
+    node_end: str = ""  # the veth's end in the node (a cni0 port)
 
 
 def mac_str(mac: str | bytes) -> str:
@@ -334,9 +338,21 @@ class Lab:
         self.ip(ns, "addr", "add", f"{addr}/{cni.subnet.prefixlen}", "dev", "eth0")
         self.ip(ns, "link", "set", "eth0", "up")
         self.ip(ns, "route", "add", "default", "via", str(gw), "dev", "eth0")
-        pod = Pod(short, ns, addr, node, cni.subnet.prefixlen, mtu)
+        pod = Pod(short, ns, addr, node, cni.subnet.prefixlen, mtu, node_end)
         self.pods.append(pod)
         return pod
+
+    def udp_gro_forwarding(self, pod: Pod, flush_timeout_ns: int = POD_GRO_FLUSH_NS) -> None:
+        """GRO for the pod's UDP datagrams on their way through the node (the knob
+        Tailscale gives for userspace TUN forwarders): `gro on` gives the node's veth
+        end a NAPI, rx-udp-gro-forwarding lets it merge datagrams of one flow that
+        no local socket takes, and gro_flush_timeout keeps a merged packet open
+        across polls (a veth polls as each datagram is sent, so without it nothing
+        merges). A lone datagram may wait up to the timeout."""
+        dev = pod.node_end
+        self.run(pod.node, "ethtool", "-K", dev, "gro", "on", "rx-udp-gro-forwarding", "on")
+        timeout = f"/sys/class/net/{dev}/gro_flush_timeout"
+        self.run(pod.node, "sh", "-c", f"echo {int(flush_timeout_ns)} > {timeout}")
 
     # -- probes ---------------------------------------------------------------
 

@@ -160,6 +160,7 @@ _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
 # which showed up at 3–7 % of the send loop's profile.
 _NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
 _GSO_NONE = int(GsoType.NONE)
+_GSO_UDP_L4 = int(GsoType.UDP_L4)
 _SEND = int(Verdict.SEND)
 _REPLY = int(Verdict.REPLY)
 #: sendmsg errors that say the buffer was full (drop, try the next), not that the
@@ -170,6 +171,8 @@ _U16 = struct.Struct("!H")
 #: The fast paths, as `weft status` names them:
 #: tso_read    TCP super-packets read from the pod device (IFF_VNET_HDR + TSO)
 #: tunnel_gso  … sent through a TAP with UDP-tunnel GSO (the kernel segments, checksums)
+#: uso_read    UDP super-packets read from the pod device too (TUN_F_USO4|6: the node's
+#:             GRO forwarding merges a pod's small datagrams) and sent whole like TCP's
 #: udp_segment many datagrams to one peer in one sendmsg (UDP_SEGMENT): without
 #:             tunnel_gso, the segments weft cuts from a super-packet
 #: tx_batch    consecutive same-size datagrams to one peer read in one drain of the
@@ -182,8 +185,8 @@ _U16 = struct.Struct("!H")
 #: packet_gso  host-gw: super-packets (and checksums) handed whole to the AF_PACKET
 #:             socket with a vnet header (dataplane/io/packet_gso.py)
 PATHS = (
-    "tso_read", "tunnel_gso", "udp_segment", "tx_batch", "udp_gro", "recvmmsg", "gso_write",
-    "gso_datagrams", "uso_write", "packet_gso",
+    "tso_read", "tunnel_gso", "uso_read", "udp_segment", "tx_batch", "udp_gro", "recvmmsg",
+    "gso_write", "gso_datagrams", "uso_write", "packet_gso",
 )  # fmt: skip
 
 
@@ -204,6 +207,7 @@ class FastCounters:
         "split_packets",
         "split_segments",
         "udp_segment_sends",
+        "uso_sends",
         "uso_writes",
         "uso_written_segments",
     )  # fmt: skip
@@ -211,6 +215,7 @@ class FastCounters:
     def __init__(self) -> None:
         self.gso_sends = 0  # super-packets written to the egress TAP
         self.gso_segments = 0  # … and the datagrams the kernel cut them into
+        self.uso_sends = 0  # … of them UDP super-packets (uso_read)
         self.rx_calls = 0  # recvmmsg calls that returned messages
         self.rx_messages = 0  # messages they returned (a GRO message holds many datagrams)
         self.rx_segments = 0  # datagrams in those messages
@@ -368,6 +373,49 @@ def _probe_uso(dev: TunDevice, paths: FastPaths) -> None:
         return
     set_offload(dev, current)
     paths.enable("uso_write")
+
+
+def probe_uso_read(dev: TunDevice | int, paths: FastPaths) -> None:
+    """Let the pod device hand out UDP super-packets (TUN_F_USO4|TUN_F_USO6, Linux
+    6.2+) when they can leave whole: with tso_read and a sender that the kernel
+    segments for (tunnel_gso, or host-gw's packet_gso). The kernel builds them
+    only where something merged a pod's datagrams: GRO forwarding on the pod's
+    veth (`ethtool -K veth gro on rx-udp-gro-forwarding on`, and a
+    gro_flush_timeout: a veth's NAPI otherwise polls one packet at a time), or a
+    pod sending with UDP_SEGMENT. Without them the device advertises no USO and
+    the kernel cuts such packets before they reach weft."""
+    if not paths.wanted("uso_read"):
+        return
+    if not paths.on["tso_read"]:
+        paths.why_off["uso_read"] = "needs tso_read"
+        return
+    if not (paths.on["tunnel_gso"] or paths.on["packet_gso"]):
+        paths.why_off["uso_read"] = "needs tunnel_gso (or host-gw's packet_gso)"
+        return
+    try:
+        set_offload(dev, POD_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
+    except TunError as exc:
+        paths.refuse("uso_read", f"TUN without USO (Linux 6.2+): {_errtext(exc)}")
+        return
+    paths.enable("uso_read")
+
+
+def stop_uso_read(dev: int, paths: FastPaths, reason: str) -> None:
+    """The sender refused a UDP super-packet: the device hands out no more of them
+    (those already queued are dropped by the caller, counted)."""
+    try:
+        set_offload(dev, POD_OFFLOADS)
+    except TunError as exc:
+        log.warning("could not switch USO off on the device: %s", exc)
+    paths.turn_off("uso_read", reason)
+
+
+def gso_l4(buf: bytearray | memoryview, l4: int, gso_type: int) -> tuple[int, int]:
+    """(header length, checksum field offset) of a super-packet's transport header
+    at buf[l4:]: UDP's for a UDP super-packet (USO), else TCP's."""
+    if gso_type == _GSO_UDP_L4:
+        return 8, 6
+    return (buf[l4 + 12] >> 4) << 2, 16
 
 
 def limit_gso_size(name: str, size: int = POD_GSO_MAX_SIZE) -> None:
@@ -690,7 +738,7 @@ class FastEngine(Engine):
                 # TCP super-packet: the forwarder judges its first segment (route,
                 # size against the path MTU, encapsulation in front).
                 l4 = head + csum_start
-                seg_end = l4 + ((buf[l4 + 12] >> 4) << 2) + gso_size
+                seg_end = l4 + gso_l4(buf, l4, gso_type)[0] + gso_size
                 if seg_end < end:
                     if run_count:
                         self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
@@ -702,6 +750,8 @@ class FastEngine(Engine):
                     if verdict == _SEND:
                         if egress >= 0:
                             self._send_gso(fwd, head, end, seg_end, gso_type, gso_size, csum_start)
+                        elif gso_type == _GSO_UDP_L4:
+                            drops[DropReason.TOO_BIG] += 1  # (never: uso_read needs the TAP)
                         else:
                             self._send_split(fwd, head, end, seg_end, gso_size, csum_start)
                     elif verdict == _REPLY:
@@ -871,19 +921,25 @@ class FastEngine(Engine):
         # Offsets in the frame: the inner packet's csum_start counted from `head`.
         cs = csum_start + (head - frame)
         l4 = head + csum_start
-        thl = (buf[l4 + 12] >> 4) << 2
+        thl, check_at = gso_l4(buf, l4, gso_type)
         hdrs = l4 - head + thl  # inner headers per segment
         nsegs = -(-(end - head - hdrs) // gso_size)
         VNET_TUNNEL_STRUCT.pack_into(
             buf, frame - VNET_HDR_TUNNEL_LEN,
             VnetFlag.NEEDS_CSUM | VnetFlag.UDP_TUNNEL_CSUM, gso_type | GSO_UDP_TUNNEL_IPV4,
-            cs + thl, gso_size, cs, 16, 0, 0, 0, 0, 14 + 20, OUTER_HLEN + self._ip_off,
+            cs + thl, gso_size, cs, check_at, 0, 0, 0, 0, 14 + 20, OUTER_HLEN + self._ip_off,
         )  # fmt: skip
         self._ip_id = (ip_id + nsegs) & 0xFFFF
         try:
             os.write(self._egress_fd, self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
         except OSError as exc:
             fwd.counters.drops[DropReason.SEND_FAILED] += 1
+            if gso_type == _GSO_UDP_L4 and exc.errno == errno.EINVAL:
+                # A kernel whose tunnel GSO takes TCP only: UDP is cut before weft again.
+                stop_uso_read(
+                    self.device_fd, self.paths, f"egress TAP refused UDP GSO: {_errtext(exc)}"
+                )
+                return
             self._first_error(f"egress TAP write failed: {_errtext(exc)}")
             return
         counters = fwd.counters
@@ -892,6 +948,8 @@ class FastEngine(Engine):
         fc = self._fc
         fc.gso_sends += 1
         fc.gso_segments += nsegs
+        if gso_type == _GSO_UDP_L4:
+            fc.uso_sends += 1
 
     def _send_split(
         self, fwd: Forwarder, head: int, end: int, seg_end: int, gso_size: int, csum_start: int

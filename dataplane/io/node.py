@@ -197,6 +197,7 @@ class UserspaceDataplane:
             # without it, are cut in userspace and sent with UDP_SEGMENT (or one
             # datagram per call): either way weft asks the device for them.
             fastpath.open_egress_tap(fast, spec.device_name)
+            fastpath.probe_uso_read(self.tun, fast)
             if fast.egress is not None:
                 try:
                     fastpath.limit_gso_size(spec.device_name)
@@ -204,6 +205,7 @@ class UserspaceDataplane:
                     log.debug("gso_max_size on %s: %s", spec.device_name, exc)
         else:
             fast.why_off.setdefault("tunnel_gso", "used only with tso_read")
+            fast.why_off.setdefault("uso_read", "needs tso_read")
         fastpath.setup_socket(fast, self.sock)
         engine = fastpath.FastEngine(
             self.forwarder,

@@ -4,7 +4,8 @@ host-gw sends the inner packet unchanged, in an Ethernet frame to the peer's MAC
 (dataplane/backends/hostgw.py), through an AF_PACKET socket on the underlay. With
 PACKET_VNET_HDR on that socket, every frame written carries the same 10-byte
 virtio_net_hdr that the pod device (IFF_VNET_HDR + TSO, see fastpath.py) puts in
-front of what it reads. So a 64 KB TCP super-packet goes out with one write, and
+front of what it reads. So a 64 KB TCP super-packet (or a UDP one: uso_read, see
+fastpath.probe_uso_read) goes out with one write, and
 the kernel cuts it into MTU-sized segments on the underlay device (software GSO
 when the NIC has no TSO); a packet whose checksum the pod left to offload
 (NEEDS_CSUM) goes out the same way, and the kernel completes the checksum. The
@@ -25,7 +26,7 @@ import socket
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import fastpath
-from dataplane.io.fastpath import PATHS, FastPaths, _errtext
+from dataplane.io.fastpath import PATHS, FastPaths, _errtext, gso_l4, stop_uso_read
 from dataplane.io.runner import BATCH, Engine
 from dataplane.io.tun import TunDevice, open_tun
 from dataplane.packet.vnet import VNET_HDR_LEN, VNET_STRUCT, ZERO_VNET, GsoType
@@ -36,12 +37,13 @@ SOL_PACKET = 263
 PACKET_VNET_HDR = 15  # linux/if_packet.h
 ETH_HLEN = 14
 _GSO_NONE = int(GsoType.NONE)
+_GSO_UDP_L4 = int(GsoType.UDP_L4)
 _SEND = int(Verdict.SEND)
 _REPLY = int(Verdict.REPLY)
 #: Device bytes read per readiness callback (as fastpath.TX_BUDGET).
 TX_BUDGET = 512 << 10
 #: The fast paths that host-gw uses; the others move datagrams, which host-gw has not.
-HOSTGW_PATHS = ("tso_read", "packet_gso")
+HOSTGW_PATHS = ("tso_read", "uso_read", "packet_gso")
 
 
 def open_hostgw_device(name: str, sock: socket.socket, *, mode: str) -> tuple[TunDevice, FastPaths]:
@@ -63,6 +65,11 @@ def open_hostgw_device(name: str, sock: socket.socket, *, mode: str) -> tuple[Tu
         paths.why_off.setdefault("tso_read", "needs packet_gso")
         return open_tun(name), paths
     dev, _ = fastpath.open_pod_device(name, tap=False, mode=mode, paths=paths)
+    try:
+        fastpath.probe_uso_read(dev, paths)
+    except BaseException:
+        dev.close()
+        raise
     return dev, paths
 
 
@@ -128,7 +135,7 @@ class PacketGsoEngine(Engine):
                 if gso_type != _GSO_NONE:
                     # The forwarder judges the first segment (route, size against MTU).
                     l4 = head + csum_start
-                    check_end = min(end, l4 + ((buf[l4 + 12] >> 4) << 2) + gso_size)
+                    check_end = min(end, l4 + gso_l4(buf, l4, gso_type)[0] + gso_size)
             verdict = fwd.from_device(buf, head, check_end)
             if tracer is not None:
                 tracer.from_device(buf, head, check_end, verdict, fwd)
@@ -144,11 +151,17 @@ class PacketGsoEngine(Engine):
                     send(out[fwd.out_start - VNET_HDR_LEN : end])
                 except OSError as exc:
                     drops[DropReason.SEND_FAILED] += 1
+                    if gso_type == _GSO_UDP_L4 and exc.errno == errno.EINVAL:
+                        # UDP GSO refused: the kernel cuts UDP before weft again.
+                        stop_uso_read(fd, self.paths, f"UDP GSO send refused: {_errtext(exc)}")
+                        continue
                     self._send_failed(exc)
                     continue
                 if offloaded and gso_type != _GSO_NONE:
                     fc.gso_sends += 1
                     fc.gso_segments += -(-(end - check_end) // gso_size) + 1
+                    if gso_type == _GSO_UDP_L4:
+                        fc.uso_sends += 1
             elif verdict == _REPLY:
                 try:
                     writev(fd, [ZERO_VNET, fwd.reply])

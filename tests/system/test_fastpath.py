@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from weft_helpers import iperf3_run, iperf3_transfer, send_over_tcp, start_weft, status
+from weft_helpers import (
+    iperf3_run,
+    iperf3_transfer,
+    send_over_tcp,
+    send_udp_datagrams,
+    start_weft,
+    status,
+    udp_datagram,
+)
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod, add_kernel_vxlan_peer, make_kernel_vxlan
@@ -200,6 +208,81 @@ def test_gso_datagrams_on_the_wire_are_standard_vxlan(lab: Lab, tmp_path: Path) 
     assert max(int(r[0]) for r in rows) == 1514
 
 
+def check_udp_burst(lab: Lab, pod1: Pod, pod2: Pod, sock: Path, count: int, size: int) -> None:
+    """send_udp_datagrams through weft's uso_read path: every datagram arrives, in
+    order and byte-exact, with no UDP checksum error at the pod, and weft read
+    them as UDP super-packets (uso_sends; ~tens of datagrams each)."""
+    before = status(sock)["offload"]["counters"]
+    got = send_udp_datagrams(pod1, pod2, count, size)
+    assert len(got) == count, f"{len(got)} of {count} datagrams arrived"
+    assert got == [udp_datagram(i, size) for i in range(count)]
+    assert nstat(lab, pod2, "UdpInCsumErrors", "UdpInErrors") == {
+        "UdpInCsumErrors": 0, "UdpInErrors": 0,
+    }  # fmt: skip
+    after = status(sock)["offload"]["counters"]
+    sends = after["uso_sends"] - before["uso_sends"]
+    segments = after["gso_segments"] - before["gso_segments"]
+    assert sends > 0 and segments >= 4 * sends, (sends, segments)
+
+
+@pytest.mark.parametrize("size", [18, 64, 1000])
+def test_udp_super_packets_from_gro_forwarding_leave_as_standard_vxlan(
+    lab: Lab, tmp_path: Path, size: int
+) -> None:
+    """A pod's small UDP datagrams merged by GRO forwarding on its veth reach weft as
+    UDP super-packets (uso_read); each leaves whole through the egress TAP and the
+    kernel cuts it into one standard VXLAN datagram per pod datagram: a kernel
+    VXLAN peer takes them all, and on the wire every frame holds one inner UDP
+    datagram of the pod's size, with valid inner and outer checksums."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    lab.udp_gro_forwarding(pod1)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    _, sock = start(
+        lab, n1, vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on"), tmp_path, "n1"
+    )
+    assert "uso_read" in status(sock)["offload"]["on"]
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    pcap = tmp_path / "outer.pcap"
+    cap = lab.capture(n2, "eth0", pcap, f"udp port 8472 and src host {n1.underlay_ip}")
+    check_udp_burst(lab, pod1, pod2, sock, 3000, size)
+    time.sleep(1)  # let tcpdump drain its ring before SIGTERM
+    lab.stop(cap)
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", "udp.port==8472,vxlan",
+         "-o", "ip.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
+         "-T", "fields", "-E", "separator=|", "-e", "vxlan.vni", "-e", "eth.dst",
+         "-e", "ip.checksum.status", "-e", "udp.checksum.status", "-e", "udp.length"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line]
+    inner = [r for r in rows if len(r[4].split(",")) == 2 and r[4].split(",")[1] == str(8 + size)]
+    assert len(inner) >= 3000, f"only {len(inner)} inner datagrams of {size} bytes captured"
+    for vni, eth_dst, ip_ok, udp_ok, _ in inner:
+        assert vni == "1" and eth_dst.split(",")[-1] == kmac
+        assert set(ip_ok.split(",")) == {"1"} and set(udp_ok.split(",")) == {"1"}, (ip_ok, udp_ok)
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "udp"])
+def test_udp_super_packets_between_weft_nodes(lab: Lab, tmp_path: Path, backend: str) -> None:
+    """uso_read on both backends, weft to weft: the receiving weft takes the datagrams
+    with UDP GRO and writes them to its pod as UDP GSO (uso_write)."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450 if backend == "vxlan" else 1472, gro=True)
+    lab.udp_gro_forwarding(pod1)
+    socks = []
+    for node, subnet, peer, peer_subnet, own, other in (
+        (n1, SUBNET1, n2, SUBNET2, WEFT_MAC, WEFT_MAC2),
+        (n2, SUBNET2, n1, SUBNET1, WEFT_MAC2, WEFT_MAC),
+    ):
+        if backend == "vxlan":
+            args = vxlan_args(node, subnet, peer, peer_subnet, own, other, "on")
+        else:
+            args = udp_args(node, subnet, peer, peer_subnet, "on")
+        socks.append(start(lab, node, args, tmp_path, node.name)[1])
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    check_udp_burst(lab, pod1, pod2, socks[0], 3000, 64)
+    assert status(socks[1])["offload"]["counters"]["uso_writes"] > 0
+
+
 def test_path_mtu_discovery_with_super_packets(lab: Lab, tmp_path: Path) -> None:
     """A pod whose route allows 1500 bytes: weft gets super-packets whose segments
     do not fit the underlay, answers frag-needed (mtu 1450), and TCP goes on with
@@ -288,7 +371,8 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
     assert end["sum_sent"].get("retransmits", 0) == 0
     off = status(sock)["offload"]
     assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"]
-    assert off["on"] == [p for p in ALL_PATHS if p != "tunnel_gso"]
+    assert off["on"] == [p for p in ALL_PATHS if p not in ("tunnel_gso", "uso_read")]
+    assert off["off"]["uso_read"] == "needs tunnel_gso (or host-gw's packet_gso)"
     assert off["counters"]["gso_sends"] == 0 and off["counters"]["split_packets"] > 0
     lab.stop(proc)
     with pytest.raises(AssertionError, match=f"rp_filter={rp_filter}"):

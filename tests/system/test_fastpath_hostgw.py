@@ -11,7 +11,15 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_fastpath import NETWORK, SUBNET1, SUBNET2, nstat, start, two_node_pods
+from test_fastpath import (
+    NETWORK,
+    SUBNET1,
+    SUBNET2,
+    check_udp_burst,
+    nstat,
+    start,
+    two_node_pods,
+)
 from weft_helpers import send_over_tcp, status
 
 from control.lab.netns import in_netns
@@ -81,8 +89,29 @@ def test_hostgw_sends_super_packets_whole_and_the_wire_sees_mtu_frames(
     st = status(sock)
     if offload == "on":
         fc = st["offload"]["counters"]
-        assert st["offload"]["on"] == ["tso_read", "packet_gso"]
+        assert st["offload"]["on"] == ["tso_read", "uso_read", "packet_gso"]
         assert fc["gso_sends"] > 0 and fc["gso_segments"] > 4 * fc["gso_sends"]
     else:
         assert st["offload"]["on"] == []  # the plain engine: a packet per system call
     assert not {"send_failed", "write_failed"} & set(st["counters"]["drops"])
+
+
+@pytest.mark.parametrize("peer", ["weft", "kernel"])
+def test_hostgw_sends_udp_super_packets_whole(lab: Lab, tmp_path: Path, peer: str) -> None:
+    """With GRO forwarding on the pod's veth, host-gw reads UDP super-packets
+    (uso_read) and hands each to the AF_PACKET socket whole: the kernel cuts it
+    into one frame per pod datagram, each with its own valid UDP checksum."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1500, gro=True)
+    lab.udp_gro_forwarding(pod1)
+    if peer == "kernel":
+        add_kernel_hostgw_route(lab, n2, SUBNET1, n1.underlay_ip)
+    else:
+        start(lab, n2, hostgw_args(n2, SUBNET2, n1, SUBNET1, "on"), tmp_path, "n2")
+    _, sock = start(lab, n1, hostgw_args(n1, SUBNET1, n2, SUBNET2, "on"), tmp_path, "n1")
+    assert "uso_read" in status(sock)["offload"]["on"]
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    sent_before = wire_frames(lab, n1)
+    check_udp_burst(lab, pod1, pod2, sock, 3000, 100)
+    after = wire_frames(lab, n1)
+    sent_bytes, sent_frames = after[0] - sent_before[0], after[1] - sent_before[1]
+    assert sent_frames >= 3000 and sent_bytes / sent_frames <= 14 + 20 + 8 + 100 + 10

@@ -18,6 +18,8 @@ from control.lab.topology import Lab, Node, Pod
 
 WEFT = [sys.executable, "-m", "control.cli"]
 TCP_PORT = 7000  # send_over_tcp's server port, in the receiving pod
+UDP_PORT = 7001  # send_udp_datagrams' port
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h (root: above rmem_max)
 
 
 def start_weft(
@@ -140,6 +142,49 @@ def add_pod_from_subnet_env(lab: Lab, node: Node, d: Path) -> Pod:
     subnet = ip_interface(env["FLANNEL_SUBNET"]).network
     lab.add_cni(node, subnet, mtu=int(env["FLANNEL_MTU"]))
     return lab.add_pod(node)
+
+
+def udp_datagram(seq: int, size: int) -> bytes:
+    """Datagram `seq` of send_udp_datagrams: its number, then bytes that depend on it."""
+    head = seq.to_bytes(4, "big")
+    return head + bytes((seq * 7 + i) & 0xFF for i in range(size - 4))
+
+
+def send_udp_datagrams(
+    sender: Pod, receiver: Pod, count: int, size: int, *, burst: int = 64
+) -> list[bytes]:
+    """`count` datagrams of `size` bytes (udp_datagram) from a socket in `sender` to
+    one in `receiver`, in bursts of `burst` back to back (so that GRO on the way
+    can merge them) with a millisecond between bursts; what arrived, in order."""
+    with in_netns(receiver.ns):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with in_netns(sender.ns):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    got: list[bytes] = []
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        rx.bind((str(receiver.ip), UDP_PORT))
+        rx.settimeout(2)
+        data = [udp_datagram(i, size) for i in range(count)]
+
+        def send() -> None:
+            for first in range(0, count, burst):
+                for d in data[first : first + burst]:
+                    tx.sendto(d, (str(receiver.ip), UDP_PORT))
+                time.sleep(0.001)
+
+        sending = threading.Thread(target=send)
+        sending.start()
+        try:
+            while len(got) < count:
+                got.append(rx.recv(65536))
+        except TimeoutError:
+            pass
+        sending.join(30)
+    finally:
+        tx.close()
+        rx.close()
+    return got
 
 
 def send_over_tcp(sender: Pod, receiver: Pod, data: bytes) -> bytes:
