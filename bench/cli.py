@@ -72,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pass --busy-poll USEC to every `weft dataplane run` (default: off)",
     )
     p.add_argument(
+        "--pod-gro",
+        choices=["on", "off"],
+        default="on",
+        help="UDP GRO forwarding on the pods' node-side veths, every mode (default on: "
+        "ethtool -K gro on rx-udp-gro-forwarding on, gro_flush_timeout 20 µs)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after measuring, sample the weft processes with py-spy during one "
@@ -151,6 +158,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         profile=args.profile,
         weft_offload=args.weft_offload,
         weft_busy_poll=args.weft_busy_poll,
+        pod_gro=args.pod_gro == "on",
         command=command,
     )
 

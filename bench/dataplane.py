@@ -51,6 +51,9 @@ class Params:
     profile: bool = False
     weft_offload: str | None = None  # passed as --offload to weft dataplane run when set
     weft_busy_poll: int | None = None  # passed as --busy-poll when set
+    #: GRO forwarding for UDP on the pods' node-side veths, in every mode (the lab's
+    #: Lab.udp_gro_forwarding): a pod's small datagrams cross the node merged.
+    pod_gro: bool = True
 
     def weft_extra(self) -> tuple[str, ...]:
         extra = ("--offload", self.weft_offload) if self.weft_offload else ()
@@ -295,7 +298,13 @@ def run(
                     records.append(rec)
                     try:
                         envs[mode.key] = envmod.build(
-                            mode, setting, mtu, logdir, Path(sockdir), p.weft_extra()
+                            mode,
+                            setting,
+                            mtu,
+                            logdir,
+                            Path(sockdir),
+                            p.weft_extra(),
+                            pod_gro=p.pod_gro,
                         )
                         progress.step(
                             f"{setting} mtu {mtu} {mode.key}: lab up (pod MTU {rec.pod_mtu})"

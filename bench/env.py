@@ -305,11 +305,14 @@ def build(
     workdir: Path,
     sockdir: Path,
     weft_extra: tuple[str, ...] = (),
+    *,
+    pod_gro: bool = True,
 ) -> Env:
     """A fresh lab for ``mode``; closed again if anything in the setup fails.
-    ``weft_extra`` is appended to every ``weft dataplane run`` (e.g. ``--offload off``)."""
+    ``weft_extra`` is appended to every ``weft dataplane run`` (e.g. ``--offload off``);
+    ``pod_gro``: UDP GRO forwarding on the pods' node-side veths (Lab.udp_gro_forwarding)."""
     if mode.key == "weft-kernel":
-        return _build_cluster(mode, setting, underlay_mtu, workdir, sockdir)
+        return _build_cluster(mode, setting, underlay_mtu, workdir, sockdir, pod_gro)
     lab = Lab()
     try:
         lab.add_underlay(mtu=underlay_mtu)
@@ -321,6 +324,9 @@ def build(
         lab.add_cni(n1, SUBNET1, mtu=mtu)
         lab.add_cni(n2, SUBNET2, mtu=mtu)
         pod1, pod2 = lab.add_pod(n1), lab.add_pod(n2)
+        if pod_gro:
+            lab.udp_gro_forwarding(pod1)
+            lab.udp_gro_forwarding(pod2)
         env = Env(mode, setting, underlay_mtu, lab, n1, n2, pod1, pod2, knobs, mtu)
         _program(env, workdir, sockdir, weft_extra)
         _finish(env, workdir)
@@ -342,7 +348,7 @@ def _finish(env: Env, workdir: Path) -> None:
 
 
 def _build_cluster(
-    mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: Path
+    mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: Path, pod_gro: bool
 ) -> Env:
     """weft-kernel: two ``weft agent --dataplane kernel`` nodes and etcd, via the lab's
     Cluster (which also turns tx checksum offload off on every node's eth0)."""
@@ -362,7 +368,9 @@ def _build_cluster(
             cns.append(cluster.start_weft_node(name, dataplane="kernel", node=node))
         for cn in cns:
             cluster.wait_ready(cn)
-            cluster.wire_pods(cn, 1)
+            for pod in cluster.wire_pods(cn, 1):
+                if pod_gro:
+                    cluster.lab.udp_gro_forwarding(pod)
         for cn, other in ((cns[0], cns[1]), (cns[1], cns[0])):
             assert other.subnet is not None
             cluster.wait_peers(cn, [other.subnet])

@@ -113,6 +113,13 @@ def markdown(doc: dict[str, Any], charts: list[str] | None = None) -> str:
         f"- weft dataplane run with: `{' '.join(_weft_args(p))}`"
         if _weft_args(p)
         else "- weft dataplane run with its default options",
+        "- pods' node-side veths: "
+        + (
+            "UDP GRO forwarding (`ethtool -K gro on rx-udp-gro-forwarding on`, "
+            "gro_flush_timeout 20 µs)"
+            if p.get("pod_gro", False)
+            else "veth defaults (no GRO)"
+        ),
         "",
         "Underlay settings:",
         "",
