@@ -394,7 +394,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
                 "uso_write",
             ],
         ),
-        ("recvmmsg,gso_write", ["tso_read", "tunnel_gso", "udp_segment", "tx_batch"]),
+        ("recvmmsg,gso_write", ["tso_read", "tunnel_gso", "uso_read", "udp_segment", "tx_batch"]),
         (
             "tso_read",
             [
