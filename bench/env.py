@@ -52,6 +52,7 @@ WEFT_MAC1 = "02:77:00:00:00:01"
 WEFT_MAC2 = "02:77:00:00:00:02"
 WEFT_START_TIMEOUT_S = 20.0
 PING_READY_TIMEOUT_S = 15.0
+IPERF_READY_TIMEOUT_S = 5.0
 
 SETTINGS = ("wire", "offload")
 WIRE_KNOBS = ("tx", "off", "tso", "off", "gso", "off", "gro", "on")
@@ -345,6 +346,12 @@ def _finish(env: Env, workdir: Path) -> None:
     env.iperf_server = lab.spawn(
         pod2, ["iperf3", "-s", "-B", str(pod2.ip)], log=workdir / f"{lab.tag}-iperf3-server.log"
     )
+    # A probe right after setup found it not yet listening ("connection refused").
+    deadline = time.monotonic() + IPERF_READY_TIMEOUT_S
+    while not lab.run(pod2, "ss", "-Hltn", "sport = :5201", check=False).stdout.strip():
+        if time.monotonic() > deadline or env.iperf_server.poll() is not None:
+            raise RuntimeError(f"{mode.key}: iperf3 -s in {pod2.name} is not listening")
+        time.sleep(0.05)
 
 
 def _build_cluster(

@@ -44,7 +44,8 @@ def _iperf3(env: Env, args: list[str], seconds: float) -> str:
     last = ""
     for _ in range(IPERF_RETRIES):
         cp = env.lab.run(env.pod1, *argv, check=False, timeout=seconds + IPERF_GRACE_S)
-        if cp.returncode == 0:
+        # iperf3 -J may exit 0 with only {"error": …} (e.g. "unable to connect").
+        if cp.returncode == 0 and '"error"' not in cp.stdout[-600:]:
             return cp.stdout
         last = (cp.stdout + cp.stderr)[-500:]
         if "busy" not in last and "refused" not in last:
