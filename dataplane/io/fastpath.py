@@ -40,6 +40,17 @@ with one UDP_SEGMENT sendmsg; the run is flushed when the size or peer changes,
 before any other send, and at the end of the drain, and the first packet of a
 drain is sent at once, so nothing waits for a later packet.
 
+**Send: UDP super-packets (uso_read).** A pod's small datagrams cost a read
+each — unless something merged them on the way: with GRO forwarding on the
+pod's veth (`ethtool -K <veth> gro on rx-udp-gro-forwarding on` and a
+gro_flush_timeout, see control.lab.topology.Lab.udp_gro_forwarding) the kernel
+glues up to 64 same-size datagrams of one flow into one UDP GSO packet, and the
+pod device, with TUN_F_USO4|TUN_F_USO6 set, hands it to weft whole. It leaves
+like a TCP super-packet: outer headers once, then the egress TAP with an inner
+GSO type of UDP_L4, and the kernel cuts one standard datagram per pod datagram
+(inner UDP checksums filled in). Only asked for when the egress TAP (or
+host-gw's AF_PACKET) can take it; a kernel that refuses it switches it off.
+
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
 comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
