@@ -48,8 +48,9 @@ glues up to 64 same-size datagrams of one flow into one UDP GSO packet, and the
 pod device, with TUN_F_USO4|TUN_F_USO6 set, hands it to weft whole. It leaves
 like a TCP super-packet: outer headers once, then the egress TAP with an inner
 GSO type of UDP_L4, and the kernel cuts one standard datagram per pod datagram
-(inner UDP checksums filled in). Only asked for when the egress TAP (or
-host-gw's AF_PACKET) can take it; a kernel that refuses it switches it off.
+(inner UDP checksums filled in); without the TAP weft cuts it itself, as a TCP
+one (segment.py), for one UDP_SEGMENT send. A kernel whose TAP refuses it
+switches it off.
 
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
@@ -226,7 +227,7 @@ class FastCounters:
     def __init__(self) -> None:
         self.gso_sends = 0  # super-packets written to the egress TAP
         self.gso_segments = 0  # … and the datagrams the kernel cut them into
-        self.uso_sends = 0  # … of them UDP super-packets (uso_read)
+        self.uso_sends = 0  # UDP super-packets sent (uso_read), whole or split
         self.rx_calls = 0  # recvmmsg calls that returned messages
         self.rx_messages = 0  # messages they returned (a GRO message holds many datagrams)
         self.rx_segments = 0  # datagrams in those messages
@@ -388,8 +389,9 @@ def _probe_uso(dev: TunDevice, paths: FastPaths) -> None:
 
 def probe_uso_read(dev: TunDevice | int, paths: FastPaths) -> None:
     """Let the pod device hand out UDP super-packets (TUN_F_USO4|TUN_F_USO6, Linux
-    6.2+) when they can leave whole: with tso_read and a sender that the kernel
-    segments for (tunnel_gso, or host-gw's packet_gso). The kernel builds them
+    6.2+) wherever TCP's go: whole through the egress TAP (tunnel_gso) or host-gw's
+    AF_PACKET socket (packet_gso), the kernel cutting them; else cut here
+    (segment.Segmenter) and sent with UDP_SEGMENT. The kernel builds them
     only where something merged a pod's datagrams: GRO forwarding on the pod's
     veth (`ethtool -K veth gro on rx-udp-gro-forwarding on`, and a
     gro_flush_timeout: a veth's NAPI otherwise polls one packet at a time), or a
@@ -399,9 +401,6 @@ def probe_uso_read(dev: TunDevice | int, paths: FastPaths) -> None:
         return
     if not paths.on["tso_read"]:
         paths.why_off["uso_read"] = "needs tso_read"
-        return
-    if not (paths.on["tunnel_gso"] or paths.on["packet_gso"]):
-        paths.why_off["uso_read"] = "needs tunnel_gso (or host-gw's packet_gso)"
         return
     try:
         set_offload(dev, POD_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
@@ -761,10 +760,10 @@ class FastEngine(Engine):
                     if verdict == _SEND:
                         if egress >= 0:
                             self._send_gso(fwd, head, end, seg_end, gso_type, gso_size, csum_start)
-                        elif gso_type == _GSO_UDP_L4:
-                            drops[DropReason.TOO_BIG] += 1  # (never: uso_read needs the TAP)
                         else:
-                            self._send_split(fwd, head, end, seg_end, gso_size, csum_start)
+                            self._send_split(
+                                fwd, head, end, seg_end, gso_type, gso_size, csum_start
+                            )
                     elif verdict == _REPLY:
                         try:
                             writev(fd, [ZERO_VNET, fwd.reply])
@@ -963,18 +962,26 @@ class FastEngine(Engine):
             fc.uso_sends += 1
 
     def _send_split(
-        self, fwd: Forwarder, head: int, end: int, seg_end: int, gso_size: int, csum_start: int
+        self,
+        fwd: Forwarder,
+        head: int,
+        end: int,
+        seg_end: int,
+        gso_type: int,
+        gso_size: int,
+        csum_start: int,
     ) -> None:
-        """Cut buf[out_start:end] (backend headers, then the super-packet) into
-        datagrams in userspace; send each batch with one UDP_SEGMENT sendmsg."""
+        """Cut buf[out_start:end] (backend headers, then the TCP or UDP super-packet)
+        into datagrams in userspace; send each batch with one UDP_SEGMENT sendmsg."""
         seg = self._segmenter
         assert seg is not None
         peer = fwd.out_peer
         assert peer is not None
         l4 = head + csum_start
         nsegs = seg.start(
-            self._tx_buf, fwd.out_start, head + (14 if self._l2 else 0), l4, end, gso_size
-        )
+            self._tx_buf, fwd.out_start, head + (14 if self._l2 else 0), l4, end, gso_size,
+            udp=gso_type == _GSO_UDP_L4,
+        )  # fmt: skip
         counters = fwd.counters
         if nsegs == 0:
             counters.drops[DropReason.TRUNCATED] += 1
@@ -994,6 +1001,8 @@ class FastEngine(Engine):
         counters.tx_bytes += (end - seg_end) + (nsegs - 1) * hdrs
         fc.split_packets += 1
         fc.split_segments += nsegs
+        if gso_type == _GSO_UDP_L4:
+            fc.uso_sends += 1
 
     def _udp_segment_refused(self, exc: OSError) -> None:
         """The kernel refused a UDP_SEGMENT send (EIO: the underlay device has no
@@ -1010,6 +1019,8 @@ class FastEngine(Engine):
             try:
                 set_offload(self.device_fd, 0)
                 paths.turn_off("tso_read", f"no tunnel_gso, and {why}")
+                if paths.on["uso_read"]:
+                    paths.turn_off("uso_read", f"no tunnel_gso, and {why}")
             except TunError as err:
                 log.warning("could not switch TSO off on the device: %s", err)
 

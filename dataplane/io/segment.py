@@ -1,4 +1,5 @@
-"""TCP segmentation in userspace, and sending many datagrams with one UDP_SEGMENT sendmsg.
+"""TCP (and UDP) segmentation in userspace, and sending many datagrams with one
+UDP_SEGMENT sendmsg.
 
 The send fallback for kernels without UDP-tunnel GSO (before Linux 6.17, e.g.
 Debian 12's 6.1): weft still reads TCP super-packets from the pod device
@@ -18,6 +19,8 @@ computed as arrays of N:
     inner IPv6   payload length
     TCP          sequence number (first + i·MSS), flags (CWR only on the first
                  segment, FIN and PSH only on the last), checksum
+    UDP          (a UDP super-packet: uso_read) checksum, and the last datagram's
+                 length; as the kernel's __udp_gso_segment makes them
 
 The last row's payload is padded with zeros to a full row: zeros do not
 change a one's complement sum, and the padding is past the bytes sent.
@@ -43,6 +46,7 @@ MAX_SEGMENTS = 64
 #: An IPv4 datagram's payload is at most 65535 - 20 (IP) - 8 (UDP) bytes.
 MAX_SEND_BYTES = 65535 - 20 - 8
 
+UDP_HLEN = 8
 TCP_FIN = 0x01
 TCP_PSH = 0x08
 TCP_CWR = 0x80
@@ -75,7 +79,7 @@ def _swap16(word: int) -> int:
 
 
 class Segmenter:
-    """Cuts TCP super-packets into datagram payloads in one preallocated buffer.
+    """Cuts TCP (or UDP) super-packets into datagram payloads in one preallocated buffer.
 
     For one super-packet: `start(...)` once, then `fill(first, count)` for each
     batch of segments; after `fill`, `out[:nbytes]` holds `count` datagram
@@ -111,14 +115,16 @@ class Segmenter:
         mss: int,
         *,
         max_segments: int = MAX_SEGMENTS,
+        udp: bool = False,
     ) -> int:
-        """A super-packet at buf[ip:end] (IPv4 or IPv6, TCP header at l4) whose datagrams
-        start with the prefix buf[start:ip] (backend headers, inner Ethernet).
-        Returns the number of segments (0: nothing to cut: not TCP, or malformed).
-        The headers in buf are rewritten (see the class)."""
-        thl = (buf[l4 + 12] >> 4) << 2
+        """A super-packet at buf[ip:end] (IPv4 or IPv6, TCP header at l4; with `udp`, a
+        UDP header: a UDP GSO packet) whose datagrams start with the prefix
+        buf[start:ip] (backend headers, inner Ethernet). Returns the number of
+        segments (0: nothing to cut: malformed). The headers in buf are rewritten
+        (see the class)."""
+        thl = UDP_HLEN if udp else (buf[l4 + 12] >> 4) << 2
         data = l4 + thl
-        if mss <= 0 or thl < 20 or data >= end or not start <= ip < l4:
+        if mss <= 0 or (thl < 20 and not udp) or data >= end or not start <= ip < l4:
             return 0
         row = data - start + mss
         per_batch = min(max_segments, self.capacity // row)
@@ -149,9 +155,19 @@ class Segmenter:
         else:
             buf[ip + 4 : ip + 6] = (l4 - ip - 40 + thl + mss).to_bytes(2, "big")
             addr = sum(struct.unpack_from("!16H", buf, ip + 8))
+        self._udp = udp
+        if udp:
+            # UDP: the length field of a full datagram (the last one's is set in fill),
+            # the checksum field zero; the pseudo-header as for TCP, protocol 17.
+            buf[l4 + 4 : l4 + 6] = (thl + mss).to_bytes(2, "big")
+            buf[l4 + 6] = buf[l4 + 7] = 0
+            self._pseudo = addr + 17 + thl + mss
+            self._csum_at = l4 - start + 6
+            return self.segments
         # TCP pseudo-header (addresses, protocol, a full segment's length) as a
         # sum of little-endian words: the rows are summed as native words (see fill).
         self._pseudo = addr + 6 + thl + mss
+        self._csum_at = l4 - start + 16
         self._seq = int.from_bytes(buf[l4 + 4 : l4 + 8], "big")
         self._flags = flags = buf[l4 + 13]
         buf[l4 + 13] = flags & ~(TCP_CWR | TCP_FIN | TCP_PSH)
@@ -199,15 +215,20 @@ class Segmenter:
         elif short:
             plen = l4 - ip - 40 + data - l4 + rest
             rows[last, a + 4 : a + 6].view(">u2")[0] = plen
-        seq = index * mss
-        seq += self._seq
-        rows[:, t + 4 : t + 8].view(">u4")[:, 0] = seq  # uint32: wraps as TCP's does
-        # tcp_gso_segment: CWR stays on the first segment, FIN and PSH on the last.
-        flags = self._flags
-        if first == 0:
-            rows[0, t + 13] = flags & ~(TCP_FIN | TCP_PSH) if self.segments > 1 else flags
-        if first + count == self.segments:
-            rows[last, t + 13] = flags & ~TCP_CWR if self.segments > 1 else flags
+        c = self._csum_at  # the transport checksum in a row
+        if self._udp:
+            if short:
+                rows[last, t + 4 : t + 6].view(">u2")[0] = UDP_HLEN + rest
+        else:
+            seq = index * mss
+            seq += self._seq
+            rows[:, t + 4 : t + 8].view(">u4")[:, 0] = seq  # uint32: wraps as TCP's does
+            # tcp_gso_segment: CWR stays on the first segment, FIN and PSH on the last.
+            flags = self._flags
+            if first == 0:
+                rows[0, t + 13] = flags & ~(TCP_FIN | TCP_PSH) if self.segments > 1 else flags
+            if first + count == self.segments:
+                rows[last, t + 13] = flags & ~TCP_CWR if self.segments > 1 else flags
         if t % 2 == 0 and row % 2 == 0 and np.little_endian:
             # Rows summed as native (little-endian) words: a one's complement sum in
             # swapped byte order is the swapped sum (RFC 1071), so the pseudo-header
@@ -216,11 +237,11 @@ class Segmenter:
             pseudo = _swap16(_fold(self._pseudo))
             csum = sums + (pseudo - 1)
             csum %= 0xFFFF
-            rows[:, t + 16 : t + 18].view("<u2")[:, 0] = 0xFFFE - csum
+            out = rows[:, c : c + 2].view("<u2")[:, 0]
+            out[:] = 0xFFFE - csum
             if short:
                 pseudo = _swap16(_fold(self._pseudo - short))
-                tcp = 0xFFFF - _fold(int(sums[last]) + pseudo)
-                rows[last, t + 16 : t + 18].view("<u2")[0] = tcp
+                out[last] = 0xFFFF - _fold(int(sums[last]) + pseudo)
         else:
             tail = rows[:, t:]
             sums = (tail[:, 0::2].sum(axis=1, dtype=np.int64) << 8) + tail[:, 1::2].sum(
@@ -229,7 +250,10 @@ class Segmenter:
             lengths = np.full(count, self._pseudo, dtype=np.int64)
             lengths[last] -= short
             csum = (sums + lengths - 1) % 0xFFFF
-            rows[:, t + 16 : t + 18].view(">u2")[:, 0] = 0xFFFE - csum
+            out = rows[:, c : c + 2].view(">u2")[:, 0]
+            out[:] = 0xFFFE - csum
+        if self._udp:
+            out[out == 0] = 0xFFFF  # UDP sends a computed 0 as all ones (0: no checksum)
         return count * row - short
 
 

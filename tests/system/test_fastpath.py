@@ -221,26 +221,30 @@ def check_udp_burst(lab: Lab, pod1: Pod, pod2: Pod, sock: Path, count: int, size
     }  # fmt: skip
     after = status(sock)["offload"]["counters"]
     sends = after["uso_sends"] - before["uso_sends"]
-    segments = after["gso_segments"] - before["gso_segments"]
+    segments = sum(after[k] - before[k] for k in ("gso_segments", "split_segments"))
     assert sends > 0 and segments >= 4 * sends, (sends, segments)
 
 
-@pytest.mark.parametrize("size", [18, 64, 1000])
+@pytest.mark.parametrize(
+    ("size", "send"), [(18, "tap"), (64, "tap"), (1000, "tap"), (64, "split"), (1001, "split")]
+)
 def test_udp_super_packets_from_gro_forwarding_leave_as_standard_vxlan(
-    lab: Lab, tmp_path: Path, size: int
+    lab: Lab, tmp_path: Path, size: int, send: str
 ) -> None:
     """A pod's small UDP datagrams merged by GRO forwarding on its veth reach weft as
     UDP super-packets (uso_read); each leaves whole through the egress TAP and the
-    kernel cuts it into one standard VXLAN datagram per pod datagram: a kernel
-    VXLAN peer takes them all, and on the wire every frame holds one inner UDP
-    datagram of the pod's size, with valid inner and outer checksums."""
+    kernel cuts it into one standard VXLAN datagram per pod datagram (or, without
+    the TAP, weft cuts it and sends one UDP_SEGMENT sendmsg): a kernel VXLAN peer
+    takes them all, and on the wire every frame holds one inner UDP datagram of
+    the pod's size, with valid inner and outer checksums."""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     lab.udp_gro_forwarding(pod1)
     kmac = kernel_vxlan_node(lab, n2, n1)
-    _, sock = start(
-        lab, n1, vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on"), tmp_path, "n1"
-    )
-    assert "uso_read" in status(sock)["offload"]["on"]
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
+    env = {fastpath.DISABLE_ENV: "tunnel_gso"} if send == "split" else None
+    _, sock = start(lab, n1, args, tmp_path, "n1", env)
+    on = status(sock)["offload"]["on"]
+    assert "uso_read" in on and ("tunnel_gso" in on) == (send == "tap")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     pcap = tmp_path / "outer.pcap"
     cap = lab.capture(n2, "eth0", pcap, f"udp port 8472 and src host {n1.underlay_ip}")
@@ -371,8 +375,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
     assert end["sum_sent"].get("retransmits", 0) == 0
     off = status(sock)["offload"]
     assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"]
-    assert off["on"] == [p for p in ALL_PATHS if p not in ("tunnel_gso", "uso_read")]
-    assert off["off"]["uso_read"] == "needs tunnel_gso (or host-gw's packet_gso)"
+    assert off["on"] == [p for p in ALL_PATHS if p != "tunnel_gso"]
     assert off["counters"]["gso_sends"] == 0 and off["counters"]["split_packets"] > 0
     lab.stop(proc)
     with pytest.raises(AssertionError, match=f"rp_filter={rp_filter}"):
@@ -386,6 +389,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
             "tunnel_gso,udp_gro",
             [
                 "tso_read",
+                "uso_read",
                 "udp_segment",
                 "tx_batch",
                 "recvmmsg",

@@ -1,11 +1,12 @@
 """Userspace TCP segmentation (dataplane/io/segment.py) against segments scapy builds
 the way Linux's tcp_gso_segment cuts a super-packet: the same bytes, checksums valid,
-sequence numbers, IP IDs and flags (CWR on the first, FIN/PSH on the last)."""
+sequence numbers, IP IDs and flags (CWR on the first, FIN/PSH on the last); and UDP
+super-packets (uso_read) cut as __udp_gso_segment cuts them."""
 
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
@@ -64,14 +65,18 @@ def expected(pkt: IP | IPv6, mss: int) -> list[bytes]:
     return out
 
 
-def cut(raw: bytes, prefix: bytes, mss: int, *, lead: int = 7, **kw: int) -> list[bytes]:
+def cut(
+    raw: bytes, prefix: bytes, mss: int, *, lead: int = 7, udp: bool = False, **kw: int
+) -> list[bytes]:
     """raw (an IP super-packet) `lead` bytes into a buffer after `prefix`; all batches."""
     buf = bytearray(lead) + bytearray(prefix) + bytearray(raw) + bytearray(5)
     start = lead
     ip = start + len(prefix)
     ihl = 40 if raw[0] >> 4 == 6 else (raw[0] & 15) * 4
     seg = Segmenter(**{k: v for k, v in kw.items() if k == "capacity"})
-    n = seg.start(buf, start, ip, ip + ihl, ip + len(raw), mss, max_segments=kw.get("max", 64))
+    n = seg.start(
+        buf, start, ip, ip + ihl, ip + len(raw), mss, max_segments=kw.get("max", 64), udp=udp
+    )
     rows: list[bytes] = []
     first = 0
     while first < n:
@@ -124,6 +129,60 @@ def test_ipv6_segments_are_what_linux_makes() -> None:
     got = cut(bytes(pkt), PREFIX[:8] + PREFIX[8:20] + b"\x86\xdd", 1428)
     assert got == expected(pkt, 1428)
     assert IPv6(got[-1]).plen == 32 + 10_000 - 7 * 1428
+
+
+def udp_super(data: bytes, mss: int, *, v6: bool = False, ip_id: int = 0xFFFE) -> IP | IPv6:
+    """A UDP GSO packet as GRO forwarding hands it to the TUN: the lengths of the
+    whole (the checksum field does not matter: it is recomputed per datagram)."""
+    ip = (
+        IPv6(src="fd00::1", dst="fd00::2")
+        if v6
+        else IP(src="10.244.1.2", dst="10.244.2.3", id=ip_id, flags="DF", ttl=64)
+    )
+    return ip / UDP(sport=40000, dport=5201, chksum=0x1234) / Raw(data)
+
+
+def udp_expected(pkt: IP | IPv6, mss: int) -> list[bytes]:
+    """What __udp_gso_segment makes of pkt: one datagram per mss bytes, IDs counting
+    up from the first, lengths and checksums of each (scapy fills them in)."""
+    data = bytes(pkt[Raw].load)
+    out = []
+    for i in range(0, len(data), mss):
+        udp = UDP(sport=40000, dport=5201)
+        if isinstance(pkt, IP):
+            ip = IP(src=pkt.src, dst=pkt.dst, id=(pkt.id + i // mss) & 0xFFFF, flags="DF", ttl=64)
+        else:
+            ip = IPv6(src=pkt.src, dst=pkt.dst)
+        out.append(bytes(ip / udp / Raw(data[i : i + mss])))
+    return out
+
+
+@pytest.mark.parametrize(("size", "mss"), [(64 * 36, 36), (50 * 64 + 10, 64), (3001, 1000)])
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_super_packets_are_cut_into_the_pods_datagrams(size: int, mss: int, v6: bool) -> None:
+    pkt = udp_super(payload(size), mss, v6=v6)
+    prefix = PREFIX[:20] + (b"\x86\xdd" if v6 else b"\x08\x00")
+    got = cut(bytes(pkt), prefix, mss, udp=True)
+    assert got == udp_expected(pkt, mss)
+    if not v6:
+        assert [IP(g).id for g in got][:3] == [0xFFFE, 0xFFFF, 0]
+        for g in got:
+            pseudo = pseudo_header_sum_v4(g[12:16], g[16:20], 17, len(g) - 20)
+            assert internet_checksum(g[20:], pseudo) == 0
+
+
+def test_a_udp_checksum_that_computes_to_zero_is_sent_as_all_ones() -> None:
+    """RFC 768: a computed 0 goes out as 0xFFFF (0 means "no checksum")."""
+    mss = 100
+    first = bytearray(payload(mss))
+    first[-2:] = b"\0\0"
+    probe = IP(bytes(IP(src="10.244.1.2", dst="10.244.2.3") / UDP(sport=40000, dport=5201)
+                     / Raw(bytes(first))))  # fmt: skip
+    first[-2:] = probe[UDP].chksum.to_bytes(2, "big")  # the sum becomes 0xFFFF
+    pkt = udp_super(bytes(first) + payload(mss), mss)
+    got = cut(bytes(pkt), b"", mss, udp=True)
+    assert got[0][26:28] == b"\xff\xff"
+    assert got == udp_expected(pkt, mss)
 
 
 def test_batches_stay_within_the_kernels_limits() -> None:
