@@ -119,6 +119,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     underlay = resolve_underlay(args.iface, args.public_ip)
     store = make_store(args)
 
+    # The pods' veths matter only to weft's own engine (uso_read).
+    pod_gro_bridge = args.pod_udp_gro if args.dataplane == "userspace" else ""
+
     async def main(stop: asyncio.Event) -> int:
         offload = args.offload
         busy_poll = args.busy_poll
@@ -129,6 +132,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         agent = Agent(opts, store, dataplane_factory, underlay=underlay)
         api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace))
         health = None
+        pod_gro: asyncio.Task[None] | None = None
         try:
             await api.start()
             if opts.healthz_port:
@@ -139,10 +143,20 @@ def cmd_agent(args: argparse.Namespace) -> int:
                     lambda: render_metrics(agent.status()),
                 )
                 await health.start()
+            if pod_gro_bridge:
+                from control.podgro import run_pod_gro
+
+                pod_gro = asyncio.get_running_loop().create_task(
+                    run_pod_gro(pod_gro_bridge, stop), name="pod-gro"
+                )
             return await agent.run(stop)
         except (AgentError, ConfigError, StoreError) as exc:
             raise CliError(str(exc)) from None
         finally:
+            if pod_gro is not None:
+                pod_gro.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pod_gro
             if health is not None:
                 await health.close()
             await api.close()
@@ -253,6 +267,16 @@ def register(sub: Any) -> None:
         metavar="USEC",
         help="userspace dataplane: keep polling for USEC after the last packet instead of "
         "sleeping (lower latency, a CPU busy while traffic flows; default 0: off)",
+    )
+    p.add_argument(
+        "--pod-udp-gro",
+        nargs="?",
+        const="cni0",
+        default=env_default("--pod-udp-gro", ""),
+        metavar="BRIDGE",
+        help="userspace dataplane: turn on UDP GRO forwarding on the veths plugged into "
+        "BRIDGE (default cni0), so that a pod's small UDP datagrams reach weft merged "
+        "(ethtool gro, rx-udp-gro-forwarding; gro_flush_timeout 20 µs). Off by default",
     )
     p.add_argument(
         "--lease-ttl",

@@ -475,6 +475,53 @@ def vxlan_info(name: str) -> dict[str, object] | None:
     return _call(f"vxlan_info {name}", fn)
 
 
+def bridge_ports(bridge: str) -> list[tuple[int, str, str]]:
+    """(index, name, kind) of every link plugged into ``bridge``; [] without it."""
+
+    def fn(ipr: IPRoute) -> list[tuple[int, str, str]]:
+        master = _index_or_none(bridge)
+        if master is None:
+            return []
+        out = []
+        for link in ipr.get_links():
+            if link.get("IFLA_MASTER") != master:
+                continue
+            info = link.get("IFLA_LINKINFO")
+            kind = info.get("IFLA_INFO_KIND") if info else None
+            out.append((int(link["index"]), str(link.get("IFLA_IFNAME")), str(kind or "")))
+        return out
+
+    return _call(f"bridge_ports {bridge}", fn) or []
+
+
+def enable_udp_gro_forwarding(name: str, flush_timeout_ns: int) -> None:
+    """GRO and rx-udp-gro-forwarding on ``name`` (ethtool features, as `ethtool -K
+    NAME gro on rx-udp-gro-forwarding on`), then its gro_flush_timeout (sysfs of
+    the calling process's network namespace). Not from a thread with a running
+    event loop (pyroute2's Ethtool is synchronous)."""
+    from pyroute2.ethtool import Ethtool
+
+    try:
+        ethtool = Ethtool()
+        try:
+            features = ethtool.get_features(name)
+            for key in ("rx-gro", "rx-udp-gro-forwarding"):
+                features.features[key].enable = True
+            ethtool.set_features(name, features)
+        finally:
+            ethtool.close()
+    except KeyError as e:
+        raise NetlinkError(errno.EOPNOTSUPP, f"ethtool {name}: no feature {e}") from None
+    except OSError as e:
+        raise NetlinkError(e.errno or errno.EIO, f"ethtool {name}: {e.strerror or e}") from None
+    path = f"/sys/class/net/{name}/gro_flush_timeout"
+    try:
+        with open(path, "w") as f:
+            f.write(f"{int(flush_timeout_ns)}\n")
+    except OSError as e:
+        raise NetlinkError(e.errno or errno.EIO, f"{path}: {e.strerror}") from None
+
+
 # -- addresses --------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+from weft_helpers import send_udp_datagrams, udp_datagram
 
 from control.lab.cluster import (
     Cluster,
@@ -298,6 +299,39 @@ def test_udp_and_host_gw_clusters(new_cluster, backend: str) -> None:
         value = leases[cn.subnet][1]
         assert value == flannel_lease_json(cn.underlay_ip, backend, 1, None), value
     assert_all_ping(cluster)
+
+
+def test_pod_udp_gro_tunes_the_pods_veths_and_small_udp_leaves_merged(new_cluster) -> None:
+    """`weft agent --pod-udp-gro`: the veths the CNI plugs into cni0 get GRO, UDP GRO
+    forwarding and a flush timeout (pods made after the agent started, within a
+    scan or two), so a pod's UDP burst reaches weft merged (uso_read); an agent
+    without the flag leaves its pods' veths as they are."""
+    cluster: Cluster = new_cluster()
+    cluster.set_config("10.244.0.0/16", "vxlan")
+    on = cluster.start_weft_node("n1", extra_args=["--pod-udp-gro"])
+    off = cluster.start_weft_node("n2")
+    for cn in (on, off):
+        cluster.wait_ready(cn)
+        cluster.wire_pods(cn)
+    wait_all_peers(cluster)
+
+    def knob(cn: ClusterNode) -> tuple[str, str]:
+        pod = cn.pods[0]
+        features = cluster.lab.run(cn.node, "ethtool", "-k", pod.node_end).stdout
+        fwd = next(ln for ln in features.splitlines() if "rx-udp-gro-forwarding" in ln)
+        timeout = cluster.lab.run(
+            cn.node, "cat", f"/sys/class/net/{pod.node_end}/gro_flush_timeout"
+        ).stdout.strip()
+        return fwd.split(":")[1].strip(), timeout
+
+    wait_for(lambda: knob(on) == ("on", "20000"), 10, "n1's pod veth tuned")
+    assert knob(off) == ("off", "0")
+    assert f"pod veth {on.pods[0].node_end}: UDP GRO forwarding on" in on.log_path.read_text()
+    count = 2000
+    got = send_udp_datagrams(on.pods[0], off.pods[0], count, 64)
+    assert got == [udp_datagram(i, 64) for i in range(count)]
+    offload = cluster.status(on)["offload"]
+    assert "uso_read" in offload["on"] and offload["counters"]["uso_sends"] > 0
 
 
 def test_twenty_agents_started_at_once_get_twenty_distinct_subnets(new_cluster) -> None:
