@@ -130,8 +130,10 @@ def build(
     devices: list[str],
     pods: int,
     say: Callable[[str], None] = lambda _s: None,
+    pod_udp_gro: bool = False,
 ) -> list[Any]:
-    """Config, agents (started together), subnet.env → cni0 + pods, peers all seen."""
+    """Config, agents (started together), subnet.env → cni0 + pods, peers all seen.
+    `pod_udp_gro`: userspace agents get --pod-udp-gro (their pods' veths merge UDP)."""
     for dp, dev in zip(dataplanes, devices, strict=True):
         if dp == "kernel" and backend == "udp":
             raise CliError("--dataplane kernel has no udp backend (flannel's udp is userspace)")
@@ -140,7 +142,12 @@ def build(
     config = cluster.set_config(network, backend)
     say(f"network config at {cluster.prefix}/config: {config}")
     started = [
-        cluster.start_weft_node(f"n{i + 1}", dataplane=dataplanes[i], device=devices[i])
+        cluster.start_weft_node(
+            f"n{i + 1}",
+            dataplane=dataplanes[i],
+            device=devices[i],
+            extra_args=["--pod-udp-gro"] if pod_udp_gro and dataplanes[i] == "userspace" else [],
+        )
         for i in range(nodes)
     ]
     for cn in started:
@@ -196,6 +203,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     dataplanes=dataplanes,
                     devices=devices,
                     pods=args.pods,
+                    pod_udp_gro=args.pod_udp_gro,
                 )
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -499,7 +507,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 nodes = build(
                     cluster, nodes=args.nodes, backend=args.backend, network=args.network,
                     dataplanes=dataplanes, devices=devices, pods=1,
-                    say=lambda s: print("  " + s),
+                    say=lambda s: print("  " + s), pod_udp_gro=args.pod_udp_gro,
                 )  # fmt: skip
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -580,6 +588,12 @@ def register(sub: Any) -> None:
         q.add_argument("--device", default="tun",
                        help="tun or tap (vxlan only), or one per node")  # fmt: skip
         q.add_argument("--network", default="10.244.0.0/16", type=_network)
+        q.add_argument(
+            "--pod-udp-gro",
+            action="store_true",
+            help="userspace agents run with --pod-udp-gro: the pods' veths merge small UDP "
+            "for weft (see docs/running.md)",
+        )
 
     up = lsub.add_parser("up", help="build a lab and leave it running")
     build_flags(up, 3)

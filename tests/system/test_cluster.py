@@ -550,7 +550,7 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
     state_file = tmp_path / "labs" / f"{name}.json"
     try:
         up = weft("lab", "up", "--nodes", "2", "--dataplane", "userspace,kernel", "--name", name,
-                  env=env)  # fmt: skip
+                  "--pod-udp-gro", env=env)  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads(state_file.read_text())
         tag, nodes = state["tag"], state["nodes"]
@@ -571,6 +571,16 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
         assert ping.returncode == 0, ping.stdout + ping.stderr
         rc = weft("lab", "exec", "--name", name, "n1", "--", "sh", "-c", "exit 7", env=env)
         assert rc.returncode == 7
+        # --pod-udp-gro reached the userspace agent (n1) only: its pod's veth merges UDP
+        flush = "cat /sys/class/net/vp0/gro_flush_timeout"
+        for node, want in (("n1", "20000"), ("n2", "0")):
+            deadline = time.monotonic() + 10
+            while True:
+                got = weft("lab", "exec", "--name", name, node, "--", "sh", "-c", flush, env=env)
+                if got.stdout.strip() == want or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert got.stdout.strip() == want, (node, got.stdout, got.stderr)
         keys = weft("lab", "exec", "--name", name, "etcd", "--", "etcdctl", "get", "--prefix",
                     "--keys-only", "/coreos.com/network/subnets/", env=env)  # fmt: skip
         assert keys.returncode == 0, keys.stderr
