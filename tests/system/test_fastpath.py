@@ -226,7 +226,8 @@ def check_udp_burst(lab: Lab, pod1: Pod, pod2: Pod, sock: Path, count: int, size
 
 
 @pytest.mark.parametrize(
-    ("size", "send"), [(18, "tap"), (64, "tap"), (1000, "tap"), (64, "split"), (1001, "split")]
+    ("size", "send"),
+    [(18, "tap"), (64, "tap"), (1000, "tap"), (64, "split"), (1001, "split"), (64, "l2-device")],
 )
 def test_udp_super_packets_from_gro_forwarding_leave_as_standard_vxlan(
     lab: Lab, tmp_path: Path, size: int, send: str
@@ -236,15 +237,17 @@ def test_udp_super_packets_from_gro_forwarding_leave_as_standard_vxlan(
     kernel cuts it into one standard VXLAN datagram per pod datagram (or, without
     the TAP, weft cuts it and sends one UDP_SEGMENT sendmsg): a kernel VXLAN peer
     takes them all, and on the wire every frame holds one inner UDP datagram of
-    the pod's size, with valid inner and outer checksums."""
+    the pod's size, with valid inner and outer checksums. l2-device: weft's pod
+    device is a TAP (`--device tap`), whose frames carry an Ethernet header."""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     lab.udp_gro_forwarding(pod1)
     kmac = kernel_vxlan_node(lab, n2, n1)
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
+    device = "tap" if send == "l2-device" else "tun"
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto", device)
     env = {fastpath.DISABLE_ENV: "tunnel_gso"} if send == "split" else None
     _, sock = start(lab, n1, args, tmp_path, "n1", env)
     on = status(sock)["offload"]["on"]
-    assert "uso_read" in on and ("tunnel_gso" in on) == (send == "tap")
+    assert "uso_read" in on and ("tunnel_gso" in on) == (send != "split")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     pcap = tmp_path / "outer.pcap"
     cap = lab.capture(n2, "eth0", pcap, f"udp port 8472 and src host {n1.underlay_ip}")
