@@ -184,7 +184,7 @@ _U16 = struct.Struct("!H")
 #: tso_read    TCP super-packets read from the pod device (IFF_VNET_HDR + TSO)
 #: tunnel_gso  … sent through a TAP with UDP-tunnel GSO (the kernel segments, checksums)
 #: uso_read    UDP super-packets read from the pod device too (TUN_F_USO4|6: the node's
-#:             GRO forwarding merges a pod's small datagrams) and sent whole like TCP's
+#:             GRO forwarding merges a pod's small datagrams), sent on as TCP's are
 #: udp_segment many datagrams to one peer in one sendmsg (UDP_SEGMENT): without
 #:             tunnel_gso, the segments weft cuts from a super-packet
 #: tx_batch    consecutive same-size datagrams to one peer read in one drain of the
@@ -412,7 +412,9 @@ def probe_uso_read(dev: TunDevice | int, paths: FastPaths) -> None:
 
 def stop_uso_read(dev: int, paths: FastPaths, reason: str) -> None:
     """The sender refused a UDP super-packet: the device hands out no more of them
-    (those already queued are dropped by the caller, counted)."""
+    (those already queued are dropped by the caller, counted; said once)."""
+    if not paths.on["uso_read"]:
+        return
     try:
         set_offload(dev, POD_OFFLOADS)
     except TunError as exc:
@@ -745,8 +747,8 @@ class FastEngine(Engine):
             end = head + n
             flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack_vnet(vnet)
             if gso_type != _GSO_NONE and gso_out:
-                # TCP super-packet: the forwarder judges its first segment (route,
-                # size against the path MTU, encapsulation in front).
+                # A TCP (or UDP: uso_read) super-packet: the forwarder judges its first
+                # segment (route, size against the path MTU, encapsulation in front).
                 l4 = head + csum_start
                 seg_end = l4 + gso_l4(buf, l4, gso_type)[0] + gso_size
                 if seg_end < end:
