@@ -269,6 +269,40 @@ def test_udp_super_packets_from_gro_forwarding_leave_as_standard_vxlan(
         assert set(ip_ok.split(",")) == {"1"} and set(udp_ok.split(",")) == {"1"}, (ip_ok, udp_ok)
 
 
+@pytest.mark.parametrize("send", ["tap", "split"])
+def test_a_pod_sending_with_udp_segment_is_cut_into_its_datagrams(
+    lab: Lab, tmp_path: Path, send: str
+) -> None:
+    """A pod that sends with UDP_SEGMENT itself (QUIC stacks do), no GRO on the way:
+    its UDP GSO packets reach weft whole (uso_read) and arrive as the datagrams the
+    pod meant, each with a valid checksum, last one shorter."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
+    env = {fastpath.DISABLE_ENV: "tunnel_gso"} if send == "split" else None
+    _, sock = start(lab, n1, args, tmp_path, "n1", env)
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    with in_netns(pod2.ns):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with in_netns(pod1.ns):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind((str(pod2.ip), 7002))
+        rx.settimeout(5)
+        data = bytes(i * 7 & 0xFF for i in range(20 * 1200 + 345))
+        tx.setsockopt(socket.IPPROTO_UDP, 103, 1200)  # UDP_SEGMENT
+        for _ in range(3):
+            tx.sendto(data, (str(pod2.ip), 7002))
+        got = [rx.recv(65536) for _ in range(3 * 21)]
+    finally:
+        tx.close()
+        rx.close()
+    want = [data[i : i + 1200] for i in range(0, len(data), 1200)]
+    assert got == want * 3
+    assert nstat(lab, pod2, "UdpInCsumErrors") == {"UdpInCsumErrors": 0}
+    assert status(sock)["offload"]["counters"]["uso_sends"] >= 3
+
+
 @pytest.mark.parametrize("backend", ["vxlan", "udp"])
 def test_udp_super_packets_between_weft_nodes(lab: Lab, tmp_path: Path, backend: str) -> None:
     """uso_read on both backends, weft to weft: the receiving weft takes the datagrams
