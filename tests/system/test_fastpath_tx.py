@@ -10,6 +10,7 @@ sends when udp_segment is switched off too.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -22,7 +23,6 @@ from test_fastpath import (
     SUBNET1,
     SUBNET2,
     WEFT_MAC,
-    iperf3_bytes,
     kernel_vxlan_node,
     nstat,
     start,
@@ -30,7 +30,7 @@ from test_fastpath import (
     udp_args,
     vxlan_args,
 )
-from weft_helpers import iperf3_run, status
+from weft_helpers import iperf3_run, send_over_tcp, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
@@ -71,10 +71,12 @@ def test_fallback_to_kernel_vxlan_sends_standard_datagrams(
     before = nstat(lab, pod2, "TcpInCsumErrors", "TcpExtTCPCsumErrors")
     pcap = tmp_path / "outer.pcap"
     cap = lab.capture(n2, "eth0", pcap, f"udp port 8472 and src host {n1.underlay_ip}")
-    end = iperf3_bytes(lab, pod1, pod2, "3M")
+    # Every byte read by the receiving pod (an iperf3 client can end with part of
+    # its data unsent: the capture then held fewer than 1,000 segments, in CI).
+    data = os.urandom(3 << 20)
+    assert send_over_tcp(pod1, pod2, data) == data
     time.sleep(1)  # let tcpdump drain its ring before SIGTERM
     lab.stop(cap)
-    assert end["sum_sent"]["bytes"] >= 3 << 20
     assert nstat(lab, pod2, "TcpInCsumErrors", "TcpExtTCPCsumErrors") == before
     st = status(sock)
     off = st["offload"]
@@ -109,10 +111,10 @@ def test_fallback_between_weft_udp_nodes(lab: Lab, tmp_path: Path, disable: str)
     before = nstat(lab, pod2, "TcpInCsumErrors")
     pcap = tmp_path / "outer.pcap"
     cap = lab.capture(n2, "eth0", pcap, f"udp port 8285 and src host {n1.underlay_ip}")
-    end = iperf3_bytes(lab, pod1, pod2, "3M")
+    data = os.urandom(3 << 20)
+    assert send_over_tcp(pod1, pod2, data) == data  # every byte (see above)
     time.sleep(1)
     lab.stop(cap)
-    assert end["sum_sent"]["bytes"] >= 3 << 20
     assert nstat(lab, pod2, "TcpInCsumErrors") == before
     st = status(s1)
     fc = st["offload"]["counters"]
