@@ -41,21 +41,23 @@ class PodGro:
         self.bridge = bridge
         self.flush_timeout_ns = flush_timeout_ns
         self.tuned: set[int] = set()
-        self.failed: dict[int, str] = {}  # index → why (said once)
+        self.failed: set[int] = set()  # indexes whose failure was said (once each)
 
     def scan(self) -> list[str]:
         """One pass (blocking: run it in an executor); the names tuned in it."""
+        ports = netlink.bridge_ports(self.bridge)
+        self.failed &= {index for index, _, _ in ports}
         done = []
-        for index, name in ports_to_tune(netlink.bridge_ports(self.bridge), self.tuned):
+        for index, name in ports_to_tune(ports, self.tuned):
             try:
                 netlink.enable_udp_gro_forwarding(name, self.flush_timeout_ns)
             except netlink.NetlinkError as exc:
                 if index not in self.failed:
-                    self.failed[index] = str(exc)
+                    self.failed.add(index)
                     log.warning("pod veth %s: UDP GRO forwarding not set: %s", name, exc)
                 continue
             self.tuned.add(index)
-            self.failed.pop(index, None)
+            self.failed.discard(index)
             done.append(name)
         return done
 

@@ -43,11 +43,9 @@ from control.lab.netns import (
     sh,
     stop_process,
 )
+from control.podgro import FLUSH_TIMEOUT_NS
 
 VXLAN_OVERHEAD = 50
-#: gro_flush_timeout for a pod veth with UDP GRO forwarding (Lab.udp_gro_forwarding):
-#: how long a merged UDP packet stays open for more datagrams.
-POD_GRO_FLUSH_NS = 20_000
 
 
 @dataclass(frozen=True)
@@ -342,13 +340,15 @@ class Lab:
         self.pods.append(pod)
         return pod
 
-    def udp_gro_forwarding(self, pod: Pod, flush_timeout_ns: int = POD_GRO_FLUSH_NS) -> None:
+    def udp_gro_forwarding(self, pod: Pod, flush_timeout_ns: int = FLUSH_TIMEOUT_NS) -> None:
         """GRO for the pod's UDP datagrams on their way through the node (the knob
         Tailscale gives for userspace TUN forwarders): `gro on` gives the node's veth
         end a NAPI, rx-udp-gro-forwarding lets it merge datagrams of one flow that
         no local socket takes, and gro_flush_timeout keeps a merged packet open
         across polls (a veth polls as each datagram is sent, so without it nothing
-        merges). A lone datagram may wait up to the timeout."""
+        merges). A lone datagram may wait up to the timeout. The same knob as
+        `weft agent --pod-udp-gro` (control.podgro), set here with ethtool and sysfs
+        through `ip netns exec`, whose /sys is the node's."""
         dev = pod.node_end
         self.run(pod.node, "ethtool", "-K", dev, "gro", "on", "rx-udp-gro-forwarding", "on")
         timeout = f"/sys/class/net/{dev}/gro_flush_timeout"

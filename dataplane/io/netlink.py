@@ -496,9 +496,12 @@ def bridge_ports(bridge: str) -> list[tuple[int, str, str]]:
 
 def enable_udp_gro_forwarding(name: str, flush_timeout_ns: int) -> None:
     """GRO and rx-udp-gro-forwarding on ``name`` (ethtool features, as `ethtool -K
-    NAME gro on rx-udp-gro-forwarding on`), then its gro_flush_timeout (sysfs of
-    the calling process's network namespace). Not from a thread with a running
-    event loop (pyroute2's Ethtool is synchronous)."""
+    NAME gro on rx-udp-gro-forwarding on`, in the calling thread's network
+    namespace), then its gro_flush_timeout through /sys, which shows the devices
+    of the namespace /sys was mounted in: right for a process started in its
+    namespace (`ip netns exec`, a hostNetwork pod), not for a thread that only
+    entered one. Not from a thread with a running event loop (pyroute2's Ethtool
+    is synchronous)."""
     from pyroute2.ethtool import Ethtool
 
     try:

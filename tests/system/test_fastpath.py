@@ -39,6 +39,7 @@ from weft_helpers import (
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod, add_kernel_vxlan_peer, make_kernel_vxlan
 from dataplane.io import batch, fastpath
+from dataplane.io.segment import UDP_SEGMENT
 
 NETWORK = "10.244.0.0/16"
 SUBNET1 = "10.244.1.0/24"
@@ -290,7 +291,7 @@ def test_a_pod_sending_with_udp_segment_is_cut_into_its_datagrams(
         rx.bind((str(pod2.ip), 7002))
         rx.settimeout(5)
         data = bytes(i * 7 & 0xFF for i in range(20 * 1200 + 345))
-        tx.setsockopt(socket.IPPROTO_UDP, 103, 1200)  # UDP_SEGMENT
+        tx.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, 1200)
         for _ in range(3):
             tx.sendto(data, (str(pod2.ip), 7002))
         got = [rx.recv(65536) for _ in range(3 * 21)]

@@ -20,12 +20,10 @@ from test_fastpath import (
     start,
     two_node_pods,
 )
-from weft_helpers import send_over_tcp, status
+from weft_helpers import UDP_PORT, send_over_tcp, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod, add_kernel_hostgw_route
-
-UDP_PORT = 7001
 
 
 def hostgw_args(node: Node, subnet: str, peer: Node, peer_subnet: str, offload: str) -> list[str]:
