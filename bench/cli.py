@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pass --busy-poll USEC to every `weft dataplane run` (default: off)",
     )
     p.add_argument(
+        "--weft-queues",
+        type=int,
+        metavar="N",
+        help="pass --queues N to every `weft dataplane run` (default: 1, one process)",
+    )
+    p.add_argument(
         "--pod-gro",
         choices=["on", "off"],
         default="on",
@@ -158,6 +164,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         profile=args.profile,
         weft_offload=args.weft_offload,
         weft_busy_poll=args.weft_busy_poll,
+        weft_queues=args.weft_queues,
         pod_gro=args.pod_gro == "on",
         command=command,
     )

@@ -51,6 +51,7 @@ class Params:
     profile: bool = False
     weft_offload: str | None = None  # passed as --offload to weft dataplane run when set
     weft_busy_poll: int | None = None  # passed as --busy-poll when set
+    weft_queues: int | None = None  # passed as --queues when set
     #: GRO forwarding for UDP on the pods' node-side veths, in every mode (the lab's
     #: Lab.udp_gro_forwarding): a pod's small datagrams cross the node merged.
     pod_gro: bool = True
@@ -59,6 +60,8 @@ class Params:
         extra = ("--offload", self.weft_offload) if self.weft_offload else ()
         if self.weft_busy_poll:
             extra += ("--busy-poll", str(self.weft_busy_poll))
+        if self.weft_queues:
+            extra += ("--queues", str(self.weft_queues))
         return extra
 
     command: str = ""

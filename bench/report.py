@@ -201,4 +201,6 @@ def _weft_args(p: dict[str, Any]) -> list[str]:
     args = [f"--offload {p['weft_offload']}"] if p.get("weft_offload") else []
     if p.get("weft_busy_poll"):
         args.append(f"--busy-poll {p['weft_busy_poll']}")
+    if p.get("weft_queues"):
+        args.append(f"--queues {p['weft_queues']}")
     return args

@@ -44,6 +44,17 @@ def parse_busy_poll(text: str) -> int:
     return value
 
 
+def parse_queues(text: str) -> int:
+    """--queues N: 1 (one process) to 64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of queues, got {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value}: expected 1..64 queues")
+    return value
+
+
 def parse_ipv4_network(text: str) -> IPv4Network:
     try:
         net = ip_network(text, strict=True)
@@ -122,6 +133,7 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         accept_any_source=args.accept_any_source,
         offload=args.offload,
         busy_poll_us=args.busy_poll,
+        queues=args.queues,
     )
     if spec.backend == "vxlan" and spec.vtep_mac is None:
         raise CliError("the vxlan backend needs --vtep-mac (the agent keeps one in its state dir)")
@@ -201,6 +213,14 @@ def render_status(status: dict[str, Any]) -> str:
             out(f"  {', '.join(paths)} off: {why}")
     if status.get("busy_poll_us"):
         out(f"busy polling: {status['busy_poll_us']} µs after the last packet")
+    queues = status.get("queues")
+    if isinstance(queues, dict):
+        workers = queues.get("workers") or []
+        running = sum(1 for w in workers if w.get("running"))
+        out(
+            f"queues: {queues.get('count')} (queue 0 here, {running} of {len(workers)} "
+            f"workers running, {queues.get('restarts', 0)} restarts); counters are all queues'"
+        )
     return "".join(line + "\n" for line in lines)
 
 
@@ -244,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--busy-poll", type=parse_busy_poll, default=0, metavar="USEC",
         help="keep polling for USEC after the last packet instead of sleeping: lower "
         "latency for a CPU while traffic flows (default 0: off)",
+    )  # fmt: skip
+    run.add_argument(
+        "--queues", type=parse_queues, default=1, metavar="N",
+        help="multi-queue device and SO_REUSEPORT sockets, one process per queue: more "
+        "cores for more flows, each flow on one queue (vxlan, udp; default 1)",
     )  # fmt: skip
     run.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
     run.set_defaults(func=cmd_dataplane_run)

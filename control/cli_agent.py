@@ -10,7 +10,7 @@ import os
 from ipaddress import IPv4Address, IPv4Interface, ip_address
 from typing import Any
 
-from control.cli import CliError, parse_busy_poll, parse_ipv4, run_until_signal
+from control.cli import CliError, parse_busy_poll, parse_ipv4, parse_queues, run_until_signal
 
 log = logging.getLogger("weft.agent")
 
@@ -124,10 +124,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> int:
         offload = args.offload
-        busy_poll = args.busy_poll
+        busy_poll, queues = args.busy_poll, args.queues
 
         def dataplane_factory(agent: Any) -> Any:
-            return make_dataplane(agent, offload=offload, busy_poll_us=busy_poll)
+            return make_dataplane(agent, offload=offload, busy_poll_us=busy_poll, queues=queues)
 
         agent = Agent(opts, store, dataplane_factory, underlay=underlay)
         api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace))
@@ -166,10 +166,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_until_signal(main)
 
 
-def make_dataplane(agent: Any, *, offload: str = "auto", busy_poll_us: int = 0) -> Any:
+def make_dataplane(
+    agent: Any, *, offload: str = "auto", busy_poll_us: int = 0, queues: int = 1
+) -> Any:
     """The userspace engine or the kernel, for the agent's config and lease;
     wrapped for vxlan DirectRouting (on-link peers get plain kernel routes)."""
-    dataplane = _make_dataplane(agent, offload, busy_poll_us)
+    dataplane = _make_dataplane(agent, offload, busy_poll_us, queues)
     backend = agent.config.backend
     if backend.type == "vxlan" and backend.direct_routing:
         from control.kernel import DirectRouting
@@ -178,7 +180,9 @@ def make_dataplane(agent: Any, *, offload: str = "auto", busy_poll_us: int = 0) 
     return dataplane
 
 
-def _make_dataplane(agent: Any, offload: str = "auto", busy_poll_us: int = 0) -> Any:
+def _make_dataplane(
+    agent: Any, offload: str = "auto", busy_poll_us: int = 0, queues: int = 1
+) -> Any:
     cfg = agent.config
     lease = agent.lease
     underlay = agent.underlay
@@ -220,6 +224,7 @@ def _make_dataplane(agent: Any, offload: str = "auto", busy_poll_us: int = 0) ->
             accept_any_source=opts.accept_any_source,
             offload=offload,  # type: ignore[arg-type]
             busy_poll_us=busy_poll_us,
+            queues=queues,
         )
     )
 
@@ -267,6 +272,14 @@ def register(sub: Any) -> None:
         metavar="USEC",
         help="userspace dataplane: keep polling for USEC after the last packet instead of "
         "sleeping (lower latency, a CPU busy while traffic flows; default 0: off)",
+    )
+    p.add_argument(
+        "--queues",
+        type=parse_queues,
+        default=env_default("--queues", "1"),
+        metavar="N",
+        help="userspace dataplane: N device queues, one process each (more cores for more "
+        "flows; each flow stays on one queue). vxlan and udp backends; default 1",
     )
     p.add_argument(
         "--pod-udp-gro",

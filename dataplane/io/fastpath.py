@@ -327,7 +327,7 @@ def _errtext(exc: OSError) -> str:
 
 
 def open_pod_device(
-    name: str, *, tap: bool, mode: str, paths: FastPaths | None = None
+    name: str, *, tap: bool, mode: str, paths: FastPaths | None = None, multi_queue: bool = False
 ) -> tuple[TunDevice, FastPaths]:
     """The pod-side TUN/TAP with IFF_VNET_HDR and TSO when the kernel allows it.
 
@@ -339,7 +339,7 @@ def open_pod_device(
     receives = paths is None
     if paths is None:
         paths = FastPaths(mode)
-    dev = open_tun(name, tap=tap, vnet_hdr=True)
+    dev = open_tun(name, tap=tap, vnet_hdr=True, multi_queue=multi_queue)
     try:
         try:
             fcntl.ioctl(dev.fileno(), TUNSETVNETLE, struct.pack("i", 1))
@@ -446,10 +446,19 @@ def egress_name(device_name: str) -> str:
     return f"gso-{device_name}"[:15]
 
 
-def open_egress_tap(paths: FastPaths, device_name: str) -> None:
-    """The TAP weft writes tunnel-GSO frames into; on success paths.egress is set."""
+def open_egress_tap(
+    paths: FastPaths, device_name: str, *, multi_queue: bool = False, attach: bool = False
+) -> None:
+    """The TAP weft writes tunnel-GSO frames into; on success paths.egress is set.
+
+    With `attach` (a queue worker, dataplane/io/queues.py) the TAP exists already,
+    made and configured by queue 0: this opens one more of its queues and leaves
+    its sysctls, link state and FORWARD rule to their owner."""
     name = egress_name(device_name)
     if not paths.wanted("tunnel_gso"):
+        return
+    if attach:
+        _attach_egress_tap(paths, name)
         return
     rp_filter = _sysctl_int("net/ipv4/conf/all/rp_filter")
     if rp_filter:
@@ -462,20 +471,8 @@ def open_egress_tap(paths: FastPaths, device_name: str) -> None:
             "(the send fast path needs 0)",
         )
         return
-    try:
-        tap = open_tun(name, tap=True, vnet_hdr=True)
-    except TunError as exc:
-        paths.refuse("tunnel_gso", f"cannot open TAP {name}: {_errtext(exc)}")
-        return
-    try:
-        set_vnet_hdr_size(tap, VNET_HDR_TUNNEL_LEN)
-        set_offload(tap, EGRESS_OFFLOADS)
-    except TunError as exc:
-        tap.close()
-        paths.refuse(
-            "tunnel_gso",
-            f"TAP refused TUN_F_UDP_TUNNEL_GSO (Linux 6.17+): {_errtext(exc)}",
-        )
+    tap = _open_egress_queue(paths, name, multi_queue)
+    if tap is None:
         return
     try:
         for key, value in (("disable_ipv6", 1),):
@@ -501,6 +498,43 @@ def open_egress_tap(paths: FastPaths, device_name: str) -> None:
             name,
             err,
         )
+
+
+def _open_egress_queue(paths: FastPaths, name: str, multi_queue: bool) -> TunDevice | None:
+    try:
+        tap = open_tun(name, tap=True, vnet_hdr=True, multi_queue=multi_queue)
+    except TunError as exc:
+        paths.refuse("tunnel_gso", f"cannot open TAP {name}: {_errtext(exc)}")
+        return None
+    try:
+        set_vnet_hdr_size(tap, VNET_HDR_TUNNEL_LEN)
+        set_offload(tap, EGRESS_OFFLOADS)
+    except TunError as exc:
+        tap.close()
+        paths.refuse(
+            "tunnel_gso",
+            f"TAP refused TUN_F_UDP_TUNNEL_GSO (Linux 6.17+): {_errtext(exc)}",
+        )
+        return None
+    return tap
+
+
+def _attach_egress_tap(paths: FastPaths, name: str) -> None:
+    """One more queue of queue 0's egress TAP (absent when queue 0 could not make it)."""
+    if not os.path.exists(f"/sys/class/net/{name}"):
+        paths.refuse("tunnel_gso", f"queue 0 has no egress TAP {name}")
+        return
+    tap = _open_egress_queue(paths, name, multi_queue=True)
+    if tap is None:
+        return
+    try:
+        paths.egress_mac = netlink.link_mac(name)
+    except OSError as exc:
+        tap.close()
+        paths.refuse("tunnel_gso", f"cannot read TAP {name}: {_errtext(exc)}")
+        return
+    paths.egress = tap
+    paths.enable("tunnel_gso")
 
 
 def _iptables(*args: str) -> subprocess.CompletedProcess[str] | None:

@@ -26,6 +26,7 @@ from dataplane.backends.vxlan import VxlanBackend
 from dataplane.forwarder import Forwarder
 from dataplane.io import fastpath, netlink, packet_gso
 from dataplane.io.fastpath import FastPaths
+from dataplane.io.queues import QueueWorkers, add_counts, attach_steering
 from dataplane.io.runner import Engine
 from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
 from dataplane.io.tun import TunDevice, open_tun
@@ -41,6 +42,7 @@ BackendName = Literal["vxlan", "udp", "host-gw"]
 
 
 DEVICE_QUEUE = 1000  # packets (tx_queue_len)
+MAX_QUEUES = 64
 
 
 @dataclass
@@ -65,6 +67,9 @@ class NodeSpec:
     #: Busy polling (dataplane/io/runner.py): keep polling this many µs after the
     #: last packet instead of sleeping; 0 sleeps in epoll at once.
     busy_poll_us: int = 0
+    #: Queues (dataplane/io/queues.py): the device and the socket get this many
+    #: queues, each served by its own process; a flow stays on one of them.
+    queues: int = 1
 
     def __post_init__(self) -> None:
         if self.device == "tap" and self.backend != "vxlan":
@@ -75,6 +80,10 @@ class NodeSpec:
             raise ValueError(f"--offload {self.offload!r}: expected auto, on or off")
         if not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(f"--busy-poll {self.busy_poll_us}: expected 0..1000000 µs")
+        if not 1 <= self.queues <= MAX_QUEUES:
+            raise ValueError(f"--queues {self.queues}: expected 1..{MAX_QUEUES}")
+        if self.queues > 1 and self.backend == "host-gw":
+            raise ValueError("--queues above 1 is for the vxlan and udp backends")
 
 
 def make_backend(spec: NodeSpec, underlay_mac: bytes) -> Backend:
@@ -90,10 +99,18 @@ def make_backend(spec: NodeSpec, underlay_mac: bytes) -> Backend:
 
 
 class UserspaceDataplane:
-    """Runs the engine for one node in the current network namespace."""
+    """Runs the engine for one node in the current network namespace.
 
-    def __init__(self, spec: NodeSpec) -> None:
+    Queue 0 (the default) makes and configures the devices, and with
+    `spec.queues` > 1 starts a worker process for every other queue
+    (dataplane/io/queues.py), each of which builds one of these with its own
+    `queue` index: it attaches to the devices queue 0 made and only moves packets.
+    """
+
+    def __init__(self, spec: NodeSpec, queue: int = 0) -> None:
         self.spec = spec
+        self.queue = queue
+        self.workers: QueueWorkers | None = None
         self.tun: TunDevice | None = None
         self.sock: socket.socket | None = None
         self.packet_sock: socket.socket | None = None
@@ -122,25 +139,30 @@ class UserspaceDataplane:
             accept_any_source=spec.accept_any_source,
         )
         tap = spec.device == "tap"
+        owner = self.queue == 0
+        multi_queue = spec.queues > 1
         try:
             if backend.transport == "packet":
                 # host-gw: whether the device may hand out super-packets depends on
                 # the AF_PACKET socket taking vnet headers, so the socket comes first.
                 self.packet_sock = open_packet_socket(spec.underlay_iface)
             if spec.offload == "off":
-                self.tun = open_tun(spec.device_name, tap=tap)
+                self.tun = open_tun(spec.device_name, tap=tap, multi_queue=multi_queue)
             elif self.packet_sock is not None:
                 self.tun, self.fast = packet_gso.open_hostgw_device(
                     spec.device_name, self.packet_sock, mode=spec.offload
                 )
             else:
                 self.tun, self.fast = fastpath.open_pod_device(
-                    spec.device_name, tap=tap, mode=spec.offload
+                    spec.device_name, tap=tap, mode=spec.offload, multi_queue=multi_queue
                 )
-            self._configure_device(tap)
+            if owner:
+                self._configure_device(tap)
             if backend.transport == "udp":
                 port = backend.port  # type: ignore[attr-defined]
-                self.sock = open_udp_socket(str(spec.public_ip), port)
+                self.sock = open_udp_socket(str(spec.public_ip), port, reuse_port=multi_queue)
+                if owner and multi_queue:
+                    self._steer(self.sock)
                 if self.fast is not None:
                     self.engine = self._fast_engine(underlay_mac, port)
                 else:
@@ -161,7 +183,8 @@ class UserspaceDataplane:
                 self.engine.after_batch = self._check_unresolved
                 loop.add_reader(self.arp_sock.fileno(), self._on_arp)
                 self._resolver = loop.create_task(self._resolve_loop())
-            netlink.sysctl_set("net/ipv4/ip_forward", "1")
+            if owner:
+                netlink.sysctl_set("net/ipv4/ip_forward", "1")
             self.tracer = Tracer(
                 backend.name,
                 local_ip=spec.public_ip,
@@ -174,18 +197,34 @@ class UserspaceDataplane:
             self.engine.busy_poll_ns = spec.busy_poll_us * 1000
             self.engine.start(loop)
             self._loop = loop
+            if owner and multi_queue:
+                self.workers = QueueWorkers(spec, loop)
+                self.workers.start()
         except BaseException:
             self.stop()
             raise
         log.info(
-            "dataplane up: %s on %s (%s, mtu %d), underlay %s %s",
+            "dataplane up: %s on %s (%s, mtu %d%s), underlay %s %s",
             backend.name,
             spec.device_name,
             spec.device,
             self.device_mtu,
+            f", queue {self.queue} of {spec.queues}" if multi_queue else "",
             spec.underlay_iface,
             spec.public_ip,
         )
+
+    def _steer(self, sock: socket.socket) -> None:
+        """Datagrams to the queue of their inner flow (queues.steering_program)."""
+        ip_off = 22 if self.spec.backend == "vxlan" else 0
+        try:
+            attach_steering(sock, ip_off, self.spec.queues)
+        except OSError as exc:
+            log.warning(
+                "SO_ATTACH_REUSEPORT_CBPF refused (%s): datagrams go to queues by their "
+                "outer addresses and ports, so a sender with one source port uses one queue",
+                exc,
+            )
 
     def _fast_engine(self, underlay_mac: bytes, port: int) -> Engine:
         """The probes that need the device up and the socket open, then the engine."""
@@ -196,9 +235,12 @@ class UserspaceDataplane:
             # Super-packets leave through the egress TAP (the kernel cuts them), or,
             # without it, are cut in userspace and sent with UDP_SEGMENT (or one
             # datagram per call): either way weft asks the device for them.
-            fastpath.open_egress_tap(fast, spec.device_name)
+            owner = self.queue == 0
+            fastpath.open_egress_tap(
+                fast, spec.device_name, multi_queue=spec.queues > 1, attach=not owner
+            )
             fastpath.probe_uso_read(self.tun, fast)
-            if fast.egress is not None:
+            if fast.egress is not None and owner:
                 try:
                     fastpath.limit_gso_size(spec.device_name)
                 except OSError as exc:
@@ -217,7 +259,8 @@ class UserspaceDataplane:
             port=port,
         )
         engine.on_first_error = lambda what: log.warning("fast path: %s", what)
-        fast.log_summary()
+        if self.queue == 0:
+            fast.log_summary()
         return engine
 
     def _configure_device(self, tap: bool) -> None:
@@ -245,7 +288,7 @@ class UserspaceDataplane:
 
     def add_peer(self, peer: Peer) -> None:
         assert self.forwarder is not None
-        if self.spec.device == "tap" and peer.vtep_mac is not None:
+        if self.spec.device == "tap" and peer.vtep_mac is not None and self.queue == 0:
             # flannel.1's chain: route → permanent neighbour (the peer's .0 → VtepMAC);
             # weft's forwarder holds the FDB (VtepMAC → public IP).
             gw = str(peer.subnet.network_address)
@@ -260,11 +303,15 @@ class UserspaceDataplane:
                 self.spec.underlay_iface,
             )
         self.forwarder.add_peer(peer)
+        if self.workers is not None:
+            self.workers.add_peer(peer)
 
     def remove_peer(self, subnet: IPv4Network) -> Peer | None:
         assert self.forwarder is not None
         peer = self.forwarder.remove_peer(subnet)
-        if peer is not None and self.spec.device == "tap":
+        if self.workers is not None:
+            self.workers.remove_peer(subnet)
+        if peer is not None and self.spec.device == "tap" and self.queue == 0:
             netlink.delete_route(str(subnet), dev=self.spec.device_name)
             netlink.delete_neigh(str(subnet.network_address), self.spec.device_name)
         return peer
@@ -331,7 +378,7 @@ class UserspaceDataplane:
         """What `weft status` shows of this dataplane."""
         spec = self.spec
         fwd = self.forwarder
-        return {
+        out: dict[str, object] = {
             "backend": spec.backend,
             "device": spec.device_name,
             "device_kind": spec.device,
@@ -354,6 +401,15 @@ class UserspaceDataplane:
             "offload": self._offload_status(),
             "busy_poll_us": self.spec.busy_poll_us,
         }
+        if self.workers is not None:
+            # Counters are the whole node's: queue 0's plus every worker's last report.
+            counters, fast = self.workers.counters()
+            out["counters"] = add_counts(out["counters"], counters)  # type: ignore[arg-type]
+            offload = out["offload"]
+            if isinstance(offload, dict) and "counters" in offload:
+                offload["counters"] = add_counts(offload["counters"], fast)
+            out["queues"] = self.workers.status()
+        return out
 
     def _offload_status(self) -> dict[str, object]:
         """Which fast paths are on (dataplane/io/fastpath.py), and why the others are off."""
@@ -394,6 +450,9 @@ class UserspaceDataplane:
 
     def stop(self) -> None:
         loop = self._loop
+        if self.workers is not None:
+            self.workers.stop()  # their queues detach as they exit
+            self.workers = None
         if self.engine is not None:
             self.engine.stop()
             self.engine = None

@@ -20,11 +20,17 @@ def _grow_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
-def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket on bind_ip:port (flannel binds the interface address)."""
+def open_udp_socket(bind_ip: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking UDP socket on bind_ip:port (flannel binds the interface address).
+
+    With reuse_port, every queue worker (dataplane/io/queues.py) binds its own socket
+    to the same address: the kernel hashes each datagram's addresses and ports to one
+    of them, so a tunnel flow (one outer source port) always reaches the same worker."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         _grow_buffers(sock)
         sock.bind((bind_ip, port))
     except OSError as exc:

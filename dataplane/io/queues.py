@@ -1,0 +1,463 @@
+"""Queue workers: one process per device queue, so more cores move more flows.
+
+With `--queues N` the pod device and the egress TAP are multi-queue
+(IFF_MULTI_QUEUE) and every queue's UDP socket binds the same address with
+SO_REUSEPORT. Queue 0 is the main process (it made the devices and runs the
+control plane); queues 1…N-1 are worker processes started here, each running
+its own engine with its own GIL. A flow stays on one queue both ways: the
+kernel picks a TUN queue by the flow's hash (tun_select_queue), and a socket by
+the hash of the outer addresses and ports, whose source port the sender took
+from the inner flow's hash (as flannel.1 does). So no flow is reordered.
+
+Each worker has a SOCK_SEQPACKET pair to queue 0 carrying JSON messages:
+
+    queue 0 → worker   {"op": "add", "peer": {...}}  {"op": "remove", "subnet": "…"}
+    worker → queue 0   {"op": "ready"}  {"op": "error", "message": "…"}
+                       {"op": "counters", "counters": {...}, "fast": {...}}  (each second)
+
+Routes reach a worker in the order queue 0 learnt them. A worker that dies
+takes its queue with it (the kernel moves its flows to the other queues when
+its fd and socket close); queue 0 says so, starts it again (at most
+RESTARTS_PER_MINUTE times a minute) and keeps its counters so that totals never
+go back. Workers die with queue 0 (PR_SET_PDEATHSIG) and end on SIGTERM.
+
+`weft trace live` sees queue 0's packets only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from ipaddress import IPv4Address, IPv4Network, ip_network
+from typing import TYPE_CHECKING, Any
+
+from dataplane.peers import Peer
+
+if TYPE_CHECKING:
+    from dataplane.io.node import NodeSpec
+
+log = logging.getLogger("weft.dataplane")
+
+READY_TIMEOUT_S = 20.0
+REPORT_INTERVAL_S = 1.0
+RESTARTS_PER_MINUTE = 5
+MESSAGE_MAX = 1 << 16
+PR_SET_PDEATHSIG = 1
+
+
+# -- the messages (pure) ------------------------------------------------------------
+
+
+def spec_to_json(spec: NodeSpec) -> str:
+    out: dict[str, Any] = {}
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, bytes):
+            value = value.hex()
+        elif isinstance(value, IPv4Address | IPv4Network):
+            value = str(value)
+        out[f.name] = value
+    return json.dumps(out)
+
+
+def spec_from_json(text: str) -> NodeSpec:
+    from dataplane.io.node import NodeSpec
+
+    raw = json.loads(text)
+    raw["network"] = IPv4Network(raw["network"])
+    raw["subnet"] = IPv4Network(raw["subnet"])
+    raw["public_ip"] = IPv4Address(raw["public_ip"])
+    if raw.get("vtep_mac") is not None:
+        raw["vtep_mac"] = bytes.fromhex(raw["vtep_mac"])
+    return NodeSpec(**raw)
+
+
+def encode_peer(peer: Peer) -> dict[str, Any]:
+    return {
+        "subnet": str(peer.subnet),
+        "public_ip": str(peer.public_ip),
+        "vtep_mac": peer.vtep_mac.hex() if peer.vtep_mac is not None else None,
+        "port": peer.port,
+    }
+
+
+def decode_peer(raw: dict[str, Any]) -> Peer:
+    mac = raw.get("vtep_mac")
+    return Peer(
+        ip_network(raw["subnet"]),
+        IPv4Address(raw["public_ip"]),
+        bytes.fromhex(mac) if mac is not None else None,
+        int(raw.get("port", 0)),
+    )
+
+
+def add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """`total` plus `more`, key by key, into nested dicts of ints (counters as_dict)."""
+    out = dict(total)
+    for key, value in more.items():
+        have = out.get(key)
+        if isinstance(value, dict):
+            out[key] = add_counts(have if isinstance(have, dict) else {}, value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[key] = (have if isinstance(have, int) else 0) + value
+    return out
+
+
+# -- steering: which queue's socket gets a datagram (pure, plus one setsockopt) --------
+
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
+_SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+GOLDEN = 0x9E3779B1  # 2**32 / golden ratio: a multiply that spreads every input bit up
+
+
+def steering_program(ip_off: int, queues: int) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program for SO_ATTACH_REUSEPORT_CBPF: the index of the socket
+    that gets a datagram, from the inner flow (addresses and ports, after the inner
+    IP header's own length), so a flow stays on one queue whatever outer source
+    port its sender picked. The kernel runs it on the UDP payload: `ip_off` is where
+    the inner IPv4 header starts there (vxlan 22, udp 0). A datagram too short to
+    hold the fields makes the program fail, which sends it to the first socket."""
+    ld_abs, ld_ind, ld_mem, ldx_msh = 0x20, 0x40, 0x60, 0xB1
+    st, tax, xor_x, rsh_k, mul_k, mod_k, ret_a = 0x02, 0x07, 0xAC, 0x74, 0x24, 0x94, 0x16
+    return [
+        (ld_abs, 0, 0, ip_off + 12),  # A = inner source address
+        (tax, 0, 0, 0),
+        (ld_abs, 0, 0, ip_off + 16),  # A = inner destination address
+        (xor_x, 0, 0, 0),
+        (st, 0, 0, 0),  # M[0] = source ^ destination
+        (ldx_msh, 0, 0, ip_off),  # X = inner IP header length
+        (ld_ind, 0, 0, ip_off),  # A = source port << 16 | destination port
+        (tax, 0, 0, 0),
+        (ld_mem, 0, 0, 0),
+        (xor_x, 0, 0, 0),
+        # Mix: connect() hands out ports of one parity (Linux 4.x+), so the low bits
+        # alone would put every client flow on one queue of two; and a multiply
+        # carries differences up only. So: fold the ports down, multiply, fold again.
+        (tax, 0, 0, 0),
+        (rsh_k, 0, 0, 16),
+        (xor_x, 0, 0, 0),
+        (mul_k, 0, 0, GOLDEN),
+        (tax, 0, 0, 0),
+        (rsh_k, 0, 0, 16),
+        (xor_x, 0, 0, 0),
+        (mod_k, 0, 0, queues),
+        (ret_a, 0, 0, 0),
+    ]
+
+
+def steering_queue(datagram: bytes, ip_off: int, queues: int) -> int:
+    """What steering_program returns for `datagram` (the same arithmetic, for tests
+    and for explaining where a flow goes)."""
+    if len(datagram) < ip_off + 20:
+        return 0
+    src, dst = struct.unpack_from("!II", datagram, ip_off + 12)
+    l4 = ip_off + (datagram[ip_off] & 0x0F) * 4
+    if len(datagram) < l4 + 4:
+        return 0
+    (ports,) = struct.unpack_from("!I", datagram, l4)
+    a = src ^ dst ^ ports
+    a = (a ^ a >> 16) * GOLDEN & 0xFFFFFFFF
+    a ^= a >> 16
+    return a % queues
+
+
+def attach_steering(sock: socket.socket, ip_off: int, queues: int) -> None:
+    """Put steering_program on the SO_REUSEPORT group `sock` belongs to."""
+    prog = steering_program(ip_off, queues)
+    code = b"".join(_SOCK_FILTER.pack(*ins) for ins in prog)
+    buf = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+# -- queue 0's side -------------------------------------------------------------------
+
+
+class _Worker:
+    __slots__ = ("conn", "index", "last", "proc", "started")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: socket.socket | None = None
+        self.last: dict[str, Any] = {}  # its latest counters report
+        self.started: list[float] = []  # monotonic start times (restart budget)
+
+
+class QueueWorkers:
+    """Queue 0's handle on the worker processes of queues 1…N-1."""
+
+    def __init__(self, spec: NodeSpec, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec = spec
+        self.loop = loop
+        self.workers = [_Worker(i) for i in range(1, spec.queues)]
+        self.peers: dict[str, dict[str, Any]] = {}  # what a (re)started worker is told
+        self.retired: dict[str, Any] = {}  # counters of worker processes that ended
+        self.restarts = 0
+        self._closing = False
+
+    def start(self) -> None:
+        """Start every worker and wait until each has its queue open (or fail)."""
+        for worker in self.workers:
+            self._spawn(worker)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for worker in self.workers:
+            assert worker.conn is not None
+            self._await_ready(worker, deadline)
+            self.loop.add_reader(worker.conn.fileno(), self._on_message, worker)
+
+    def _spawn(self, worker: _Worker) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            argv = [sys.executable, "-m", "dataplane.io.queues"]
+            argv += [str(worker.index), str(theirs.fileno()), str(os.getpid())]
+            worker.proc = subprocess.Popen(
+                argv,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "WEFT_QUEUE_SPEC": spec_to_json(self.spec)},
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker.conn = ours
+        worker.started.append(time.monotonic())
+        worker.last = {}
+        for peer in self.peers.values():  # queued until the worker reads them
+            self._send(worker, {"op": "add", "peer": peer})
+
+    def _await_ready(self, worker: _Worker, deadline: float) -> None:
+        assert worker.conn is not None
+        worker.conn.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            msg = json.loads(worker.conn.recv(MESSAGE_MAX) or b"null")
+        except (TimeoutError, OSError, ValueError):
+            msg = None
+        finally:
+            worker.conn.setblocking(False)
+        if not isinstance(msg, dict) or msg.get("op") != "ready":
+            why = msg.get("message") if isinstance(msg, dict) else None
+            self.stop()
+            raise RuntimeError(f"queue {worker.index} did not start: {why or 'no answer'}")
+
+    def _send(self, worker: _Worker, msg: dict[str, Any]) -> None:
+        if worker.conn is None:
+            return
+        try:
+            worker.conn.send(json.dumps(msg).encode())
+        except OSError as exc:
+            # A full pipe means a worker that stopped reading: it is ended and
+            # restarted (with every route) rather than left with stale routes.
+            log.error("queue %d: cannot send %s (%s); restarting it", worker.index, msg["op"], exc)
+            self._ended(worker)
+
+    def add_peer(self, peer: Peer) -> None:
+        raw = encode_peer(peer)
+        self.peers[raw["subnet"]] = raw
+        for worker in self.workers:
+            self._send(worker, {"op": "add", "peer": raw})
+
+    def remove_peer(self, subnet: Any) -> None:
+        self.peers.pop(str(subnet), None)
+        for worker in self.workers:
+            self._send(worker, {"op": "remove", "subnet": str(subnet)})
+
+    def _on_message(self, worker: _Worker) -> None:
+        conn = worker.conn
+        if conn is None:
+            return
+        while True:
+            try:
+                data = conn.recv(MESSAGE_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._ended(worker)
+                return
+            with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+                msg = json.loads(data)
+                if msg.get("op") == "counters":
+                    worker.last = {"counters": msg["counters"], "fast": msg.get("fast") or {}}
+
+    def _ended(self, worker: _Worker) -> None:
+        """The worker's pipe closed: reap it, keep its counters, start it again."""
+        if worker.conn is not None:
+            self.loop.remove_reader(worker.conn.fileno())
+            worker.conn.close()
+            worker.conn = None
+        code = _reap(worker.proc)
+        self.retired = add_counts(self.retired, worker.last)
+        worker.last = {}
+        if self._closing:
+            return
+        now = time.monotonic()
+        worker.started = [t for t in worker.started if now - t < 60]
+        if len(worker.started) >= RESTARTS_PER_MINUTE:
+            log.error(
+                "queue %d: worker exited (%s) %d times in a minute; not restarted, "
+                "its flows stay on the other queues",
+                worker.index, code, len(worker.started),
+            )  # fmt: skip
+            return
+        log.error(
+            "queue %d: worker exited (%s); its flows moved to the other queues, restarting it",
+            worker.index, code,
+        )  # fmt: skip
+        self.restarts += 1
+        try:
+            self._spawn(worker)
+        except OSError as exc:
+            log.error("queue %d: cannot restart the worker: %s", worker.index, exc)
+            return
+        assert worker.conn is not None
+        self.loop.add_reader(worker.conn.fileno(), self._on_message, worker)
+
+    def counters(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(forwarder counters, fast-path counters) of queues 1…N-1, ended ones included."""
+        total = dict(self.retired)
+        for worker in self.workers:
+            total = add_counts(total, worker.last)
+        return total.get("counters", {}), total.get("fast", {})
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "count": self.spec.queues,
+            "restarts": self.restarts,
+            "workers": [
+                {
+                    "queue": w.index,
+                    "pid": w.proc.pid if w.proc is not None else None,
+                    "running": w.proc is not None and w.proc.poll() is None,
+                    # what this process moved (since it last started)
+                    "tx_packets": w.last.get("counters", {}).get("tx_packets", 0),
+                    "rx_packets": w.last.get("counters", {}).get("rx_packets", 0),
+                }
+                for w in self.workers
+            ],
+        }
+
+    def stop(self) -> None:
+        """SIGTERM every worker (our own children, by PID), wait, SIGKILL stragglers."""
+        self._closing = True
+        for worker in self.workers:
+            if worker.conn is not None:
+                with contextlib.suppress(ValueError, RuntimeError):
+                    self.loop.remove_reader(worker.conn.fileno())
+                worker.conn.close()
+                worker.conn = None
+            if worker.proc is not None and worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            _reap(worker.proc)
+
+
+def _reap(proc: subprocess.Popen[bytes] | None, grace_s: float = 3.0) -> int | None:
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+# -- a worker ----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
+    from dataplane.io.node import UserspaceDataplane
+
+    spec = spec_from_json(os.environ["WEFT_QUEUE_SPEC"])
+    loop = asyncio.get_running_loop()
+    node = UserspaceDataplane(spec, queue=index)
+    try:
+        node.start(loop)
+    except Exception as exc:  # said to queue 0, which fails its start with it
+        with contextlib.suppress(OSError):
+            conn.send(json.dumps({"op": "error", "message": str(exc)}).encode())
+        return
+    try:
+        conn.send(b'{"op": "ready"}')
+
+        def on_message() -> None:
+            while True:
+                try:
+                    data = conn.recv(MESSAGE_MAX)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    data = b""
+                if not data:  # queue 0 is gone
+                    stop.set()
+                    return
+                try:
+                    msg = json.loads(data)
+                    if msg["op"] == "add":
+                        node.add_peer(decode_peer(msg["peer"]))
+                    elif msg["op"] == "remove":
+                        node.remove_peer(ip_network(msg["subnet"]))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("queue %d: bad message from queue 0 (%s): %r", index, exc, data[:200])
+
+        conn.setblocking(False)
+        loop.add_reader(conn.fileno(), on_message)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), REPORT_INTERVAL_S)
+            report = {
+                "op": "counters",
+                "counters": node.forwarder.counters.as_dict() if node.forwarder else {},
+                "fast": node.fast.counters.as_dict() if node.fast else {},
+            }
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps(report).encode())
+        loop.remove_reader(conn.fileno())
+    finally:
+        node.stop()
+
+
+def main(argv: list[str]) -> int:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _die_with_parent()
+    index, fd, parent = int(argv[0]), int(argv[1]), int(argv[2])
+    conn = socket.socket(fileno=fd)
+    if os.getppid() != parent:  # queue 0 died before PR_SET_PDEATHSIG took
+        return 1
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await _serve(index, conn, stop)
+
+    uvloop.run(run())
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
