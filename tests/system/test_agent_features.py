@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from weft_helpers import WEFT, add_pod_from_subnet_env, start_agent, status
+from weft_helpers import WEFT, add_pod_from_subnet_env, iperf3_run, start_agent, status
 
 from control.lab.etcd import EtcdServer
 from control.lab.topology import Lab, wire_like
@@ -77,6 +78,29 @@ def test_agents_with_busy_polling_carry_traffic(
     assert "recvmmsg" in s1["offload"]["on"]
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(d1 / "weft.sock")).stdout
     assert "fast paths (auto): " in text and "busy polling: 2000 µs" in text, text
+
+
+def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
+    lab: Lab, etcd: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--queues 2 (and FLANNELD_QUEUES): the peers the agent learns from etcd reach the
+    worker process too, which then carries some of the flows."""
+    etcd.etcdctl("put", CONFIG_KEY, '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}')
+    n1, n2 = node(lab, "n1"), node(lab, "n2")
+    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, ["--queues", "2"])
+    monkeypatch.setenv("FLANNELD_QUEUES", "2")
+    _, d2 = start_agent(lab, n2, etcd.endpoint, tmp_path)
+    p1 = add_pod_from_subnet_env(lab, n1, d1)
+    p2 = add_pod_from_subnet_env(lab, n2, d2)
+    assert lab.wait_ping(p1, p2.ip, timeout_s=10)
+    end = iperf3_run(lab, p1, p2, ["-t", "2", "-P", "16"], want="sum_received", timeout=60)
+    assert end["sum_received"]["bytes"] > 1_000_000
+    time.sleep(1.5)  # the workers' next counters report
+    st = status(d2 / "weft.sock")
+    [worker] = st["queues"]["workers"]
+    assert worker["running"] and worker["rx_packets"] > 100, st["queues"]
+    text = lab.run(n1, *WEFT, "status", "--api-socket", str(d1 / "weft.sock")).stdout
+    assert "queues: 2 (queue 0 here, 1 of 1 workers running, 0 restarts)" in text, text
 
 
 def test_health_endpoints_and_sigterm_keeps_the_lease(
