@@ -276,23 +276,16 @@ class QueueWorkers:
             self._send(worker, {"op": "remove", "subnet": str(subnet)})
 
     def _on_message(self, worker: _Worker) -> None:
-        conn = worker.conn
-        if conn is None:
+        if worker.conn is None:
             return
-        while True:
-            try:
-                data = conn.recv(MESSAGE_MAX)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._ended(worker)
-                return
+        messages, closed = read_messages(worker.conn)
+        for data in messages:
             with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
                 msg = json.loads(data)
                 if msg.get("op") == "counters":
                     worker.last = {"counters": msg["counters"], "fast": msg.get("fast") or {}}
+        if closed:
+            self._ended(worker)
 
     def _ended(self, worker: _Worker) -> None:
         """The worker's pipe closed: reap it, keep its counters, start it again."""
@@ -367,6 +360,22 @@ class QueueWorkers:
             _reap(worker.proc)
 
 
+def read_messages(conn: socket.socket) -> tuple[list[bytes], bool]:
+    """The messages waiting on a non-blocking SOCK_SEQPACKET socket, and whether the
+    other end has closed it."""
+    out: list[bytes] = []
+    while True:
+        try:
+            data = conn.recv(MESSAGE_MAX)
+        except BlockingIOError:
+            return out, False
+        except OSError:
+            return out, True
+        if not data:
+            return out, True
+        out.append(data)
+
+
 def _reap(proc: subprocess.Popen[bytes] | None, grace_s: float = 3.0) -> int | None:
     if proc is None:
         return None
@@ -401,16 +410,11 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
         conn.send(b'{"op": "ready"}')
 
         def on_message() -> None:
-            while True:
-                try:
-                    data = conn.recv(MESSAGE_MAX)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    data = b""
-                if not data:  # queue 0 is gone
-                    stop.set()
-                    return
+            messages, closed = read_messages(conn)
+            if closed:  # queue 0 is gone
+                loop.remove_reader(conn.fileno())
+                stop.set()
+            for data in messages:
                 try:
                     msg = json.loads(data)
                     if msg["op"] == "add":

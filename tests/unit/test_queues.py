@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
@@ -13,6 +14,7 @@ from dataplane.io.queues import (
     add_counts,
     decode_peer,
     encode_peer,
+    read_messages,
     spec_from_json,
     spec_to_json,
     steering_program,
@@ -88,3 +90,16 @@ def test_the_program_ends_with_the_queue_count() -> None:
     assert prog[-2] == (0x94, 0, 0, 4)  # A %= 4
     assert prog[-1] == (0x16, 0, 0, 0)  # return A
     assert len(prog) < 4096  # BPF_MAXINSNS
+
+
+def test_messages_keep_their_bounds_and_a_close_is_seen() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        b.setblocking(False)
+        assert read_messages(b) == ([], False)
+        a.send(b'{"op": "ready"}')
+        a.send(b'{"op": "counters"}')
+        assert read_messages(b) == ([b'{"op": "ready"}', b'{"op": "counters"}'], False)
+        a.send(b"last")
+        a.close()
+        assert read_messages(b) == ([b"last"], True)
