@@ -29,7 +29,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from control.cli import CliError
+from control.cli import CliError, parse_queues
 
 DEFAULT_LAB_DIR = "/run/weft/lab"
 BACKENDS = ("vxlan", "udp", "host-gw")
@@ -131,9 +131,16 @@ def build(
     pods: int,
     say: Callable[[str], None] = lambda _s: None,
     pod_udp_gro: bool = False,
+    queues: int = 1,
 ) -> list[Any]:
     """Config, agents (started together), subnet.env → cni0 + pods, peers all seen.
-    `pod_udp_gro`: userspace agents get --pod-udp-gro (their pods' veths merge UDP)."""
+    `pod_udp_gro`: userspace agents get --pod-udp-gro (their pods' veths merge UDP);
+    `queues`: and --queues (one weft process per device queue)."""
+    if queues > 1 and backend == "host-gw":
+        raise CliError("--queues above 1 is for the vxlan and udp backends")
+    userspace_args = ["--pod-udp-gro"] if pod_udp_gro else []
+    if queues > 1:
+        userspace_args += ["--queues", str(queues)]
     for dp, dev in zip(dataplanes, devices, strict=True):
         if dp == "kernel" and backend == "udp":
             raise CliError("--dataplane kernel has no udp backend (flannel's udp is userspace)")
@@ -146,7 +153,7 @@ def build(
             f"n{i + 1}",
             dataplane=dataplanes[i],
             device=devices[i],
-            extra_args=["--pod-udp-gro"] if pod_udp_gro and dataplanes[i] == "userspace" else [],
+            extra_args=userspace_args if dataplanes[i] == "userspace" else [],
         )
         for i in range(nodes)
     ]
@@ -204,6 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     devices=devices,
                     pods=args.pods,
                     pod_udp_gro=args.pod_udp_gro,
+                    queues=args.queues,
                 )
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -508,6 +516,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     cluster, nodes=args.nodes, backend=args.backend, network=args.network,
                     dataplanes=dataplanes, devices=devices, pods=1,
                     say=lambda s: print("  " + s), pod_udp_gro=args.pod_udp_gro,
+                    queues=args.queues,
                 )  # fmt: skip
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -593,6 +602,13 @@ def register(sub: Any) -> None:
             action="store_true",
             help="userspace agents run with --pod-udp-gro: the pods' veths merge small UDP "
             "for weft (see docs/running.md)",
+        )
+        q.add_argument(
+            "--queues",
+            type=parse_queues,
+            default=1,
+            metavar="N",
+            help="userspace agents run with --queues N: one weft process per device queue",
         )
 
     up = lsub.add_parser("up", help="build a lab and leave it running")

@@ -550,7 +550,7 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
     state_file = tmp_path / "labs" / f"{name}.json"
     try:
         up = weft("lab", "up", "--nodes", "2", "--dataplane", "userspace,kernel", "--name", name,
-                  "--pod-udp-gro", env=env)  # fmt: skip
+                  "--pod-udp-gro", "--queues", "2", env=env)  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads(state_file.read_text())
         tag, nodes = state["tag"], state["nodes"]
@@ -595,6 +595,10 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
         assert "NOT RUNNING" not in status.stdout
         st_json = json.loads(weft("lab", "status", "--name", name, "--json", env=env).stdout)
         assert all(len(st["peers"]) == 1 for st in st_json["nodes"].values())
+        # --queues 2 reached the userspace agent only
+        assert st_json["nodes"]["n1"]["queues"]["count"] == 2
+        assert st_json["nodes"]["n1"]["queues"]["workers"][0]["running"]
+        assert "queues" not in st_json["nodes"]["n2"]
         # down: every recorded process and namespace gone; a second down is a no-op
         down = weft("lab", "down", "--name", name, env=env)
         assert down.returncode == 0, down.stderr
