@@ -13,9 +13,11 @@ Each worker has a SOCK_SEQPACKET pair to queue 0 carrying JSON messages:
 
     queue 0 → worker   {"op": "add", "peer": {...}}  {"op": "remove", "subnet": "…"}
     worker → queue 0   {"op": "ready"}  {"op": "error", "message": "…"}
-                       {"op": "counters", "counters": {...}, "fast": {...}}  (each second)
+                       {"op": "counters", "counters": {...}, "fast": {...}, "peers": n}
+                                                                      (each second)
 
-Routes reach a worker in the order queue 0 learnt them. A worker that dies
+Routes reach a worker in the order queue 0 learnt them; what the pipe has no room
+for waits in an outbox (thousands of leases at start) and goes as it drains. A worker that dies
 takes its queue with it (the kernel moves its flows to the other queues when
 its fd and socket close); queue 0 says so, starts it again (at most
 RESTARTS_PER_MINUTE times a minute) and keeps its counters so that totals never
@@ -32,12 +34,14 @@ import ctypes
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import fields
 from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import TYPE_CHECKING, Any
@@ -185,14 +189,19 @@ def attach_steering(sock: socket.socket, ip_off: int, queues: int) -> None:
 
 
 class _Worker:
-    __slots__ = ("conn", "index", "last", "proc", "started")
+    __slots__ = ("conn", "index", "last", "outbox", "peers", "proc", "started", "waiting")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn: socket.socket | None = None
+        self.conn: socket.socket | None = None  # non-blocking
         self.last: dict[str, Any] = {}  # its latest counters report
+        self.peers = 0  # routes it has, as of that report
         self.started: list[float] = []  # monotonic start times (restart budget)
+        # Messages the pipe had no room for yet (a worker busy starting, or given
+        # thousands of leases at once), sent as it drains; `waiting`: a writer is set.
+        self.outbox: deque[bytes] = deque()
+        self.waiting = False
 
 
 class QueueWorkers:
@@ -233,21 +242,20 @@ class QueueWorkers:
             raise
         finally:
             theirs.close()
+        ours.setblocking(False)
         worker.conn = ours
         worker.started.append(time.monotonic())
-        worker.last = {}
-        for peer in self.peers.values():  # queued until the worker reads them
+        worker.last, worker.peers, worker.waiting = {}, 0, False
+        worker.outbox.clear()
+        for peer in self.peers.values():  # the worker reads them once it is up
             self._send(worker, {"op": "add", "peer": peer})
 
     def _await_ready(self, worker: _Worker, deadline: float) -> None:
         assert worker.conn is not None
-        worker.conn.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            msg = json.loads(worker.conn.recv(MESSAGE_MAX) or b"null")
-        except (TimeoutError, OSError, ValueError):
-            msg = None
-        finally:
-            worker.conn.setblocking(False)
+        msg = None
+        if select.select([worker.conn], [], [], max(0.1, deadline - time.monotonic()))[0]:
+            with contextlib.suppress(OSError, ValueError):
+                msg = json.loads(worker.conn.recv(MESSAGE_MAX) or b"null")
         if not isinstance(msg, dict) or msg.get("op") != "ready":
             why = msg.get("message") if isinstance(msg, dict) else None
             self.stop()
@@ -256,13 +264,30 @@ class QueueWorkers:
     def _send(self, worker: _Worker, msg: dict[str, Any]) -> None:
         if worker.conn is None:
             return
-        try:
-            worker.conn.send(json.dumps(msg).encode())
-        except OSError as exc:
-            # A full pipe means a worker that stopped reading: it is ended and
-            # restarted (with every route) rather than left with stale routes.
-            log.error("queue %d: cannot send %s (%s); restarting it", worker.index, msg["op"], exc)
-            self._ended(worker)
+        worker.outbox.append(json.dumps(msg).encode())
+        if not worker.waiting:
+            self._flush(worker)
+
+    def _flush(self, worker: _Worker) -> None:
+        """Send what the pipe takes now; wait for room (add_writer) for the rest."""
+        conn = worker.conn
+        if conn is None:
+            return
+        outbox = worker.outbox
+        while outbox:
+            try:
+                conn.send(outbox[0])
+            except BlockingIOError:
+                if not worker.waiting:
+                    self.loop.add_writer(conn.fileno(), self._flush, worker)
+                    worker.waiting = True
+                return
+            except OSError:
+                return  # the pipe is gone: _on_message sees it and restarts the worker
+            outbox.popleft()
+        if worker.waiting:
+            self.loop.remove_writer(conn.fileno())
+            worker.waiting = False
 
     def add_peer(self, peer: Peer) -> None:
         raw = encode_peer(peer)
@@ -284,15 +309,13 @@ class QueueWorkers:
                 msg = json.loads(data)
                 if msg.get("op") == "counters":
                     worker.last = {"counters": msg["counters"], "fast": msg.get("fast") or {}}
+                    worker.peers = int(msg.get("peers", 0))
         if closed:
             self._ended(worker)
 
     def _ended(self, worker: _Worker) -> None:
         """The worker's pipe closed: reap it, keep its counters, start it again."""
-        if worker.conn is not None:
-            self.loop.remove_reader(worker.conn.fileno())
-            worker.conn.close()
-            worker.conn = None
+        self._close_pipe(worker)
         code = _reap(worker.proc)
         self.retired = add_counts(self.retired, worker.last)
         worker.last = {}
@@ -320,6 +343,17 @@ class QueueWorkers:
         assert worker.conn is not None
         self.loop.add_reader(worker.conn.fileno(), self._on_message, worker)
 
+    def _close_pipe(self, worker: _Worker) -> None:
+        if worker.conn is None:
+            return
+        with contextlib.suppress(ValueError, RuntimeError):
+            self.loop.remove_reader(worker.conn.fileno())
+            if worker.waiting:
+                self.loop.remove_writer(worker.conn.fileno())
+        worker.conn.close()
+        worker.conn, worker.waiting = None, False
+        worker.outbox.clear()
+
     def counters(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(forwarder counters, fast-path counters) of queues 1…N-1, ended ones included."""
         total = dict(self.retired)
@@ -339,6 +373,8 @@ class QueueWorkers:
                     # what this process moved (since it last started)
                     "tx_packets": w.last.get("counters", {}).get("tx_packets", 0),
                     "rx_packets": w.last.get("counters", {}).get("rx_packets", 0),
+                    "peers": w.peers,
+                    "unsent": len(w.outbox),  # route updates waiting for the pipe
                 }
                 for w in self.workers
             ],
@@ -348,11 +384,7 @@ class QueueWorkers:
         """SIGTERM every worker (our own children, by PID), wait, SIGKILL stragglers."""
         self._closing = True
         for worker in self.workers:
-            if worker.conn is not None:
-                with contextlib.suppress(ValueError, RuntimeError):
-                    self.loop.remove_reader(worker.conn.fileno())
-                worker.conn.close()
-                worker.conn = None
+            self._close_pipe(worker)
             if worker.proc is not None and worker.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.send_signal(signal.SIGTERM)
@@ -433,6 +465,7 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
                 "op": "counters",
                 "counters": node.forwarder.counters.as_dict() if node.forwarder else {},
                 "fast": node.fast.counters.as_dict() if node.fast else {},
+                "peers": len(node.forwarder.peers()) if node.forwarder else 0,
             }
             with contextlib.suppress(OSError):
                 conn.send(json.dumps(report).encode())

@@ -229,3 +229,32 @@ def test_the_kernel_steers_as_the_model_says(lab: Lab) -> None:
                 tx.close()
                 for sock in socks:
                     sock.close()
+
+
+def test_thousands_of_routes_reach_the_worker(lab: Lab, tmp_path: Path) -> None:
+    """More route updates at once than the pipe holds (a big cluster's leases at
+    start): they wait in queue 0's outbox and all reach the worker, with no restart."""
+    lab.add_underlay()
+    n1 = lab.add_node("n1")
+    count = 3000
+    peers = [
+        f"10.{i // 256 + 1}.{i % 256}.0/24,172.16.{i // 256}.{i % 256},"
+        f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}"
+        for i in range(count)
+    ]
+    args = [
+        "dataplane", "run", "--backend", "vxlan", "--network", "10.0.0.0/8",
+        "--subnet", "10.244.1.0/24", "--public-ip", str(n1.underlay_ip),
+        "--vtep-mac", WEFT_MAC, "--queues", "2",
+    ]  # fmt: skip
+    for peer in peers:
+        args += ["--peer", peer]
+    _, sock = start(lab, n1, args, tmp_path, "n1")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        queues = status(sock)["queues"]
+        if queues["workers"][0]["peers"] == count:
+            break
+        time.sleep(0.2)
+    assert queues["workers"][0]["peers"] == count, queues
+    assert queues["restarts"] == 0 and queues["workers"][0]["unsent"] == 0
