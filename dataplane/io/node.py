@@ -26,7 +26,7 @@ from dataplane.backends.vxlan import VxlanBackend
 from dataplane.forwarder import Forwarder
 from dataplane.io import fastpath, netlink, packet_gso
 from dataplane.io.fastpath import FastPaths
-from dataplane.io.queues import QueueWorkers, add_counts, attach_steering
+from dataplane.io.queues import QueueWorkers, add_counts, attach_steering, attach_tun_steering
 from dataplane.io.runner import Engine
 from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
 from dataplane.io.tun import TunDevice, open_tun
@@ -158,6 +158,8 @@ class UserspaceDataplane:
                 )
             if owner:
                 self._configure_device(tap)
+                if multi_queue:
+                    self._steer_device(tap)
             if backend.transport == "udp":
                 port = backend.port  # type: ignore[attr-defined]
                 self.sock = open_udp_socket(str(spec.public_ip), port, reuse_port=multi_queue)
@@ -223,6 +225,18 @@ class UserspaceDataplane:
             log.warning(
                 "SO_ATTACH_REUSEPORT_CBPF refused (%s): datagrams go to queues by their "
                 "outer addresses and ports, so a sender with one source port uses one queue",
+                exc,
+            )
+
+    def _steer_device(self, tap: bool) -> None:
+        """Packets to the device queue of their flow (queues.tun_steering_program)."""
+        assert self.tun is not None
+        try:
+            attach_tun_steering(self.tun.fileno(), 14 if tap else 0)
+        except OSError as exc:
+            log.warning(
+                "TUNSETSTEERINGEBPF refused (%s): the device picks each flow's queue "
+                "itself (the queue that last wrote the flow's other direction)",
                 exc,
             )
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -134,6 +135,7 @@ def steering_program(ip_off: int, queues: int) -> list[tuple[int, int, int, int]
     hold the fields makes the program fail, which sends it to the first socket."""
     ld_abs, ld_ind, ld_mem, ldx_msh = 0x20, 0x40, 0x60, 0xB1
     st, tax, xor_x, rsh_k, mul_k, mod_k, ret_a = 0x02, 0x07, 0xAC, 0x74, 0x24, 0x94, 0x16
+    and_k = 0x54
     return [
         (ld_abs, 0, 0, ip_off + 12),  # A = inner source address
         (tax, 0, 0, 0),
@@ -142,6 +144,10 @@ def steering_program(ip_off: int, queues: int) -> list[tuple[int, int, int, int]
         (st, 0, 0, 0),  # M[0] = source ^ destination
         (ldx_msh, 0, 0, ip_off),  # X = inner IP header length
         (ld_ind, 0, 0, ip_off),  # A = source port << 16 | destination port
+        (tax, 0, 0, 0),
+        (rsh_k, 0, 0, 16),
+        (xor_x, 0, 0, 0),
+        (and_k, 0, 0, 0xFFFF),  # A = source port ^ destination port: both directions alike
         (tax, 0, 0, 0),
         (ld_mem, 0, 0, 0),
         (xor_x, 0, 0, 0),
@@ -170,10 +176,92 @@ def steering_queue(datagram: bytes, ip_off: int, queues: int) -> int:
     if len(datagram) < l4 + 4:
         return 0
     (ports,) = struct.unpack_from("!I", datagram, l4)
-    a = src ^ dst ^ ports
+    return flow_hash(src ^ dst, (ports >> 16) ^ (ports & 0xFFFF)) % queues
+
+
+def flow_hash(addresses: int, ports: int) -> int:
+    """What both programs compute from source ^ destination address and source ^
+    destination port (the same both ways, so a flow's two directions meet)."""
+    a = addresses ^ ports
     a = (a ^ a >> 16) * GOLDEN & 0xFFFFFFFF
-    a ^= a >> 16
-    return a % queues
+    return a ^ a >> 16
+
+
+def tun_steering_program(ip_off: int) -> list[tuple[int, int, int, int, int]]:
+    """An eBPF socket-filter program for TUNSETSTEERINGEBPF: the flow_hash of a packet
+    the kernel is about to hand to the TUN's readers (the kernel takes it modulo the
+    number of queues). `ip_off`: 0 on a TUN, 14 on a TAP. It replaces the TUN's own
+    choice, which follows the queue that last wrote the flow's other direction —
+    and that can be one queue for many flows (decisions §11). Instructions are
+    (code, dst, src, off, imm)."""
+    ld_abs_w, ld_abs_b, ld_ind_w, exit_ = 0x20, 0x30, 0x40, 0x95
+    mov64_x, xor64_x, and64_k, lsh64_k, rsh64_k = 0xBF, 0xAF, 0x57, 0x67, 0x77
+    mov32_x, rsh32_k, xor32_x, mul32_k = 0xBC, 0x74, 0xAC, 0x24
+    r0, r1, r6, r7, r8, r9 = 0, 1, 6, 7, 8, 9
+    golden = GOLDEN - (1 << 32)  # the immediate is a signed 32-bit field
+    return [
+        (mov64_x, r6, r1, 0, 0),  # LD_ABS reads the packet through r6
+        (ld_abs_w, 0, 0, 0, ip_off + 12),
+        (mov64_x, r7, r0, 0, 0),
+        (ld_abs_w, 0, 0, 0, ip_off + 16),
+        (xor64_x, r7, r0, 0, 0),  # r7 = source ^ destination
+        (ld_abs_b, 0, 0, 0, ip_off),
+        (and64_k, r0, 0, 0, 0x0F),
+        (lsh64_k, r0, 0, 0, 2),
+        (mov64_x, r8, r0, 0, 0),  # r8 = IP header length
+        (ld_ind_w, 0, r8, 0, ip_off),  # r0 = ports
+        (mov64_x, r9, r0, 0, 0),
+        (rsh64_k, r9, 0, 0, 16),
+        (and64_k, r0, 0, 0, 0xFFFF),
+        (xor64_x, r0, r9, 0, 0),  # source port ^ destination port
+        (xor64_x, r0, r7, 0, 0),
+        (mov32_x, r1, r0, 0, 0),
+        (rsh32_k, r1, 0, 0, 16),
+        (xor32_x, r0, r1, 0, 0),
+        (mul32_k, r0, 0, 0, golden),
+        (mov32_x, r1, r0, 0, 0),
+        (rsh32_k, r1, 0, 0, 16),
+        (xor32_x, r0, r1, 0, 0),
+        (exit_, 0, 0, 0, 0),
+    ]
+
+
+_BPF_INSN = struct.Struct("=BBhi")
+SYS_BPF = 321  # x86_64
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
+
+
+def load_socket_filter(prog: list[tuple[int, int, int, int, int]]) -> int:
+    """bpf(BPF_PROG_LOAD) through libc: the program's fd (OSError with the verifier's
+    first lines on refusal)."""
+    code = b"".join(_BPF_INSN.pack(c, d | s << 4, o, i) for c, d, s, o, i in prog)
+    insns = ctypes.create_string_buffer(code)
+    license_ = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(4096)
+    attr = ctypes.create_string_buffer(128)  # union bpf_attr, the PROG_LOAD fields
+    struct.pack_into(
+        "=IIQQIIQ", attr, 0, BPF_PROG_TYPE_SOCKET_FILTER, len(prog),
+        ctypes.addressof(insns), ctypes.addressof(license_), 1, len(log), ctypes.addressof(log),
+    )  # fmt: skip
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(BPF_PROG_LOAD), attr, ctypes.c_uint(128))
+    if fd < 0:
+        err = ctypes.get_errno()
+        why = log.value.decode(errors="replace").strip().splitlines()[-1:] or [os.strerror(err)]
+        raise OSError(err, f"BPF_PROG_LOAD: {why[0]}")
+    return int(fd)
+
+
+def attach_tun_steering(device_fd: int, ip_off: int) -> None:
+    """Put tun_steering_program on the multi-queue TUN/TAP `device_fd` belongs to."""
+    prog_fd = load_socket_filter(tun_steering_program(ip_off))
+    try:
+        fcntl.ioctl(device_fd, TUNSETSTEERINGEBPF, struct.pack("i", prog_fd))
+    finally:
+        os.close(prog_fd)  # the device holds its own reference
 
 
 def attach_steering(sock: socket.socket, ip_off: int, queues: int) -> None:

@@ -34,8 +34,9 @@ from weft_helpers import WEFT, iperf3_run, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod
-from dataplane.io.queues import attach_steering, steering_queue
+from dataplane.io.queues import attach_steering, attach_tun_steering, steering_queue
 from dataplane.io.sockets import open_udp_socket
+from dataplane.io.tun import open_tun
 
 STREAMS = 16  # flows hashed over two queues: all on one has a chance of 2 ** -15
 
@@ -73,10 +74,11 @@ def _transfer(lab: Lab, client: Pod, server: Pod) -> dict[str, Any]:
 
 @pytest.mark.parametrize("backend", ["vxlan", "udp"])
 def test_two_weft_nodes_with_two_queues(lab: Lab, tmp_path: Path, backend: str) -> None:
-    """Data from n1 is steered over both of n2's queues by its inner flow. (n1's own
-    queue choice follows where n2's ACKs land, and those may all land on one: n2
-    sends small datagrams of many flows in one UDP_SEGMENT call, from one port,
-    which n1's GRO merges into one message — see docs/decisions.md.)"""
+    """Each node's TUN steers a flow's packets to a queue by the flow (eBPF), and its
+    sockets steer datagrams by the inner flow (classic BPF): n1 sends the data from
+    both queues, n2 receives it on both and sends the ACKs from both. (n1 may take
+    the ACKs on one queue: n2 sends small datagrams of many flows in one
+    UDP_SEGMENT call, from one port, which arrive as one message — decisions §11.)"""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450 if backend == "vxlan" else 1472, gro=True)
     a1 = _args(backend, n1, SUBNET1, n2, SUBNET2, WEFT_MAC, WEFT_MAC2)
     a2 = _args(backend, n2, SUBNET2, n1, SUBNET1, WEFT_MAC2, WEFT_MAC)
@@ -95,11 +97,13 @@ def test_two_weft_nodes_with_two_queues(lab: Lab, tmp_path: Path, backend: str) 
         assert queues["workers"][0]["running"]
         assert st["offload"]["counters"]["gso_sends"] > 0
         assert not {"write_failed", "send_failed", "no_route"} & set(st["counters"]["drops"])
-    # The peers were added after start: the worker got its routes through queue 0.
-    st = status(s2)
-    [worker] = st["queues"]["workers"]
-    assert worker["rx_packets"] > 100, st["queues"]
-    assert st["counters"]["rx_packets"] - worker["rx_packets"] > 100, st["counters"]
+    # The peers were added after start: the workers got their routes through queue 0.
+    for sock, keys in ((s1, ("tx_packets",)), (s2, ("rx_packets", "tx_packets"))):
+        st = status(sock)
+        [worker] = st["queues"]["workers"]
+        for key in keys:
+            assert worker[key] > 100, (sock.name, key, st["queues"])
+            assert st["counters"][key] - worker[key] > 100, (sock.name, key, st["counters"])
 
 
 @pytest.mark.parametrize("device", ["tun", "tap"])
@@ -260,3 +264,38 @@ def test_thousands_of_routes_reach_the_worker(lab: Lab, tmp_path: Path) -> None:
         time.sleep(0.2)
     assert queues["workers"][0]["peers"] == count, queues
     assert queues["restarts"] == 0 and queues["workers"][0]["unsent"] == 0
+
+
+def test_the_tun_steers_as_the_model_says(lab: Lab) -> None:
+    """tun_steering_program on a real two-queue TUN: every packet the kernel routes
+    into it comes out of the queue steering_queue names."""
+    lab.add_underlay()
+    n1 = lab.add_node("n1")
+    with in_netns(n1.ns):
+        queues = [open_tun("steer0", multi_queue=True) for _ in range(2)]
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            attach_tun_steering(queues[0].fileno(), 0)
+            lab.ip(n1, "link", "set", "steer0", "up")
+            lab.ip(n1, "route", "add", "10.99.0.0/16", "dev", "steer0")
+            want: list[list[int]] = [[], []]
+            for sport in range(41000, 41064):
+                tx.close()
+                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                tx.bind(("0.0.0.0", sport))
+                tx.sendto(b"x" * 8, ("10.99.1.2", 5201))
+            time.sleep(0.2)
+            for q, dev in enumerate(queues):
+                while True:
+                    try:
+                        packet = dev.read()
+                    except BlockingIOError:
+                        break
+                    if packet[0] >> 4 == 4 and packet[9] == 17:
+                        assert steering_queue(packet, 0, 2) == q, (q, packet.hex())
+                        want[q].append(struct.unpack_from("!H", packet, 20)[0])
+            assert len(want[0]) + len(want[1]) == 64 and want[0] and want[1]
+        finally:
+            tx.close()
+            for dev in queues:
+                dev.close()
