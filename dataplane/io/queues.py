@@ -4,10 +4,14 @@ With `--queues N` the pod device and the egress TAP are multi-queue
 (IFF_MULTI_QUEUE) and every queue's UDP socket binds the same address with
 SO_REUSEPORT. Queue 0 is the main process (it made the devices and runs the
 control plane); queues 1…N-1 are worker processes started here, each running
-its own engine with its own GIL. A flow stays on one queue both ways: the
-kernel picks a TUN queue by the flow's hash (tun_select_queue), and a socket by
-the hash of the outer addresses and ports, whose source port the sender took
-from the inner flow's hash (as flannel.1 does). So no flow is reordered.
+its own engine with its own GIL. A flow stays on one queue each way, and both
+ways meet on the same queue number: queue 0 puts two programs on the node that
+compute one hash of the inner flow (`flow_hash` of source ^ destination address
+and source ^ destination port), an eBPF one on the device (TUNSETSTEERINGEBPF:
+which queue's reader gets a packet the kernel routes into it) and a classic BPF
+one on the sockets (SO_ATTACH_REUSEPORT_CBPF: which socket gets a datagram,
+looking past the outer headers, so it does not matter that weft, unlike
+flannel.1, sends every flow from one source port). So no flow is reordered.
 
 Each worker has a SOCK_SEQPACKET pair to queue 0 carrying JSON messages:
 
@@ -17,8 +21,8 @@ Each worker has a SOCK_SEQPACKET pair to queue 0 carrying JSON messages:
                                                                       (each second)
 
 Routes reach a worker in the order queue 0 learnt them; what the pipe has no room
-for waits in an outbox (thousands of leases at start) and goes as it drains. A worker that dies
-takes its queue with it (the kernel moves its flows to the other queues when
+for waits in an outbox (thousands of leases at start) and goes as it drains. A
+worker that dies takes its queue with it (the kernel moves its flows to the other queues when
 its fd and socket close); queue 0 says so, starts it again (at most
 RESTARTS_PER_MINUTE times a minute) and keeps its counters so that totals never
 go back. Workers die with queue 0 (PR_SET_PDEATHSIG) and end on SIGTERM.

@@ -103,3 +103,18 @@ def test_messages_keep_their_bounds_and_a_close_is_seen() -> None:
         a.send(b"last")
         a.close()
         assert read_messages(b) == ([b"last"], True)
+
+
+def test_both_directions_of_a_flow_meet_on_one_queue() -> None:
+    def packet(src: int, dst: int, sport: int, dport: int) -> bytes:
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0,
+            bytes([10, 244, src, 2]), bytes([10, 244, dst, 3]),
+        )  # fmt: skip
+        return ip + struct.pack("!HH", sport, dport)
+
+    for sport in range(40000, 40100, 7):
+        there = packet(1, 2, sport, 5201)
+        back = packet(2, 1, 5201, sport)
+        back = back[:12] + there[16:20] + there[12:16] + back[20:]  # swap the addresses
+        assert steering_queue(there, 0, 4) == steering_queue(back, 0, 4)
