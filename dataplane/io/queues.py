@@ -35,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import logging
 import os
+import platform
 import select
 import signal
 import socket
@@ -231,7 +233,9 @@ def tun_steering_program(ip_off: int) -> list[tuple[int, int, int, int, int]]:
 
 
 _BPF_INSN = struct.Struct("=BBhi")
-SYS_BPF = 321  # x86_64
+#: bpf(2)'s system call number (asm/unistd.h); elsewhere the TUN steers by itself.
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
+           "riscv64": 280}.get(platform.machine())  # fmt: skip
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
@@ -249,6 +253,8 @@ def load_socket_filter(prog: list[tuple[int, int, int, int, int]]) -> int:
         "=IIQQIIQ", attr, 0, BPF_PROG_TYPE_SOCKET_FILTER, len(prog),
         ctypes.addressof(insns), ctypes.addressof(license_), 1, len(log), ctypes.addressof(log),
     )  # fmt: skip
+    if SYS_BPF is None:
+        raise OSError(errno.ENOSYS, f"no bpf(2) number known for {platform.machine()}")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     fd = libc.syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(BPF_PROG_LOAD), attr, ctypes.c_uint(128))

@@ -106,14 +106,16 @@ def test_two_weft_nodes_with_two_queues(lab: Lab, tmp_path: Path, backend: str) 
             assert st["counters"][key] - worker[key] > 100, (sock.name, key, st["counters"])
 
 
-@pytest.mark.parametrize("device", ["tun", "tap"])
-def test_queues_against_a_kernel_vxlan_node(lab: Lab, tmp_path: Path, device: str) -> None:
+@pytest.mark.parametrize(("device", "offload"), [("tun", "on"), ("tap", "on"), ("tun", "off")])
+def test_queues_against_a_kernel_vxlan_node(
+    lab: Lab, tmp_path: Path, device: str, offload: str
+) -> None:
     """The kernel's VXLAN source ports (one per flow) spread its flows over weft's
     sockets; what weft sends is what the kernel accepts. With --device tap the
     neighbour and route entries are queue 0's alone."""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
     kmac = kernel_vxlan_node(lab, n2, n1)
-    args = [*vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on", device), "--queues", "2"]
+    args = [*vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, offload, device), "--queues", "2"]
     _, sock = start(lab, n1, args, tmp_path, "n1")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     for client, server in ((pod1, pod2), (pod2, pod1)):

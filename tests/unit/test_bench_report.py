@@ -97,6 +97,17 @@ def test_cli_defaults_full_and_quick() -> None:
     assert ctl.bench_what == "control" and ctl.leases == (10, 20)
 
 
+def test_weft_options_reach_every_weft_and_the_report() -> None:
+    from bench.report import _weft_args
+
+    p = dataplane_params(_args("--weft-queues", "2", "--weft-busy-poll", "50"), "x")
+    assert p.weft_extra() == ("--busy-poll", "50", "--queues", "2")
+    assert _weft_args({"weft_queues": 2, "weft_busy_poll": 50}) == [
+        "--busy-poll 50",
+        "--queues 2",
+    ]
+
+
 def test_cli_rejects_unknown_modes_and_silly_lengths() -> None:
     with pytest.raises(ValueError, match="unknown mode"):
         dataplane_params(_args("--modes", "plain,warp"), "x")
