@@ -73,6 +73,18 @@ def render_metrics(status: dict[str, Any]) -> str:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} counter")
         _line(out, name, control.get(key, 0))
+    queues = status.get("queues")
+    if isinstance(queues, dict):
+        workers = queues.get("workers") or []
+        out.append("# HELP weft_queues Device queues (--queues), each served by a process.")
+        out.append("# TYPE weft_queues gauge")
+        _line(out, "weft_queues", queues.get("count", 1))
+        out.append("# HELP weft_queue_workers_running Worker processes (queues 1…N-1) running.")
+        out.append("# TYPE weft_queue_workers_running gauge")
+        _line(out, "weft_queue_workers_running", sum(1 for w in workers if w.get("running")))
+        out.append("# HELP weft_queue_worker_restarts_total Worker processes started again.")
+        out.append("# TYPE weft_queue_worker_restarts_total counter")
+        _line(out, "weft_queue_worker_restarts_total", queues.get("restarts", 0))
     out.append("# HELP weft_ready 1 once subnet.env is written.")
     out.append("# TYPE weft_ready gauge")
     _line(out, "weft_ready", 1 if status.get("ready") else 0)

@@ -40,3 +40,12 @@ def test_metrics_text_has_counters_drops_batches_and_control_stats() -> None:
     for ln in text.splitlines():
         if not ln.startswith("#"):
             assert ln.split("{")[0].split()[0] in families, ln
+
+
+def test_metrics_count_queue_workers_when_there_are_queues() -> None:
+    queues = {"count": 3, "restarts": 2, "workers": [{"running": True}, {"running": False}]}
+    lines = render_metrics({"backend": "vxlan", "queues": queues}).splitlines()
+    for line in ("weft_queues 3", "weft_queue_workers_running 1",
+                 "weft_queue_worker_restarts_total 2"):  # fmt: skip
+        assert line in lines, line
+    assert not [ln for ln in render_metrics({"backend": "vxlan"}).splitlines() if "queue" in ln]
