@@ -457,11 +457,11 @@ def open_egress_tap(
     name = egress_name(device_name)
     if not paths.wanted("tunnel_gso"):
         return
-    if attach:
-        _attach_egress_tap(paths, name)
+    if attach and not os.path.exists(f"/sys/class/net/{name}"):
+        paths.refuse("tunnel_gso", f"queue 0 has no egress TAP {name}")
         return
     rp_filter = _sysctl_int("net/ipv4/conf/all/rp_filter")
-    if rp_filter:
+    if rp_filter and not attach:
         # A device's effective rp_filter is max(all, device), and in either mode the
         # kernel drops frames from our own address coming in on a TAP that has no
         # IPv4 address (fib_validate_source: no_addr → last_resort → e_rpf).
@@ -471,16 +471,12 @@ def open_egress_tap(
             "(the send fast path needs 0)",
         )
         return
-    tap = _open_egress_queue(paths, name, multi_queue)
+    tap = _open_egress_queue(paths, name, multi_queue or attach)
     if tap is None:
         return
     try:
-        for key, value in (("disable_ipv6", 1),):
-            with contextlib.suppress(OSError):  # IPv6 may be off altogether
-                netlink.sysctl_set(f"net/ipv6/conf/{name}/{key}", value)
-        for key, value in (("accept_local", 1), ("rp_filter", 0), ("forwarding", 1)):
-            netlink.sysctl_set(f"net/ipv4/conf/{name}/{key}", value)
-        netlink.set_link(name, up=True)
+        if not attach:
+            _configure_egress_tap(name)
         paths.egress_mac = netlink.link_mac(name)
     except OSError as exc:
         tap.close()
@@ -488,6 +484,8 @@ def open_egress_tap(
         return
     paths.egress = tap
     paths.enable("tunnel_gso")
+    if attach:
+        return
     err = allow_forwarding(name)
     if err is None:
         paths.forward_rule = name
@@ -498,6 +496,15 @@ def open_egress_tap(
             name,
             err,
         )
+
+
+def _configure_egress_tap(name: str) -> None:
+    for key, value in (("disable_ipv6", 1),):
+        with contextlib.suppress(OSError):  # IPv6 may be off altogether
+            netlink.sysctl_set(f"net/ipv6/conf/{name}/{key}", value)
+    for key, value in (("accept_local", 1), ("rp_filter", 0), ("forwarding", 1)):
+        netlink.sysctl_set(f"net/ipv4/conf/{name}/{key}", value)
+    netlink.set_link(name, up=True)
 
 
 def _open_egress_queue(paths: FastPaths, name: str, multi_queue: bool) -> TunDevice | None:
@@ -517,24 +524,6 @@ def _open_egress_queue(paths: FastPaths, name: str, multi_queue: bool) -> TunDev
         )
         return None
     return tap
-
-
-def _attach_egress_tap(paths: FastPaths, name: str) -> None:
-    """One more queue of queue 0's egress TAP (absent when queue 0 could not make it)."""
-    if not os.path.exists(f"/sys/class/net/{name}"):
-        paths.refuse("tunnel_gso", f"queue 0 has no egress TAP {name}")
-        return
-    tap = _open_egress_queue(paths, name, multi_queue=True)
-    if tap is None:
-        return
-    try:
-        paths.egress_mac = netlink.link_mac(name)
-    except OSError as exc:
-        tap.close()
-        paths.refuse("tunnel_gso", f"cannot read TAP {name}: {_errtext(exc)}")
-        return
-    paths.egress = tap
-    paths.enable("tunnel_gso")
 
 
 def _iptables(*args: str) -> subprocess.CompletedProcess[str] | None:
