@@ -25,7 +25,8 @@ for waits in an outbox (thousands of leases at start) and goes as it drains. A
 worker that dies takes its queue with it (the kernel moves its flows to the other queues when
 its fd and socket close); queue 0 says so, starts it again (at most
 RESTARTS_PER_MINUTE times a minute) and keeps its counters so that totals never
-go back. Workers die with queue 0 (PR_SET_PDEATHSIG) and end on SIGTERM.
+go back. Workers die with queue 0 (PR_SET_PDEATHSIG) and end on SIGTERM (a
+worker ended by SIGTERM is being stopped, and is not started again).
 
 `weft trace live` sees queue 0's packets only.
 """
@@ -418,6 +419,11 @@ class QueueWorkers:
         self.retired = add_counts(self.retired, worker.last)
         worker.last = {}
         if self._closing:
+            return
+        if code == -signal.SIGTERM:
+            # Someone is stopping the node (a process-group SIGTERM reaches the
+            # workers before queue 0 gets to stop them): not a crash to undo.
+            log.info("queue %d: worker ended by SIGTERM; not restarted", worker.index)
             return
         now = time.monotonic()
         worker.started = [t for t in worker.started if now - t < 60]

@@ -266,6 +266,15 @@ def test_thousands_of_routes_reach_the_worker(lab: Lab, tmp_path: Path) -> None:
         time.sleep(0.2)
     assert queues["workers"][0]["peers"] == count, queues
     assert queues["restarts"] == 0 and queues["workers"][0]["unsent"] == 0
+    # SIGTERM to a worker is a stop (as when the node's process group is stopped),
+    # not a crash: it is not started again.
+    os.kill(queues["workers"][0]["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while status(sock)["queues"]["workers"][0]["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    queues = status(sock)["queues"]
+    assert queues["restarts"] == 0 and not queues["workers"][0]["running"], queues
 
 
 def test_the_tun_steers_as_the_model_says(lab: Lab) -> None:
