@@ -420,10 +420,10 @@ class QueueWorkers:
         worker.last = {}
         if self._closing:
             return
-        if code == -signal.SIGTERM:
-            # Someone is stopping the node (a process-group SIGTERM reaches the
-            # workers before queue 0 gets to stop them): not a crash to undo.
-            log.info("queue %d: worker ended by SIGTERM; not restarted", worker.index)
+        if code in (0, -signal.SIGTERM):
+            # It was stopped (a worker exits 0 on SIGTERM; a process-group SIGTERM
+            # reaches the workers before queue 0 gets to stop them): not a crash.
+            log.info("queue %d: worker stopped (exit %s); not restarted", worker.index, code)
             return
         now = time.monotonic()
         worker.started = [t for t in worker.started if now - t < 60]
