@@ -96,6 +96,29 @@ class Subscription:
     def done(self) -> bool:
         return bool(self.limit) and self.sent >= self.limit
 
+    @classmethod
+    def from_request(cls, request: dict[str, Any]) -> Subscription:
+        """A `weft trace live` request (filter, sample, rate, count) as a subscription."""
+        return cls(
+            TraceFilter.parse(str(request.get("filter") or "")),
+            sample=max(1, int(request.get("sample") or 1)),
+            max_rate=float(request.get("rate") or 1000),
+            limit=int(request.get("count") or 0),
+        )
+
+    def take(self, events: list[dict[str, Any]]) -> None:
+        """Events from elsewhere (a queue worker), under this subscription's limits."""
+        for event in events:
+            if self.done:
+                return
+            if len(self.events) >= self.maxlen:
+                self.lost += 1
+                continue
+            self.events.append(event)
+            self.sent += 1
+        if events and self.wakeup is not None:
+            self.wakeup()
+
 
 def packet_summary(packet: bytes | memoryview) -> dict[str, Any]:
     """Addresses, protocol and ports of an IP packet (best effort, never raises)."""
@@ -147,6 +170,8 @@ class Tracer:
         self.clock = clock
         self.subscribers: list[Subscription] = []
         self._last_refill = clock()
+        #: set with --queues above 1: every event says which queue's process saw it
+        self.queue: int | None = None
 
     @property
     def active(self) -> bool:
@@ -256,6 +281,8 @@ class Tracer:
             "backend": self.backend,
             "verdict": _VERDICT_NAMES.get(verdict, str(verdict)),
         }
+        if self.queue is not None:
+            ev["queue"] = self.queue
         if verdict in (0, 2) and reason:
             ev["reason"] = DROP_REASON_NAMES.get(reason, str(reason))
         return ev

@@ -34,7 +34,7 @@ from dataplane.packet.arp import ArpOp, build_arp, parse_arp
 from dataplane.packet.errors import DecodeError
 from dataplane.packet.ethernet import mac_to_str
 from dataplane.peers import Peer
-from dataplane.trace import Subscription, TraceFilter, Tracer
+from dataplane.trace import Subscription, Tracer
 
 log = logging.getLogger("weft.dataplane")
 
@@ -195,6 +195,8 @@ class UserspaceDataplane:
                 l2_device=tap,
                 clock=time.time,
             )
+            if multi_queue:
+                self.tracer.queue = self.queue
             self.engine.tracer = self.tracer
             self.engine.busy_poll_ns = spec.busy_poll_us * 1000
             self.engine.start(loop)
@@ -437,15 +439,12 @@ class UserspaceDataplane:
         if self.tracer is None:
             yield {"error": "the dataplane is not running"}
             return
-        sub = Subscription(
-            TraceFilter.parse(str(request.get("filter") or "")),
-            sample=max(1, int(request.get("sample") or 1)),  # type: ignore[call-overload]
-            max_rate=float(request.get("rate") or 1000),  # type: ignore[arg-type]
-            limit=int(request.get("count") or 0),  # type: ignore[call-overload]
-        )
+        sub = Subscription.from_request(request)
         ready = asyncio.Event()
         sub.wakeup = ready.set
         self.tracer.subscribe(sub)
+        # The other queues' processes trace too; their events join this stream.
+        remote = self.workers.trace(request, sub.take) if self.workers is not None else None
         try:
             while True:
                 while sub.events:
@@ -459,6 +458,8 @@ class UserspaceDataplane:
                     yield {"heartbeat": time.time(), "lost": sub.lost}
         finally:
             self.tracer.unsubscribe(sub)
+            if remote is not None and self.workers is not None:
+                self.workers.untrace(remote)
 
     # -- teardown ------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ RESTARTS_PER_MINUTE times a minute) and keeps its counters so that totals never
 go back. Workers die with queue 0 (PR_SET_PDEATHSIG) and end on SIGTERM (a
 worker ended by SIGTERM is being stopped, and is not started again).
 
-`weft trace live` sees queue 0's packets only.
+`weft trace live` sees every queue: queue 0 forwards the request, the workers
+send their events back every 50 ms, and each event says its `queue`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -50,11 +52,13 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import fields
 from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import TYPE_CHECKING, Any
 
 from dataplane.peers import Peer
+from dataplane.trace import Subscription
 
 if TYPE_CHECKING:
     from dataplane.io.node import NodeSpec
@@ -63,8 +67,11 @@ log = logging.getLogger("weft.dataplane")
 
 READY_TIMEOUT_S = 20.0
 REPORT_INTERVAL_S = 1.0
+TRACE_FLUSH_S = 0.05  # how often a worker sends its trace events while someone traces
 RESTARTS_PER_MINUTE = 5
-MESSAGE_MAX = 1 << 16
+#: Largest message read: a traced 64 KB super-packet is ~130 KB of JSON hex.
+MESSAGE_MAX = 1 << 18
+PIPE_BUFFER = 1 << 20
 PR_SET_PDEATHSIG = 1
 
 
@@ -314,6 +321,9 @@ class QueueWorkers:
         self.retired: dict[str, Any] = {}  # counters of worker processes that ended
         self.restarts = 0
         self._closing = False
+        # `weft trace live` streams open on queue 0: id → (request, where events go)
+        self._traces: dict[int, tuple[dict[str, Any], Callable[[list[dict[str, Any]]], None]]] = {}
+        self._trace_ids = itertools.count(1)
 
     def start(self) -> None:
         """Start every worker and wait until each has its queue open (or fail)."""
@@ -327,6 +337,8 @@ class QueueWorkers:
 
     def _spawn(self, worker: _Worker) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for end in (ours, theirs):  # room for a message that big, and a burst of them
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BUFFER)
         try:
             argv = [sys.executable, "-m", "dataplane.io.queues"]
             argv += [str(worker.index), str(theirs.fileno()), str(os.getpid())]
@@ -348,6 +360,8 @@ class QueueWorkers:
         worker.outbox.clear()
         for peer in self.peers.values():  # the worker reads them once it is up
             self._send(worker, {"op": "add", "peer": peer})
+        for tid, (request, _sink) in self._traces.items():
+            self._send(worker, {"op": "trace", "id": tid, "request": request})
 
     def _await_ready(self, worker: _Worker, deadline: float) -> None:
         assert worker.conn is not None
@@ -399,6 +413,20 @@ class QueueWorkers:
         for worker in self.workers:
             self._send(worker, {"op": "remove", "subnet": str(subnet)})
 
+    def trace(self, request: dict[str, Any], sink: Callable[[list[dict[str, Any]]], None]) -> int:
+        """Every worker traces `request` too and sends its events to `sink`."""
+        tid = next(self._trace_ids)
+        keep = {k: request.get(k) for k in ("filter", "sample", "rate", "count")}
+        self._traces[tid] = (keep, sink)
+        for worker in self.workers:
+            self._send(worker, {"op": "trace", "id": tid, "request": keep})
+        return tid
+
+    def untrace(self, tid: int) -> None:
+        if self._traces.pop(tid, None) is not None:
+            for worker in self.workers:
+                self._send(worker, {"op": "untrace", "id": tid})
+
     def _on_message(self, worker: _Worker) -> None:
         if worker.conn is None:
             return
@@ -409,6 +437,8 @@ class QueueWorkers:
                 if msg.get("op") == "counters":
                     worker.last = {"counters": msg["counters"], "fast": msg.get("fast") or {}}
                     worker.peers = int(msg.get("peers", 0))
+                elif msg.get("op") == "events" and msg.get("id") in self._traces:
+                    self._traces[msg["id"]][1](list(msg["events"]))
         if closed:
             self._ended(worker)
 
@@ -530,6 +560,23 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _send_events(conn: socket.socket, tid: int, sub: Subscription) -> None:
+    """A trace subscription's events to queue 0, in messages of at most ~48 KB (what
+    the pipe cannot take now is counted lost, as a full subscription's would be)."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    while sub.events:
+        event = sub.events.popleft()
+        batch.append(event)
+        size += 200 + len(event.get("frame", ""))
+        if size > 48_000 or not sub.events:
+            try:
+                conn.send(json.dumps({"op": "events", "id": tid, "events": batch}).encode())
+            except OSError:
+                sub.lost += len(batch)
+            batch, size = [], 0
+
+
 async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
     from dataplane.io.node import UserspaceDataplane
 
@@ -542,6 +589,7 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
         with contextlib.suppress(OSError):
             conn.send(json.dumps({"op": "error", "message": str(exc)}).encode())
         return
+    traces: dict[int, Subscription] = {}
     try:
         conn.send(b'{"op": "ready"}')
 
@@ -557,14 +605,26 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
                         node.add_peer(decode_peer(msg["peer"]))
                     elif msg["op"] == "remove":
                         node.remove_peer(ip_network(msg["subnet"]))
+                    elif msg["op"] == "trace" and node.tracer is not None:
+                        traces[msg["id"]] = node.tracer.subscribe(
+                            Subscription.from_request(msg["request"])
+                        )
+                    elif msg["op"] == "untrace" and msg["id"] in traces:
+                        node.tracer.unsubscribe(traces.pop(msg["id"]))  # type: ignore[union-attr]
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("queue %d: bad message from queue 0 (%s): %r", index, exc, data[:200])
 
         conn.setblocking(False)
         loop.add_reader(conn.fileno(), on_message)
+        last_report = 0.0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), REPORT_INTERVAL_S)
+                await asyncio.wait_for(stop.wait(), TRACE_FLUSH_S if traces else REPORT_INTERVAL_S)
+            for tid, sub in traces.items():
+                _send_events(conn, tid, sub)
+            if time.monotonic() - last_report < REPORT_INTERVAL_S:
+                continue
+            last_report = time.monotonic()
             report = {
                 "op": "counters",
                 "counters": node.forwarder.counters.as_dict() if node.forwarder else {},

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from test_fastpath import (
 )
 from weft_helpers import WEFT, iperf3_run, status
 
+from control.api import api_stream
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod
 from dataplane.io.queues import attach_steering, attach_tun_steering, steering_queue
@@ -310,3 +312,30 @@ def test_the_tun_steers_as_the_model_says(lab: Lab) -> None:
             tx.close()
             for dev in queues:
                 dev.close()
+
+
+def test_trace_live_sees_every_queue(lab: Lab, tmp_path: Path) -> None:
+    """`weft trace live` on queue 0's socket: the workers trace too, and every event
+    says which queue's process saw it."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
+    a1 = _args("vxlan", n1, SUBNET1, n2, SUBNET2, WEFT_MAC, WEFT_MAC2)
+    a2 = _args("vxlan", n2, SUBNET2, n1, SUBNET1, WEFT_MAC2, WEFT_MAC)
+    start(lab, n1, a1, tmp_path, "n1")
+    _, s2 = start(lab, n2, a2, tmp_path, "n2")
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    events: list[dict[str, Any]] = []
+
+    def read() -> None:
+        # No count: the workers' events come in every 50 ms, queue 0's at once.
+        for event in api_stream(str(s2), {"op": "trace", "filter": "tcp", "rate": 2000}):
+            if "heartbeat" not in event:
+                events.append(event)
+
+    threading.Thread(target=read, daemon=True).start()
+    time.sleep(1.5)  # the workers have the request
+    _transfer(lab, pod1, pod2)
+    time.sleep(0.5)
+    seen = list(events)
+    assert len(seen) > 1000, len(seen)
+    assert {e["queue"] for e in seen} == {0, 1}
+    assert {e["dir"] for e in seen} == {"rx", "tx"}  # data in, ACKs out
