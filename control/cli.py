@@ -45,13 +45,15 @@ def parse_busy_poll(text: str) -> int:
 
 
 def parse_queues(text: str) -> int:
-    """--queues N: 1 (one process) to 64."""
+    """--queues N: 1 (one process) to MAX_QUEUES (dataplane/io/queues.py)."""
+    from dataplane.io.queues import MAX_QUEUES
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of queues, got {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"{value}: expected 1..64 queues")
+    if not 1 <= value <= MAX_QUEUES:
+        raise argparse.ArgumentTypeError(f"{value}: expected 1..{MAX_QUEUES} queues")
     return value
 
 

@@ -136,8 +136,11 @@ def build(
     """Config, agents (started together), subnet.env → cni0 + pods, peers all seen.
     `pod_udp_gro`: userspace agents get --pod-udp-gro (their pods' veths merge UDP);
     `queues`: and --queues (one weft process per device queue)."""
-    if queues > 1 and backend == "host-gw":
-        raise CliError("--queues above 1 is for the vxlan and udp backends")
+    from dataplane.io.queues import queues_error
+
+    problem = queues_error(backend, queues)
+    if problem:
+        raise CliError(problem)
     userspace_args = ["--pod-udp-gro"] if pod_udp_gro else []
     if queues > 1:
         userspace_args += ["--queues", str(queues)]

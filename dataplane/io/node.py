@@ -26,7 +26,13 @@ from dataplane.backends.vxlan import VxlanBackend
 from dataplane.forwarder import Forwarder
 from dataplane.io import fastpath, netlink, packet_gso
 from dataplane.io.fastpath import FastPaths
-from dataplane.io.queues import QueueWorkers, add_counts, attach_steering, attach_tun_steering
+from dataplane.io.queues import (
+    QueueWorkers,
+    add_counts,
+    attach_steering,
+    attach_tun_steering,
+    queues_error,
+)
 from dataplane.io.runner import Engine
 from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
 from dataplane.io.tun import TunDevice, open_tun
@@ -42,7 +48,6 @@ BackendName = Literal["vxlan", "udp", "host-gw"]
 
 
 DEVICE_QUEUE = 1000  # packets (tx_queue_len)
-MAX_QUEUES = 64
 
 
 @dataclass
@@ -80,10 +85,9 @@ class NodeSpec:
             raise ValueError(f"--offload {self.offload!r}: expected auto, on or off")
         if not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(f"--busy-poll {self.busy_poll_us}: expected 0..1000000 µs")
-        if not 1 <= self.queues <= MAX_QUEUES:
-            raise ValueError(f"--queues {self.queues}: expected 1..{MAX_QUEUES}")
-        if self.queues > 1 and self.backend == "host-gw":
-            raise ValueError("--queues above 1 is for the vxlan and udp backends")
+        problem = queues_error(self.backend, self.queues)
+        if problem:
+            raise ValueError(problem)
 
 
 def make_backend(spec: NodeSpec, underlay_mac: bytes) -> Backend:

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weft.dataplane")
 
+MAX_QUEUES = 64
 READY_TIMEOUT_S = 20.0
 REPORT_INTERVAL_S = 1.0
 TRACE_FLUSH_S = 0.05  # how often a worker sends its trace events while someone traces
@@ -76,6 +77,16 @@ PR_SET_PDEATHSIG = 1
 
 
 # -- the messages (pure) ------------------------------------------------------------
+
+
+def queues_error(backend: str, queues: int) -> str | None:
+    """Why `queues` cannot serve `backend` (None: they can). host-gw's AF_PACKET sender
+    and ARP resolver are not split into queues."""
+    if not 1 <= queues <= MAX_QUEUES:
+        return f"--queues {queues}: expected 1..{MAX_QUEUES}"
+    if queues > 1 and backend == "host-gw":
+        return "--queues above 1 is for the vxlan and udp backends"
+    return None
 
 
 def spec_to_json(spec: NodeSpec) -> str:
@@ -263,7 +274,7 @@ def load_socket_filter(prog: list[tuple[int, int, int, int, int]]) -> int:
     )  # fmt: skip
     if SYS_BPF is None:
         raise OSError(errno.ENOSYS, f"no bpf(2) number known for {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     libc.syscall.restype = ctypes.c_long
     fd = libc.syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(BPF_PROG_LOAD), attr, ctypes.c_uint(128))
     if fd < 0:
@@ -555,9 +566,13 @@ def _reap(proc: subprocess.Popen[bytes] | None, grace_s: float = 3.0) -> int | N
 # -- a worker ----------------------------------------------------------------------
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library already in the process (bpf(2) and prctl(2) have no Python API)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _send_events(conn: socket.socket, tid: int, sub: Subscription) -> None:

@@ -118,3 +118,12 @@ def test_both_directions_of_a_flow_meet_on_one_queue() -> None:
         back = packet(2, 1, 5201, sport)
         back = back[:12] + there[16:20] + there[12:16] + back[20:]  # swap the addresses
         assert steering_queue(there, 0, 4) == steering_queue(back, 0, 4)
+
+
+def test_queue_counts_and_backends_that_do_not_go_together() -> None:
+    from dataplane.io.queues import queues_error
+
+    assert queues_error("vxlan", 2) is None and queues_error("host-gw", 1) is None
+    assert queues_error("udp", 0) == "--queues 0: expected 1..64"
+    assert queues_error("udp", 65) == "--queues 65: expected 1..64"
+    assert queues_error("host-gw", 2) == "--queues above 1 is for the vxlan and udp backends"
