@@ -57,6 +57,19 @@ def parse_queues(text: str) -> int:
     return value
 
 
+def parse_source_ports(text: str) -> int:
+    """--source-ports N: 0 (all from the listening port) to MAX_SOURCE_PORTS."""
+    from dataplane.io.sockets import MAX_SOURCE_PORTS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of ports, got {text!r}") from None
+    if not 0 <= value <= MAX_SOURCE_PORTS:
+        raise argparse.ArgumentTypeError(f"{value}: expected 0..{MAX_SOURCE_PORTS} ports")
+    return value
+
+
 def parse_ipv4_network(text: str) -> IPv4Network:
     try:
         net = ip_network(text, strict=True)
@@ -136,6 +149,7 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         offload=args.offload,
         busy_poll_us=args.busy_poll,
         queues=args.queues,
+        source_ports=args.source_ports,
     )
     if spec.backend == "vxlan" and spec.vtep_mac is None:
         raise CliError("the vxlan backend needs --vtep-mac (the agent keeps one in its state dir)")
@@ -188,6 +202,10 @@ def render_status(status: dict[str, Any]) -> str:
     )
     if status.get("vtep_mac"):
         out(f"VtepMAC {status['vtep_mac']}")
+    source_ports = status.get("source_ports")
+    if source_ports:
+        listed = ", ".join(str(p) for p in sorted(source_ports))
+        out(f"outer source ports (one per inner flow): {listed}")
     peers = status.get("peers", [])
     out(f"\n{'PEER SUBNET':<20} {'PUBLIC IP':<16} VTEP MAC")
     for p in peers:
@@ -230,6 +248,8 @@ def render_status(status: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dataplane.io.sockets import SOURCE_PORTS
+
     parser = argparse.ArgumentParser(
         prog="weft", description="A userspace, flannel-compatible overlay dataplane."
     )
@@ -271,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--queues", type=parse_queues, default=1, metavar="N",
         help="multi-queue device and SO_REUSEPORT sockets, one process per queue: more "
         "cores for more flows, each flow on one queue (vxlan, udp; default 1)",
+    )  # fmt: skip
+    run.add_argument(
+        "--source-ports", type=parse_source_ports, default=SOURCE_PORTS, metavar="N",
+        help="vxlan: spread flows over N outer UDP source ports, one per flow by a hash of "
+        f"the inner flow, as the kernel's VXLAN does (default {SOURCE_PORTS}; 0: all from "
+        "the listening port)",
     )  # fmt: skip
     run.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
     run.set_defaults(func=cmd_dataplane_run)

@@ -10,7 +10,15 @@ import os
 from ipaddress import IPv4Address, IPv4Interface, ip_address
 from typing import Any
 
-from control.cli import CliError, parse_busy_poll, parse_ipv4, parse_queues, run_until_signal
+from control.cli import (
+    CliError,
+    parse_busy_poll,
+    parse_ipv4,
+    parse_queues,
+    parse_source_ports,
+    run_until_signal,
+)
+from dataplane.io.sockets import SOURCE_PORTS
 
 log = logging.getLogger("weft.agent")
 
@@ -123,11 +131,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     pod_gro_bridge = args.pod_udp_gro if args.dataplane == "userspace" else ""
 
     async def main(stop: asyncio.Event) -> int:
-        offload = args.offload
-        busy_poll, queues = args.busy_poll, args.queues
+        engine = {
+            "offload": args.offload,
+            "busy_poll_us": args.busy_poll,
+            "queues": args.queues,
+            "source_ports": args.source_ports,
+        }
 
         def dataplane_factory(agent: Any) -> Any:
-            return make_dataplane(agent, offload=offload, busy_poll_us=busy_poll, queues=queues)
+            return make_dataplane(agent, **engine)
 
         agent = Agent(opts, store, dataplane_factory, underlay=underlay)
         api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace))
@@ -166,12 +178,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_until_signal(main)
 
 
-def make_dataplane(
-    agent: Any, *, offload: str = "auto", busy_poll_us: int = 0, queues: int = 1
-) -> Any:
+def make_dataplane(agent: Any, **engine: Any) -> Any:
     """The userspace engine or the kernel, for the agent's config and lease;
-    wrapped for vxlan DirectRouting (on-link peers get plain kernel routes)."""
-    dataplane = _make_dataplane(agent, offload, busy_poll_us, queues)
+    wrapped for vxlan DirectRouting (on-link peers get plain kernel routes).
+    `engine`: the userspace engine's NodeSpec options (offload, busy_poll_us,
+    queues, source_ports)."""
+    dataplane = _make_dataplane(agent, engine)
     backend = agent.config.backend
     if backend.type == "vxlan" and backend.direct_routing:
         from control.kernel import DirectRouting
@@ -180,9 +192,7 @@ def make_dataplane(
     return dataplane
 
 
-def _make_dataplane(
-    agent: Any, offload: str = "auto", busy_poll_us: int = 0, queues: int = 1
-) -> Any:
+def _make_dataplane(agent: Any, engine: dict[str, Any]) -> Any:
     cfg = agent.config
     lease = agent.lease
     underlay = agent.underlay
@@ -222,9 +232,7 @@ def _make_dataplane(
             port=cfg.backend.effective_port or 0,
             vtep_mac=agent.vtep_mac,
             accept_any_source=opts.accept_any_source,
-            offload=offload,  # type: ignore[arg-type]
-            busy_poll_us=busy_poll_us,
-            queues=queues,
+            **engine,
         )
     )
 
@@ -280,6 +288,15 @@ def register(sub: Any) -> None:
         metavar="N",
         help="userspace dataplane: N device queues, one process each (more cores for more "
         "flows; each flow stays on one queue). vxlan and udp backends; default 1",
+    )
+    p.add_argument(
+        "--source-ports",
+        type=parse_source_ports,
+        default=env_default("--source-ports", str(SOURCE_PORTS)),
+        metavar="N",
+        help="userspace vxlan: spread flows over N outer UDP source ports, one per flow by "
+        f"a hash of the inner flow, as the kernel's VXLAN does (default {SOURCE_PORTS}; 0: "
+        "all from the listening port)",
     )
     p.add_argument(
         "--pod-udp-gro",

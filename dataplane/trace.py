@@ -18,13 +18,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dataplane.backends.base import DROP_REASON_NAMES
 from dataplane.packet.checksum import checksum_update16
 from dataplane.packet.ethernet import build_ethernet
 from dataplane.packet.ipv4 import IPProto, build_ipv4
 from dataplane.packet.udp import build_udp
+
+if TYPE_CHECKING:
+    from dataplane.io.sockets import SourcePorts
 
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 _VERDICT_NAMES = {0: "drop", 1: "send", 2: "reply", 3: "deliver"}
@@ -172,6 +175,8 @@ class Tracer:
         self._last_refill = clock()
         #: set with --queues above 1: every event says which queue's process saw it
         self.queue: int | None = None
+        #: vxlan: the sockets a flow's datagrams leave from (its outer source port)
+        self.source_ports: SourcePorts | None = None
 
     @property
     def active(self) -> bool:
@@ -233,8 +238,11 @@ class Tracer:
                 if fwd.backend.transport == "packet":
                     ev["frame"] = payload.hex()  # already an Ethernet frame (host-gw)
                 else:
+                    sport, ports = self.port, self.source_ports
+                    if ports is not None:
+                        sport = ports.ports[ports.index(buf, inner_off, end)]
                     ev["frame"] = self._outer(
-                        self.local_ip, self.port, peer.public_ip, peer.port, payload
+                        self.local_ip, sport, peer.public_ip, peer.port, payload
                     ).hex()
             else:
                 ev["frame"] = self._bare(bytes(buf[start:end])).hex()

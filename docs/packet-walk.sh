@@ -256,7 +256,8 @@ Read it top to bottom, that is the order of the bytes on the wire:
   underlay. (The trace rebuilds it with the destination MAC left zero; the
   kernel fills in the real one.)
 - **outer IPv4** (20 bytes) — `{{N1}} → {{N2}}`: the public IP from the FDB.
-- **UDP** (8 bytes) — to port 8472, the Linux kernel's (and flannel's) VXLAN port.
+- **UDP** (8 bytes) — from this flow's port (a hash of the inner packet picks one of
+  weft's 16 send sockets) to port 8472, the Linux kernel's (and flannel's) VXLAN port.
 - **VXLAN** (8 bytes) — flags `0x08` ("a VNI follows") and the VNI, `1`.
 - **inner Ethernet** (14 bytes) — `{{WMAC}} → {{KMAC}}`: weft's VtepMAC to the
   peer's VtepMAC, from the neighbour entry.
@@ -275,10 +276,12 @@ begin
 emit "$TCPDUMP_CMD    # while n1-p0 pings n2-p0" "$WORK/tcpdump.txt"
 end
 say <<'EOF'
-tcpdump calls VXLAN "OTV" (same header) and shows `instance 1`, the VNI. One
-difference between the two ends is visible: the kernel (`{{N2}}`) picks the UDP
-source port from a hash of the inner flow, so that routers can spread flows
-over paths; weft sends every datagram from its one socket, bound to 8472.
+tcpdump calls VXLAN "OTV" (same header) and shows `instance 1`, the VNI. Both ends
+pick the UDP source port from a hash of the inner flow, so that routers can spread
+flows over paths and a receiving NIC over its queues: the kernel (`{{N2}}`)
+anywhere in its local port range, weft from one of its 16 send sockets
+(`--source-ports`; `weft status` lists them). A ping is one flow: every echo
+request leaves from the same port.
 
 ### Step 6: the peer decapsulates
 

@@ -52,6 +52,12 @@ GSO type of UDP_L4, and the kernel cuts one standard datagram per pod datagram
 one (segment.py), for one UDP_SEGMENT send. A kernel whose TAP refuses it
 switches it off.
 
+**Send: one outer source port per flow (vxlan).** Each inner flow's datagrams
+leave from one of `--source-ports` sockets (dataplane/io/sockets.SourcePorts),
+picked by a hash of the flow (dataplane/flows.py), as the kernel's VXLAN picks
+a port; the egress TAP path writes the same port into the headers it builds. A
+tx_batch run holds one port's datagrams.
+
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
 comes in a cmsg), and recvmmsg (ctypes, dataplane/io/batch.py) takes up to
@@ -105,6 +111,7 @@ from dataplane.io.segment import (
     probe_udp_segment,
     segment_cmsg,
 )
+from dataplane.io.sockets import SourcePorts
 from dataplane.io.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -632,6 +639,7 @@ class FastEngine(Engine):
         self._underlay_mac = underlay_mac
         self._src = socket.inet_aton(public_ip)
         self._port = port
+        self._source_port_numbers = [port]
         self._ip_id = 0
         self._outer: dict[tuple[str, int], tuple[int, int, bytes]] = {}
         # Without the egress TAP, super-packets are cut here (dataplane/io/segment.py).
@@ -668,6 +676,11 @@ class FastEngine(Engine):
         self._uso_write_failed = False
         self._fc = paths.counters
         self.on_first_error: Callable[[str], None] | None = None
+
+    def use_source_ports(self, ports: SourcePorts | None) -> None:
+        super().use_source_ports(ports)
+        # The egress TAP path writes the outer UDP header itself: the same port.
+        self._source_port_numbers = list(ports.ports) if ports is not None else [self._port]
 
     def start(self, loop) -> None:  # type: ignore[no-untyped-def]
         super().start(loop)
@@ -724,7 +737,12 @@ class FastEngine(Engine):
         egress = self._egress_fd
         # Super-packets leave through the TAP (the kernel cuts them) or are cut here.
         gso_out = egress >= 0 or self._segmenter is not None
-        sendto = self.send_socket.sendto  # type: ignore[union-attr]
+        # One outer source port per inner flow (vxlan: sockets.SourcePorts), or all
+        # from the listening socket (udp, or --source-ports 0).
+        ports = self.source_ports
+        sendtos = [s.sendto for s in self._send_socks]
+        ip_at = 14 if self._l2 else 0  # the inner IP header, from `head`
+        idx = 0
         drops = fwd.counters.drops
         l2 = self._l2
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
@@ -746,7 +764,7 @@ class FastEngine(Engine):
         defer = batching and tracer is None
         base = pos = self._base
         run_peer: Peer | None = None
-        run_size = run_count = 0
+        run_size = run_count = run_idx = 0
         run_csum = -1
         budget = TX_BUDGET
         got = 0
@@ -776,18 +794,22 @@ class FastEngine(Engine):
                 seg_end = l4 + gso_l4(buf, l4, gso_type)[0] + gso_size
                 if seg_end < end:
                     if run_count:
-                        self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
+                        self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
                         run_count = 0
                         pos = base  # (the packet stays where it is: headers go in front)
                     verdict = fwd.from_device(buf, head, seg_end)
                     if tracer is not None:
                         tracer.from_device(buf, head, seg_end, verdict, fwd)
                     if verdict == _SEND:
+                        if ports is not None:
+                            idx = ports.index(buf, head + ip_at, seg_end)
                         if egress >= 0:
-                            self._send_gso(fwd, head, end, seg_end, gso_type, gso_size, csum_start)
+                            self._send_gso(
+                                fwd, head, end, seg_end, gso_type, gso_size, csum_start, idx
+                            )
                         else:
                             self._send_split(
-                                fwd, head, end, seg_end, gso_type, gso_size, csum_start
+                                fwd, head, end, seg_end, gso_type, gso_size, csum_start, idx
                             )
                     elif verdict == _REPLY:
                         try:
@@ -818,19 +840,26 @@ class FastEngine(Engine):
                 tracer.from_device(buf, head, end, verdict, fwd)
             if verdict == _SEND:
                 peer = fwd.out_peer
+                if ports is not None:
+                    idx = ports.index(buf, head + ip_at, end)
                 if not batching or got == 1:
                     # The first packet of a drain goes out at once: a lone packet
                     # (ping, a request) must not wait for the read that finds the
                     # device empty. Runs start with the second.
                     try:
-                        sendto(view[fwd.out_start : end], peer.sockaddr)  # type: ignore[union-attr]
+                        sendtos[idx](view[fwd.out_start : end], peer.sockaddr)  # type: ignore[union-attr]
                     except OSError:
                         drops[DropReason.SEND_FAILED] += 1
                     continue
                 # The datagram is buf[pos:end]: encap wrote `headroom` bytes in front.
                 size = end - pos
                 if run_count:
-                    if peer is run_peer and size <= run_size and csum == run_csum:
+                    if (
+                        peer is run_peer
+                        and idx == run_idx
+                        and size <= run_size
+                        and csum == run_csum
+                    ):
                         run_count += 1
                         pos = end
                         if (
@@ -838,21 +867,23 @@ class FastEngine(Engine):
                             or run_count == MAX_SEGMENTS
                             or pos - base + run_size > MAX_SEND_BYTES
                         ):
-                            self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
+                            self._send_run(
+                                base, pos, run_size, run_count, run_peer, run_csum, run_idx
+                            )
                             run_count = 0
                             pos = base
                         continue
-                    # Another peer, a bigger datagram or other checksum offsets: send
-                    # the run, move this one to the front of the buffer and start the
-                    # next run with it.
-                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
+                    # Another peer or flow's port, a bigger datagram or other checksum
+                    # offsets: send the run, move this one to the front of the buffer
+                    # and start the next run with it.
+                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
                     view[base : base + size] = view[pos:end]  # memmove: may overlap
                     pos, end = base, base + size
-                run_peer, run_size, run_count, run_csum = peer, size, 1, csum
+                run_peer, run_size, run_count, run_csum, run_idx = peer, size, 1, csum, idx
                 pos = end
             elif verdict == _REPLY:
                 if run_count:
-                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
+                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
                     run_count = 0
                     pos = base
                 try:
@@ -860,17 +891,18 @@ class FastEngine(Engine):
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
         if run_count:
-            self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
+            self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
 
     def _send_run(
-        self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int
+        self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int, idx: int
     ) -> None:
         """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to
-        peer; `csum` ≥ 0: their inner checksums are still to complete, from csum >> 16
-        bytes into the inner packet, the field csum & 0xFFFF bytes after that."""
+        peer, from source socket `idx`; `csum` ≥ 0: their inner checksums are still to
+        complete, from csum >> 16 bytes into the inner packet, the field csum & 0xFFFF
+        bytes after that."""
         assert peer is not None
         if csum >= 0:
             at = self.forwarder.headroom  # the inner packet, in each datagram
@@ -879,7 +911,7 @@ class FastEngine(Engine):
             )
         # (tx_batch may go off in the middle of a drain)
         self._fc.batched_datagrams += self._send_datagrams(
-            self._tx_view, base, pos, size, count, peer.sockaddr, "tx_batch"
+            self._tx_view, base, pos, size, count, peer.sockaddr, "tx_batch", idx
         )
 
     def _send_datagrams(
@@ -891,12 +923,13 @@ class FastEngine(Engine):
         count: int,
         addr: tuple[str, int],
         path: str,
+        idx: int,
     ) -> int:
         """out[start:stop]: `count` datagrams of `size` bytes (the last may be shorter)
-        to addr, with one UDP_SEGMENT sendmsg while `path` is on, else one sendto each.
-        Returns how many went out in that one sendmsg (0: none did)."""
-        sock = self.send_socket
-        assert sock is not None
+        to addr from source socket `idx`, with one UDP_SEGMENT sendmsg while `path` is
+        on, else one sendto each. Returns how many went out in that one sendmsg (0: none
+        did)."""
+        sock = self._send_socks[idx]
         drops = self.forwarder.counters.drops
         if count > 1 and self.paths.on[path]:
             try:
@@ -927,8 +960,11 @@ class FastEngine(Engine):
         gso_type: int,
         gso_size: int,
         csum_start: int,
+        idx: int,
     ) -> None:
-        """Outer headers and the tunnel vnet header in front of buf[out_start:end]; one write."""
+        """Outer headers and the tunnel vnet header in front of buf[out_start:end]; one
+        write. The outer source port is that of source socket `idx`, so that a flow's
+        super-packets and its single datagrams leave from one port."""
         buf = self._tx_buf
         out_start = fwd.out_start
         peer = fwd.out_peer
@@ -951,7 +987,7 @@ class FastEngine(Engine):
             buf, frame,
             self._egress_mac, self._underlay_mac, 0x0800,
             0x45, 0, ip_len, ip_id, 0x4000, 65, 17, ~csum & 0xFFFF, self._src, dst,
-            self._port, peer.sockaddr[1], udp_len, ucsum,
+            self._source_port_numbers[idx], peer.sockaddr[1], udp_len, ucsum,
         )  # fmt: skip
         # Offsets in the frame: the inner packet's csum_start counted from `head`.
         cs = csum_start + (head - frame)
@@ -995,9 +1031,11 @@ class FastEngine(Engine):
         gso_type: int,
         gso_size: int,
         csum_start: int,
+        idx: int,
     ) -> None:
         """Cut buf[out_start:end] (backend headers, then the TCP or UDP super-packet)
-        into datagrams in userspace; send each batch with one UDP_SEGMENT sendmsg."""
+        into datagrams in userspace; send each batch with one UDP_SEGMENT sendmsg from
+        source socket `idx`."""
         seg = self._segmenter
         assert seg is not None
         peer = fwd.out_peer
@@ -1019,7 +1057,7 @@ class FastEngine(Engine):
             count = min(seg.per_batch, nsegs - first)
             nbytes = seg.fill(first, count)
             first += count
-            self._send_datagrams(seg.view, 0, nbytes, row, count, addr, "udp_segment")
+            self._send_datagrams(seg.view, 0, nbytes, row, count, addr, "udp_segment", idx)
         # As _send_gso: the forwarder counted the first segment.
         hdrs = row - gso_size - (head - fwd.out_start)  # inner headers per segment
         counters.tx_packets += nsegs - 1

@@ -34,7 +34,14 @@ from dataplane.io.queues import (
     queues_error,
 )
 from dataplane.io.runner import Engine
-from dataplane.io.sockets import ETH_P_ARP, open_packet_socket, open_udp_socket
+from dataplane.io.sockets import (
+    ETH_P_ARP,
+    MAX_SOURCE_PORTS,
+    SOURCE_PORTS,
+    SourcePorts,
+    open_packet_socket,
+    open_udp_socket,
+)
 from dataplane.io.tun import TunDevice, open_tun
 from dataplane.packet.arp import ArpOp, build_arp, parse_arp
 from dataplane.packet.errors import DecodeError
@@ -75,6 +82,10 @@ class NodeSpec:
     #: Queues (dataplane/io/queues.py): the device and the socket get this many
     #: queues, each served by its own process; a flow stays on one of them.
     queues: int = 1
+    #: vxlan: how many outer UDP source ports flows are spread over, one per flow by
+    #: a hash of the inner flow, as the kernel's VXLAN device does (sockets.SourcePorts);
+    #: 0 sends everything from the listening port. flannel's udp backend always does.
+    source_ports: int = SOURCE_PORTS
 
     def __post_init__(self) -> None:
         if self.device == "tap" and self.backend != "vxlan":
@@ -85,6 +96,8 @@ class NodeSpec:
             raise ValueError(f"--offload {self.offload!r}: expected auto, on or off")
         if not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(f"--busy-poll {self.busy_poll_us}: expected 0..1000000 µs")
+        if not 0 <= self.source_ports <= MAX_SOURCE_PORTS:
+            raise ValueError(f"--source-ports {self.source_ports}: expected 0..{MAX_SOURCE_PORTS}")
         problem = queues_error(self.backend, self.queues)
         if problem:
             raise ValueError(problem)
@@ -119,6 +132,7 @@ class UserspaceDataplane:
         self.sock: socket.socket | None = None
         self.packet_sock: socket.socket | None = None
         self.arp_sock: socket.socket | None = None
+        self.source_ports: SourcePorts | None = None
         self.engine: Engine | None = None
         self.tracer: Tracer | None = None
         self.forwarder: Forwarder | None = None
@@ -173,6 +187,9 @@ class UserspaceDataplane:
                     self.engine = self._fast_engine(underlay_mac, port)
                 else:
                     self.engine = Engine(self.forwarder, self.tun.fileno(), self.sock)
+                if backend.name == "vxlan" and spec.source_ports:
+                    self.source_ports = SourcePorts(str(spec.public_ip), spec.source_ports)
+                    self.engine.use_source_ports(self.source_ports)
             else:
                 assert self.packet_sock is not None
                 self.arp_sock = open_packet_socket(spec.underlay_iface, ETH_P_ARP)
@@ -201,6 +218,8 @@ class UserspaceDataplane:
             )
             if multi_queue:
                 self.tracer.queue = self.queue
+            if self.source_ports is not None:
+                self.tracer.source_ports = self.source_ports
             self.engine.tracer = self.tracer
             self.engine.busy_poll_ns = spec.busy_poll_us * 1000
             self.engine.start(loop)
@@ -409,6 +428,7 @@ class UserspaceDataplane:
             "vtep_mac": mac_to_str(spec.vtep_mac) if spec.vtep_mac else None,
             "vni": spec.vni,
             "port": getattr(self.backend, "port", None),
+            "source_ports": self.source_ports.ports if self.source_ports else [],
             "peers": [
                 {
                     "subnet": str(p.subnet),
@@ -487,6 +507,9 @@ class UserspaceDataplane:
             if sock is not None:
                 sock.close()
         self.sock = self.packet_sock = None
+        if self.source_ports is not None:
+            self.source_ports.close()
+            self.source_ports = None
         if self.fast is not None:
             self.fast.close()  # the egress TAP (its reader is gone with the engine)
         if self.tun is not None:

@@ -7,11 +7,11 @@ control plane); queues 1…N-1 are worker processes started here, each running
 its own engine with its own GIL. A flow stays on one queue each way, and both
 ways meet on the same queue number: queue 0 puts two programs on the node that
 compute one hash of the inner flow (`flow_hash` of source ^ destination address
-and source ^ destination port), an eBPF one on the device (TUNSETSTEERINGEBPF:
+and source ^ destination port, dataplane/flows.py), an eBPF one on the device (TUNSETSTEERINGEBPF:
 which queue's reader gets a packet the kernel routes into it) and a classic BPF
 one on the sockets (SO_ATTACH_REUSEPORT_CBPF: which socket gets a datagram,
-looking past the outer headers, so it does not matter that weft, unlike
-flannel.1, sends every flow from one source port). So no flow is reordered.
+looking past the outer headers, so it does not matter which outer source port a
+sender picked: flannel's udp proxy sends every flow from one). So no flow is reordered.
 
 Each worker has a SOCK_SEQPACKET pair to queue 0 carrying JSON messages:
 
@@ -57,6 +57,7 @@ from dataclasses import fields
 from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import TYPE_CHECKING, Any
 
+from dataplane.flows import GOLDEN, flow_hash
 from dataplane.peers import Peer
 from dataplane.trace import Subscription
 
@@ -148,7 +149,6 @@ def add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
 _SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
-GOLDEN = 0x9E3779B1  # 2**32 / golden ratio: a multiply that spreads every input bit up
 
 
 def steering_program(ip_off: int, queues: int) -> list[tuple[int, int, int, int]]:
@@ -202,14 +202,6 @@ def steering_queue(datagram: bytes, ip_off: int, queues: int) -> int:
         return 0
     (ports,) = struct.unpack_from("!I", datagram, l4)
     return flow_hash(src ^ dst, (ports >> 16) ^ (ports & 0xFFFF)) % queues
-
-
-def flow_hash(addresses: int, ports: int) -> int:
-    """What both programs compute from source ^ destination address and source ^
-    destination port (the same both ways, so a flow's two directions meet)."""
-    a = addresses ^ ports
-    a = (a ^ a >> 16) * GOLDEN & 0xFFFFFFFF
-    return a ^ a >> 16
 
 
 def tun_steering_program(ip_off: int) -> list[tuple[int, int, int, int, int]]:

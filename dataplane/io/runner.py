@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
+from dataplane.io.sockets import SourcePorts
 from dataplane.trace import Tracer
 
 BATCH = 64
@@ -63,10 +64,22 @@ class Engine:
         self.after_batch: Callable[[], None] | None = None
         #: set while someone runs `weft trace live`; checked once per batch.
         self.tracer: Tracer | None = None
+        #: vxlan: datagrams leave from the socket their inner flow hashes to, one
+        #: outer source port per flow (sockets.SourcePorts); None: from `send_socket`.
+        self.source_ports: SourcePorts | None = None
+        self._send_socks: list[socket.socket] = [self.send_socket] if self.send_socket else []
         self.busy_poll_ns = busy_poll_us * 1000
         self._spin: asyncio.Handle | None = None  # the next busy-poll round, while polling
         self._idle_since = 0  # monotonic ns of the last packet while busy polling
         self._got = 0  # packets taken by readers since the spin last looked
+
+    def use_source_ports(self, ports: SourcePorts | None) -> None:
+        """Send each flow's datagrams from its own port (None: all from send_socket)."""
+        self.source_ports = ports
+        if ports is not None:
+            self._send_socks = list(ports.sockets)
+        elif self.send_socket is not None:
+            self._send_socks = [self.send_socket]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -129,6 +142,9 @@ class Engine:
         views = [self._dev_view]
         sendto = self.send_socket.sendto if self.forwarder.backend.transport == "udp" else None
         send = self.send_socket.send
+        ports = self.source_ports
+        sendtos = [s.sendto for s in self._send_socks]
+        ip_at = head + (14 if fwd.l2 else 0)
         drops = fwd.counters.drops
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
         if tracer is not None:
@@ -147,7 +163,10 @@ class Engine:
                 tracer.from_device(buf, head, head + n, verdict, fwd)
             if verdict == Verdict.SEND:
                 try:
-                    if sendto is not None:
+                    if ports is not None:
+                        i = ports.index(buf, ip_at, head + n)
+                        sendtos[i](out[fwd.out_start : fwd.out_end], fwd.out_peer.sockaddr)  # type: ignore[union-attr]
+                    elif sendto is not None:
                         sendto(out[fwd.out_start : fwd.out_end], fwd.out_peer.sockaddr)  # type: ignore[union-attr]
                     else:
                         send(out[fwd.out_start : fwd.out_end])

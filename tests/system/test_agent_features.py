@@ -84,11 +84,13 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
     lab: Lab, etcd: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--queues 2 (and FLANNELD_QUEUES): the peers the agent learns from etcd reach the
-    worker process too, which then carries some of the flows."""
+    worker process too, which then carries some of the flows. --source-ports (and
+    FLANNELD_SOURCE_PORTS) reach the engine too."""
     etcd.etcdctl("put", CONFIG_KEY, '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}')
     n1, n2 = node(lab, "n1"), node(lab, "n2")
-    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, ["--queues", "2"])
+    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, ["--queues", "2", "--source-ports", "4"])
     monkeypatch.setenv("FLANNELD_QUEUES", "2")
+    monkeypatch.setenv("FLANNELD_SOURCE_PORTS", "0")
     _, d2 = start_agent(lab, n2, etcd.endpoint, tmp_path)
     p1 = add_pod_from_subnet_env(lab, n1, d1)
     p2 = add_pod_from_subnet_env(lab, n2, d2)
@@ -101,6 +103,9 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
     assert worker["running"] and worker["rx_packets"] > 100, st["queues"]
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(d1 / "weft.sock")).stdout
     assert "queues: 2 (queue 0 here, 1 of 1 workers running, 0 restarts)" in text, text
+    assert len(status(d1 / "weft.sock")["source_ports"]) == 4
+    assert "outer source ports (one per inner flow): " in text, text
+    assert st["source_ports"] == []
 
 
 def test_health_endpoints_and_sigterm_keeps_the_lease(
