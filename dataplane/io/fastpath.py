@@ -56,7 +56,8 @@ switches it off.
 leave from one of `--source-ports` sockets (dataplane/io/sockets.SourcePorts),
 picked by a hash of the flow (dataplane/flows.py), as the kernel's VXLAN picks
 a port; the egress TAP path writes the same port into the headers it builds. A
-tx_batch run holds one port's datagrams.
+tx_batch run whose datagrams have several ports (the ACKs of several flows) goes
+as one UDP_SEGMENT send per port, each gathering its datagrams.
 
 **Receive: UDP GRO + recvmmsg in, GSO out.** The UDP socket has UDP_GRO on:
 one message can hold many same-size datagrams of one flow (the segment size
@@ -215,6 +216,7 @@ class FastCounters:
     __slots__ = (
         "batch_plans",
         "batched_datagrams",
+        "mixed_runs",
         "gso_datagram_writes",
         "gso_segments",
         "gso_sends",
@@ -246,6 +248,7 @@ class FastCounters:
         self.split_segments = 0  # … and the segments they made
         self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
         self.batched_datagrams = 0  # tx_batch: small datagrams sent in those calls
+        self.mixed_runs = 0  # tx_batch runs of several source ports: a send per port
         self.uso_writes = 0  # UDP GSO packets written to the device
         self.uso_written_segments = 0  # … and the datagrams they carried
 
@@ -640,6 +643,7 @@ class FastEngine(Engine):
         self._src = socket.inet_aton(public_ip)
         self._port = port
         self._source_port_numbers = [port]
+        self._run_ports = [0] * (MAX_SEGMENTS + 1)  # each datagram's port, in a tx_batch run
         self._ip_id = 0
         self._outer: dict[tuple[str, int], tuple[int, int, bytes]] = {}
         # Without the egress TAP, super-packets are cut here (dataplane/io/segment.py).
@@ -766,6 +770,11 @@ class FastEngine(Engine):
         run_peer: Peer | None = None
         run_size = run_count = run_idx = 0
         run_csum = -1
+        # A run's datagrams may belong to flows with different source ports (the
+        # ACKs of several flows, say): their ports are noted here, and the run is
+        # sent as one UDP_SEGMENT send per port (`mixed`), not cut at every change.
+        run_ports = self._run_ports
+        mixed = False
         budget = TX_BUDGET
         got = 0
         for _ in range(BATCH):
@@ -794,7 +803,10 @@ class FastEngine(Engine):
                 seg_end = l4 + gso_l4(buf, l4, gso_type)[0] + gso_size
                 if seg_end < end:
                     if run_count:
-                        self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
+                        self._send_run(
+                            base, pos, run_size, run_count, run_peer, run_csum,
+                            -1 if mixed else run_idx,
+                        )  # fmt: skip
                         run_count = 0
                         pos = base  # (the packet stays where it is: headers go in front)
                     verdict = fwd.from_device(buf, head, seg_end)
@@ -854,12 +866,10 @@ class FastEngine(Engine):
                 # The datagram is buf[pos:end]: encap wrote `headroom` bytes in front.
                 size = end - pos
                 if run_count:
-                    if (
-                        peer is run_peer
-                        and idx == run_idx
-                        and size <= run_size
-                        and csum == run_csum
-                    ):
+                    if peer is run_peer and size <= run_size and csum == run_csum:
+                        if idx != run_idx:
+                            mixed = True
+                        run_ports[run_count] = idx
                         run_count += 1
                         pos = end
                         if (
@@ -868,22 +878,29 @@ class FastEngine(Engine):
                             or pos - base + run_size > MAX_SEND_BYTES
                         ):
                             self._send_run(
-                                base, pos, run_size, run_count, run_peer, run_csum, run_idx
-                            )
+                                base, pos, run_size, run_count, run_peer, run_csum,
+                                -1 if mixed else run_idx,
+                            )  # fmt: skip
                             run_count = 0
                             pos = base
                         continue
-                    # Another peer or flow's port, a bigger datagram or other checksum
-                    # offsets: send the run, move this one to the front of the buffer
-                    # and start the next run with it.
-                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
+                    # Another peer, a bigger datagram or other checksum offsets: send
+                    # the run, move this one to the front of the buffer and start the
+                    # next run with it.
+                    self._send_run(
+                        base, pos, run_size, run_count, run_peer, run_csum, -1 if mixed else run_idx
+                    )
                     view[base : base + size] = view[pos:end]  # memmove: may overlap
                     pos, end = base, base + size
                 run_peer, run_size, run_count, run_csum, run_idx = peer, size, 1, csum, idx
+                run_ports[0] = idx
+                mixed = False
                 pos = end
             elif verdict == _REPLY:
                 if run_count:
-                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
+                    self._send_run(
+                        base, pos, run_size, run_count, run_peer, run_csum, -1 if mixed else run_idx
+                    )
                     run_count = 0
                     pos = base
                 try:
@@ -891,7 +908,9 @@ class FastEngine(Engine):
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
         if run_count:
-            self._send_run(base, pos, run_size, run_count, run_peer, run_csum, run_idx)
+            self._send_run(
+                base, pos, run_size, run_count, run_peer, run_csum, -1 if mixed else run_idx
+            )
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
@@ -900,40 +919,51 @@ class FastEngine(Engine):
         self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int, idx: int
     ) -> None:
         """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to
-        peer, from source socket `idx`; `csum` ≥ 0: their inner checksums are still to
-        complete, from csum >> 16 bytes into the inner packet, the field csum & 0xFFFF
-        bytes after that."""
+        peer, from source socket `idx` (-1: each from the socket _run_ports gives it);
+        `csum` ≥ 0: their inner checksums are still to complete, from csum >> 16 bytes
+        into the inner packet, the field csum & 0xFFFF bytes after that."""
         assert peer is not None
         if csum >= 0:
             at = self.forwarder.headroom  # the inner packet, in each datagram
             complete_checksums(
                 self._tx_buf, base, size, count, pos, at + (csum >> 16), csum & 0xFFFF
             )
+        view, addr = self._tx_view, peer.sockaddr
         # (tx_batch may go off in the middle of a drain)
-        self._fc.batched_datagrams += self._send_datagrams(
-            self._tx_view, base, pos, size, count, peer.sockaddr, "tx_batch", idx
-        )
+        if idx >= 0:
+            sent = self._send_datagrams([view[base:pos]], size, count, addr, "tx_batch", idx)
+        else:
+            # One send per port, each gathering its datagrams (a flow keeps its order;
+            # flows on different ports may leave in another order than they came).
+            groups: dict[int, list[memoryview]] = {}
+            ports = self._run_ports
+            for i in range(count):
+                off = base + i * size
+                groups.setdefault(ports[i], []).append(view[off : min(off + size, pos)])
+            sent = 0
+            self._fc.mixed_runs += 1
+            for port, pieces in groups.items():
+                sent += self._send_datagrams(pieces, size, len(pieces), addr, "tx_batch", port)
+        self._fc.batched_datagrams += sent
 
     def _send_datagrams(
         self,
-        out: memoryview,
-        start: int,
-        stop: int,
+        iov: list[memoryview],
         size: int,
         count: int,
         addr: tuple[str, int],
         path: str,
         idx: int,
     ) -> int:
-        """out[start:stop]: `count` datagrams of `size` bytes (the last may be shorter)
-        to addr from source socket `idx`, with one UDP_SEGMENT sendmsg while `path` is
-        on, else one sendto each. Returns how many went out in that one sendmsg (0: none
-        did)."""
+        """The buffers in `iov`, back to back: `count` datagrams of `size` bytes (the
+        last may be shorter) to addr from source socket `idx`, with one UDP_SEGMENT
+        sendmsg while `path` is on, else one sendto each. Returns how many went out in
+        that one sendmsg (0: none did)."""
         sock = self._send_socks[idx]
         drops = self.forwarder.counters.drops
         if count > 1 and self.paths.on[path]:
             try:
-                sock.sendmsg([out[start:stop]], segment_cmsg(size), 0, addr)
+                sock.sendmsg(iov, segment_cmsg(size), 0, addr)
                 self._fc.udp_segment_sends += 1
                 return count
             except OSError as exc:
@@ -944,11 +974,12 @@ class FastEngine(Engine):
                     self._udp_segment_refused(exc)
                 # EMSGSIZE: the route's MTU is below the segments; sendto
                 # fragments them as the kernel's VXLAN device would.
-        for off in range(start, stop, size):
-            try:
-                sock.sendto(out[off : min(off + size, stop)], addr)
-            except OSError:
-                drops[DropReason.SEND_FAILED] += 1
+        for piece in iov:
+            for off in range(0, len(piece), size):
+                try:
+                    sock.sendto(piece[off : off + size], addr)
+                except OSError:
+                    drops[DropReason.SEND_FAILED] += 1
         return 0
 
     def _send_gso(
@@ -1057,7 +1088,7 @@ class FastEngine(Engine):
             count = min(seg.per_batch, nsegs - first)
             nbytes = seg.fill(first, count)
             first += count
-            self._send_datagrams(seg.view, 0, nbytes, row, count, addr, "udp_segment", idx)
+            self._send_datagrams([seg.view[:nbytes]], row, count, addr, "udp_segment", idx)
         # As _send_gso: the forwarder counted the first segment.
         hdrs = row - gso_size - (head - fwd.out_start)  # inner headers per segment
         counters.tx_packets += nsegs - 1
