@@ -216,12 +216,12 @@ class FastCounters:
     __slots__ = (
         "batch_plans",
         "batched_datagrams",
-        "mixed_runs",
         "gso_datagram_writes",
         "gso_segments",
         "gso_sends",
         "gso_writes",
         "gso_written_segments",
+        "mixed_runs",
         "rx_calls",
         "rx_messages",
         "rx_segments",
