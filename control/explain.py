@@ -144,12 +144,18 @@ def explain(dst: str, src: str | None, node: dict[str, Any]) -> dict[str, Any]:
     out["fdb"] = {"mac": mac, "dst": public_ip, "line": fdb_line}
     steps.append(f"neighbour: {neigh_line}")
     steps.append(f"fdb: {fdb_line}")
+    source_ports = node.get("source_ports") or []
+    sport: int | str = port
+    if kernel:
+        sport = "flow hash"
+    elif source_ports:
+        sport = f"flow hash (one of {len(source_ports)} ports)"
     out["outer"] = [
         {"layer": "Ethernet", "bytes": 14, "underlay": True},
         {"layer": "IPv4", "bytes": 20, "src": node.get("public_ip"), "dst": public_ip},
-        # The kernel hashes the inner flow into the source port; weft's socket is
-        # bound to the VXLAN port, so it sends from that.
-        {"layer": "UDP", "bytes": 8, "sport": "flow hash" if kernel else port, "dport": port},
+        # The kernel hashes the inner flow into the source port, and so does weft, into
+        # one of its send sockets' ports (--source-ports 0: all from the VXLAN port).
+        {"layer": "UDP", "bytes": 8, "sport": sport, "dport": port},
         {"layer": "VXLAN", "bytes": 8, "flags": "0x08", "vni": vni},
         {"layer": "Ethernet (inner)", "bytes": 14, "src": node.get("vtep_mac"), "dst": mac},
     ]

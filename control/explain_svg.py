@@ -268,13 +268,14 @@ def _vxlan_scene(result: dict[str, Any]) -> Scene:
     device = _fmt(node.get("device"))
     sport = udp.get("sport")
     if isinstance(sport, int):
-        # weft sends every datagram from its one socket, bound to the VXLAN port.
+        # --source-ports 0: weft sends every datagram from its socket on the VXLAN port.
         sport_fields = [f"sport {sport}", "(weft's socket)"]
         sport_text = f"weft sends from its socket bound to {sport}, so the source port is {sport}."
     elif sport is not None or node.get("device_kind") == "kernel":
         sport_fields = ["sport: hash", "of inner flow"]
+        who = "the kernel" if node.get("device_kind") == "kernel" else "weft"
         sport_text = (
-            "the kernel picks the source port from a hash of the inner flow, "
+            f"{who} picks the source port from a hash of the inner flow, "
             "so routers can spread flows over paths."
         )
     else:

@@ -191,8 +191,12 @@ def test_direct_routing_peer_is_explained_as_a_plain_route() -> None:
     assert r["route"]["line"] == "10.244.2.0/24 via 192.168.77.11 dev eth0"
 
 
-def test_userspace_vxlan_source_port_is_the_socket_port() -> None:
-    udp = {o["layer"]: o for o in explain("10.244.2.5", None, status())["outer"]}["UDP"]
+def test_userspace_vxlan_source_port_is_a_flow_hash_or_the_socket_port() -> None:
+    spread = status(source_ports=[40001, 40002, 40003])
+    udp = {o["layer"]: o for o in explain("10.244.2.5", None, spread)["outer"]}["UDP"]
+    assert udp["sport"] == "flow hash (one of 3 ports)" and udp["dport"] == 8472
+    one = status(source_ports=[])  # --source-ports 0
+    udp = {o["layer"]: o for o in explain("10.244.2.5", None, one)["outer"]}["UDP"]
     assert udp["sport"] == 8472
 
 
