@@ -33,41 +33,34 @@ def parse_mac(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address") from None
 
 
-def parse_busy_poll(text: str) -> int:
-    """--busy-poll USEC: 0 (off) to one second."""
+def _bounded_int(text: str, low: int, high: int, what: str, unit: str) -> int:
+    """An int option in low..high, or argparse's one-line error."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected microseconds, got {text!r}") from None
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{value}: expected 0..1000000 µs")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value}: expected {low}..{high} {unit}")
     return value
+
+
+def parse_busy_poll(text: str) -> int:
+    """--busy-poll USEC: 0 (off) to one second."""
+    return _bounded_int(text, 0, 1_000_000, "microseconds", "µs")
 
 
 def parse_queues(text: str) -> int:
     """--queues N: 1 (one process) to MAX_QUEUES (dataplane/io/queues.py)."""
     from dataplane.io.queues import MAX_QUEUES
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of queues, got {text!r}") from None
-    if not 1 <= value <= MAX_QUEUES:
-        raise argparse.ArgumentTypeError(f"{value}: expected 1..{MAX_QUEUES} queues")
-    return value
+    return _bounded_int(text, 1, MAX_QUEUES, "a number of queues", "queues")
 
 
 def parse_source_ports(text: str) -> int:
     """--source-ports N: 0 (all from the listening port) to MAX_SOURCE_PORTS."""
     from dataplane.io.sockets import MAX_SOURCE_PORTS
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of ports, got {text!r}") from None
-    if not 0 <= value <= MAX_SOURCE_PORTS:
-        raise argparse.ArgumentTypeError(f"{value}: expected 0..{MAX_SOURCE_PORTS} ports")
-    return value
+    return _bounded_int(text, 0, MAX_SOURCE_PORTS, "a number of ports", "ports")
 
 
 def parse_ipv4_network(text: str) -> IPv4Network:
