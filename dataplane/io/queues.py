@@ -71,6 +71,8 @@ READY_TIMEOUT_S = 20.0
 REPORT_INTERVAL_S = 1.0
 TRACE_FLUSH_S = 0.05  # how often a worker sends its trace events while someone traces
 RESTARTS_PER_MINUTE = 5
+REAP_GRACE_S = 3.0  # how long an ended worker may take to exit before SIGKILL
+REAP_POLL_S = 0.02  # how often queue 0 looks meanwhile (the event loop keeps running)
 #: Largest message read: a traced 64 KB super-packet is ~130 KB of JSON hex.
 MESSAGE_MAX = 1 << 18
 PIPE_BUFFER = 1 << 20
@@ -446,9 +448,23 @@ class QueueWorkers:
             self._ended(worker)
 
     def _ended(self, worker: _Worker) -> None:
-        """The worker's pipe closed: reap it, keep its counters, start it again."""
+        """The worker's pipe closed: wait for it to exit without blocking the loop
+        (it normally has by now), then reap it."""
         self._close_pipe(worker)
-        code = _reap(worker.proc)
+        self._await_exit(worker, time.monotonic() + REAP_GRACE_S)
+
+    def _await_exit(self, worker: _Worker, deadline: float) -> None:
+        proc = worker.proc
+        code = proc.poll() if proc is not None else None
+        if proc is not None and code is None:
+            if time.monotonic() < deadline and not self._closing:
+                self.loop.call_later(REAP_POLL_S, self._await_exit, worker, deadline)
+                return
+            code = _reap(proc, 0)  # stuck after closing its pipe (or we are stopping)
+        self._exited(worker, code)
+
+    def _exited(self, worker: _Worker, code: int | None) -> None:
+        """Keep the ended worker's counters; start it again unless it was stopped."""
         self.retired = add_counts(self.retired, worker.last)
         worker.last = {}
         if self._closing:
@@ -545,7 +561,8 @@ def read_messages(conn: socket.socket) -> tuple[list[bytes], bool]:
         out.append(data)
 
 
-def _reap(proc: subprocess.Popen[bytes] | None, grace_s: float = 3.0) -> int | None:
+def _reap(proc: subprocess.Popen[bytes] | None, grace_s: float = REAP_GRACE_S) -> int | None:
+    """Its exit status, after up to grace_s; SIGKILL if it has not exited by then."""
     if proc is None:
         return None
     try:
