@@ -109,19 +109,6 @@ class Subscription:
             limit=int(request.get("count") or 0),
         )
 
-    def take(self, events: list[dict[str, Any]]) -> None:
-        """Events from elsewhere (a queue worker), under this subscription's limits."""
-        for event in events:
-            if self.done:
-                return
-            if len(self.events) >= self.maxlen:
-                self.lost += 1
-                continue
-            self.events.append(event)
-            self.sent += 1
-        if events and self.wakeup is not None:
-            self.wakeup()
-
 
 def packet_summary(packet: bytes | memoryview) -> dict[str, Any]:
     """Addresses, protocol and ports of an IP packet (best effort, never raises)."""
@@ -198,6 +185,23 @@ class Tracer:
         self._last_refill = now
         for sub in self.subscribers:
             sub.tokens = min(sub.max_rate, sub.tokens + elapsed * sub.max_rate)
+
+    def take(self, sub: Subscription, events: list[dict[str, Any]]) -> None:
+        """Events traced elsewhere (a queue worker) joining `sub`'s stream under its
+        limits: count, buffer, and the rate — which each worker also applied on its
+        own, so without this N queues could send N times `--rate`."""
+        self.start_batch()  # refill the rate budgets by the clock
+        for event in events:
+            if sub.done:
+                break
+            if sub.tokens < 1 or len(sub.events) >= sub.maxlen:
+                sub.lost += 1
+                continue
+            sub.tokens -= 1
+            sub.events.append(event)
+            sub.sent += 1
+        if events and sub.wakeup is not None:
+            sub.wakeup()
 
     # -- events ---------------------------------------------------------------------
 

@@ -468,7 +468,12 @@ class UserspaceDataplane:
         sub.wakeup = ready.set
         self.tracer.subscribe(sub)
         # The other queues' processes trace too; their events join this stream.
-        remote = self.workers.trace(request, sub.take) if self.workers is not None else None
+        tracer = self.tracer
+        remote = (
+            self.workers.trace(request, lambda events: tracer.take(sub, events))
+            if self.workers is not None
+            else None
+        )
         try:
             while True:
                 while sub.events:
