@@ -99,6 +99,16 @@ class Subscription:
     def done(self) -> bool:
         return bool(self.limit) and self.sent >= self.limit
 
+    def admit(self, event: dict[str, Any]) -> bool:
+        """Queue `event` if the rate budget and the buffer allow; else count it lost."""
+        if self.tokens < 1 or len(self.events) >= self.maxlen:
+            self.lost += 1
+            return False
+        self.tokens -= 1
+        self.events.append(event)
+        self.sent += 1
+        return True
+
     @classmethod
     def from_request(cls, request: dict[str, Any]) -> Subscription:
         """A `weft trace live` request (filter, sample, rate, count) as a subscription."""
@@ -194,12 +204,7 @@ class Tracer:
         for event in events:
             if sub.done:
                 break
-            if sub.tokens < 1 or len(sub.events) >= sub.maxlen:
-                sub.lost += 1
-                continue
-            sub.tokens -= 1
-            sub.events.append(event)
-            sub.sent += 1
+            sub.admit(event)
         if events and sub.wakeup is not None:
             sub.wakeup()
 
@@ -217,13 +222,7 @@ class Tracer:
                 event = make()
             if not sub.filter.matches(event):
                 continue
-            if sub.tokens < 1 or len(sub.events) >= sub.maxlen:
-                sub.lost += 1
-                continue
-            sub.tokens -= 1
-            sub.events.append(event)
-            sub.sent += 1
-            if sub.wakeup is not None:
+            if sub.admit(event) and sub.wakeup is not None:
                 sub.wakeup()
 
     def from_device(self, buf: bytearray, start: int, end: int, verdict: int, fwd: Any) -> None:
