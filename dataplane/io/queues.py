@@ -58,6 +58,7 @@ from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import TYPE_CHECKING, Any
 
 from dataplane.flows import GOLDEN, flow_hash
+from dataplane.io.sockets import attach_classic_bpf
 from dataplane.peers import Peer
 from dataplane.trace import Subscription
 
@@ -150,7 +151,6 @@ def add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 # -- steering: which queue's socket gets a datagram (pure, plus one setsockopt) --------
 
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
-_SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 
 
 def steering_program(ip_off: int, queues: int) -> list[tuple[int, int, int, int]]:
@@ -289,11 +289,7 @@ def attach_tun_steering(device_fd: int, ip_off: int) -> None:
 
 def attach_steering(sock: socket.socket, ip_off: int, queues: int) -> None:
     """Put steering_program on the SO_REUSEPORT group `sock` belongs to."""
-    prog = steering_program(ip_off, queues)
-    code = b"".join(_SOCK_FILTER.pack(*ins) for ins in prog)
-    buf = ctypes.create_string_buffer(code)
-    fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))  # struct sock_fprog
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    attach_classic_bpf(sock, SO_ATTACH_REUSEPORT_CBPF, steering_program(ip_off, queues))
 
 
 # -- queue 0's side -------------------------------------------------------------------

@@ -48,8 +48,18 @@ def open_udp_socket(bind_ip: str, port: int, *, reuse_port: bool = False) -> soc
 SOURCE_PORTS = 16
 MAX_SOURCE_PORTS = 256
 SO_ATTACH_FILTER = 26
-_DROP_ALL = struct.pack("=HBBI", 0x06, 0, 0, 0)  # BPF_RET|BPF_K 0: keep no byte
-_DROP_ALL_BUF = ctypes.create_string_buffer(_DROP_ALL)
+_SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+_KEEP_NOTHING = [(0x06, 0, 0, 0)]  # BPF_RET|BPF_K 0: keep no byte
+
+
+def attach_classic_bpf(
+    sock: socket.socket, option: int, program: list[tuple[int, int, int, int]]
+) -> None:
+    """Put a classic BPF program (code, jt, jf, k instructions) on `sock` with
+    SO_ATTACH_FILTER or SO_ATTACH_REUSEPORT_CBPF; the kernel copies it."""
+    code = ctypes.create_string_buffer(b"".join(_SOCK_FILTER.pack(*ins) for ins in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(code))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, option, fprog)
 
 
 class SourcePorts:
@@ -68,8 +78,7 @@ class SourcePorts:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 self.sockets.append(sock)
                 _grow_buffers(sock, receive=False)
-                fprog = struct.pack("HL", 1, ctypes.addressof(_DROP_ALL_BUF))
-                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+                attach_classic_bpf(sock, SO_ATTACH_FILTER, _KEEP_NOTHING)
                 sock.bind((bind_ip, 0))
                 sock.setblocking(False)
         except OSError as exc:
