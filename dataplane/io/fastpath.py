@@ -744,7 +744,7 @@ class FastEngine(Engine):
         # One outer source port per inner flow (vxlan: sockets.SourcePorts), or all
         # from the listening socket (udp, or --source-ports 0).
         ports = self.source_ports
-        sendtos = [s.sendto for s in self._send_socks]
+        sendtos = self._sendtos
         ip_at = 14 if self._l2 else 0  # the inner IP header, from `head`
         idx = 0
         drops = fwd.counters.drops
@@ -768,13 +768,12 @@ class FastEngine(Engine):
         defer = batching and tracer is None
         base = pos = self._base
         run_peer: Peer | None = None
-        run_size = run_count = run_idx = 0
+        run_size = run_count = 0
         run_csum = -1
         # A run's datagrams may belong to flows with different source ports (the
-        # ACKs of several flows, say): their ports are noted here, and the run is
-        # sent as one UDP_SEGMENT send per port (`mixed`), not cut at every change.
+        # ACKs of several flows, say): each one's port is noted here, and _send_run
+        # sends the run as one UDP_SEGMENT send per port, not cut at every change.
         run_ports = self._run_ports
-        mixed = False
         budget = TX_BUDGET
         got = 0
         for _ in range(BATCH):
@@ -803,10 +802,7 @@ class FastEngine(Engine):
                 seg_end = l4 + gso_l4(buf, l4, gso_type)[0] + gso_size
                 if seg_end < end:
                     if run_count:
-                        self._send_run(
-                            base, pos, run_size, run_count, run_peer, run_csum,
-                            -1 if mixed else run_idx,
-                        )  # fmt: skip
+                        self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                         run_count = 0
                         pos = base  # (the packet stays where it is: headers go in front)
                     verdict = fwd.from_device(buf, head, seg_end)
@@ -867,8 +863,6 @@ class FastEngine(Engine):
                 size = end - pos
                 if run_count:
                     if peer is run_peer and size <= run_size and csum == run_csum:
-                        if idx != run_idx:
-                            mixed = True
                         run_ports[run_count] = idx
                         run_count += 1
                         pos = end
@@ -877,30 +871,22 @@ class FastEngine(Engine):
                             or run_count == MAX_SEGMENTS
                             or pos - base + run_size > MAX_SEND_BYTES
                         ):
-                            self._send_run(
-                                base, pos, run_size, run_count, run_peer, run_csum,
-                                -1 if mixed else run_idx,
-                            )  # fmt: skip
+                            self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                             run_count = 0
                             pos = base
                         continue
                     # Another peer, a bigger datagram or other checksum offsets: send
                     # the run, move this one to the front of the buffer and start the
                     # next run with it.
-                    self._send_run(
-                        base, pos, run_size, run_count, run_peer, run_csum, -1 if mixed else run_idx
-                    )
+                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                     view[base : base + size] = view[pos:end]  # memmove: may overlap
                     pos, end = base, base + size
-                run_peer, run_size, run_count, run_csum, run_idx = peer, size, 1, csum, idx
+                run_peer, run_size, run_count, run_csum = peer, size, 1, csum
                 run_ports[0] = idx
-                mixed = False
                 pos = end
             elif verdict == _REPLY:
                 if run_count:
-                    self._send_run(
-                        base, pos, run_size, run_count, run_peer, run_csum, -1 if mixed else run_idx
-                    )
+                    self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
                     run_count = 0
                     pos = base
                 try:
@@ -908,20 +894,18 @@ class FastEngine(Engine):
                 except OSError:
                     drops[DropReason.WRITE_FAILED] += 1
         if run_count:
-            self._send_run(
-                base, pos, run_size, run_count, run_peer, run_csum, -1 if mixed else run_idx
-            )
+            self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
 
     def _send_run(
-        self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int, idx: int
+        self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int
     ) -> None:
         """buf[base:pos]: `count` datagrams of `size` bytes (the last may be shorter) to
-        peer, from source socket `idx` (-1: each from the socket _run_ports gives it);
-        `csum` ≥ 0: their inner checksums are still to complete, from csum >> 16 bytes
-        into the inner packet, the field csum & 0xFFFF bytes after that."""
+        peer, each from the source socket _run_ports gives it; `csum` ≥ 0: their inner
+        checksums are still to complete, from csum >> 16 bytes into the inner packet,
+        the field csum & 0xFFFF bytes after that."""
         assert peer is not None
         if csum >= 0:
             at = self.forwarder.headroom  # the inner packet, in each datagram
@@ -930,13 +914,14 @@ class FastEngine(Engine):
             )
         view, addr = self._tx_view, peer.sockaddr
         # (tx_batch may go off in the middle of a drain)
-        if idx >= 0:
-            sent = self._send_datagrams([view[base:pos]], size, count, addr, "tx_batch", idx)
+        ports = self._run_ports
+        first = ports[0]
+        if ports[:count].count(first) == count:  # one port: the common case
+            sent = self._send_datagrams([view[base:pos]], size, count, addr, "tx_batch", first)
         else:
             # One send per port, each gathering its datagrams (a flow keeps its order;
             # flows on different ports may leave in another order than they came).
             groups: dict[int, list[memoryview]] = {}
-            ports = self._run_ports
             for i in range(count):
                 off = base + i * size
                 groups.setdefault(ports[i], []).append(view[off : min(off + size, pos)])

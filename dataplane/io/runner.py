@@ -68,6 +68,7 @@ class Engine:
         #: outer source port per flow (sockets.SourcePorts); None: from `send_socket`.
         self.source_ports: SourcePorts | None = None
         self._send_socks: list[socket.socket] = [self.send_socket] if self.send_socket else []
+        self._sendtos = [s.sendto for s in self._send_socks]  # bound once, not per drain
         self.busy_poll_ns = busy_poll_us * 1000
         self._spin: asyncio.Handle | None = None  # the next busy-poll round, while polling
         self._idle_since = 0  # monotonic ns of the last packet while busy polling
@@ -80,6 +81,7 @@ class Engine:
             self._send_socks = list(ports.sockets)
         elif self.send_socket is not None:
             self._send_socks = [self.send_socket]
+        self._sendtos = [s.sendto for s in self._send_socks]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -140,10 +142,10 @@ class Engine:
         fd = self.device_fd
         readv = os.readv
         views = [self._dev_view]
-        sendto = self.send_socket.sendto if self.forwarder.backend.transport == "udp" else None
+        udp = self.forwarder.backend.transport == "udp"
         send = self.send_socket.send
         ports = self.source_ports
-        sendtos = [s.sendto for s in self._send_socks]
+        sendtos = self._sendtos
         ip_at = head + (14 if fwd.l2 else 0)
         drops = fwd.counters.drops
         tracer = self.tracer if self.tracer is not None and self.tracer.active else None
@@ -163,11 +165,9 @@ class Engine:
                 tracer.from_device(buf, head, head + n, verdict, fwd)
             if verdict == Verdict.SEND:
                 try:
-                    if ports is not None:
-                        i = ports.index(buf, ip_at, head + n)
+                    if udp:
+                        i = ports.index(buf, ip_at, head + n) if ports is not None else 0
                         sendtos[i](out[fwd.out_start : fwd.out_end], fwd.out_peer.sockaddr)  # type: ignore[union-attr]
-                    elif sendto is not None:
-                        sendto(out[fwd.out_start : fwd.out_end], fwd.out_peer.sockaddr)  # type: ignore[union-attr]
                     else:
                         send(out[fwd.out_start : fwd.out_end])
                 except OSError:
