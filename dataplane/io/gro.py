@@ -135,6 +135,87 @@ def split_messages(messages: list[tuple[int, int, int, int]]) -> Batch:
     return out
 
 
+#: plan_batch keeps what it works out from a batch's shape for up to this many rows
+#: of segments in all (a few MB of index arrays at most), then starts again.
+MAX_SHAPE_ROWS = 1 << 16
+
+
+class _BatchShape:
+    """What Coalescer.plan_batch needs that follows from a batch's shape alone: the
+    message lengths and GRO segment sizes, where the messages sit, the header
+    length. Which rows of the (message, segment) grid are segments, each segment's
+    message and place in it, the IP total length and TCP length each must have,
+    where each message's padding goes. Worked out once per shape: a bulk flow's
+    batches repeat a few shapes (a sender's 46-segment TSO packets arrive as GRO
+    messages of 44 and 2 segments, batch after batch)."""
+
+    __slots__ = (
+        "dense", "firsts", "full_before", "heads", "ii", "inner_i", "inner_j", "jj", "keep",
+        "keep_row", "mask", "n", "not_last", "pads", "pay_list", "pays", "prev_i", "prev_last",
+        "rows", "seg_list", "seq_steps", "size", "sum_fix", "tot", "unit", "value", "w", "width",
+    )  # fmt: skip
+
+    @staticmethod
+    def of(
+        co: Coalescer, base: int, stride: int, hl: int, lengths: np.ndarray, sizes: np.ndarray
+    ) -> _BatchShape | object:
+        """The shape, or _DECLINE when no batch of this shape is planned at once."""
+        m = len(lengths)
+        ip = co.ip_off
+        size = int(sizes[0])
+        if size & 1 or size < co.min_len:
+            return _DECLINE
+        segs = -(-lengths // size)
+        full = segs - 1  # full-size segments before each message's last
+        if not ((sizes == size).all() and full.min() > 0):
+            return _DECLINE  # single datagrams, or two segment sizes: plan_whole's
+        rows = int(segs.max())
+        if rows > co.max_segments or rows * size + 2 + base % stride > stride:
+            return _DECLINE  # no room to pad the last segments
+        if m * rows > MAX_ROWS:
+            return _DECLINE  # more than the tiled masks and the sum grid cover
+        last = lengths - full * size
+        if hl < ip + 40 or size <= hl or int(last.min()) <= hl:
+            return _DECLINE
+        sh = _BatchShape()
+        sh.rows, sh.size = rows, size
+        ends = (base + np.arange(m) * stride + lengths).tolist()
+        sh.pads = list(zip(ends, (size + 2 - last).tolist(), strict=True))
+        # The segments: (message, row) of each, in order.
+        col = np.arange(rows)
+        ii, jj = np.nonzero(col < segs[:, None])
+        n = sh.n = len(ii)
+        sh.dense = n * 4 >= m * rows * 3  # sum the whole grid: at most a quarter wasted
+        is_last = jj == full[ii]
+        sh.ii, sh.jj = ii, jj
+        sh.inner_i, sh.inner_j = ii[~is_last], jj[~is_last]
+        keep, mask, value = _tiled_masks(ip, hl)
+        w = sh.w = len(keep) // MAX_ROWS
+        sh.keep = keep[: n * w].reshape(n, w)
+        sh.mask = mask[: n * w].reshape(n, w)
+        sh.value = value[: n * w].reshape(n, w)
+        sh.keep_row = keep[:w]
+        heads = sh.heads = np.cumsum(segs) - segs  # each message's first segment, gathered
+        sh.firsts = np.repeat(heads, segs)  # … for every segment
+        sh.tot = np.where(is_last, last[ii] - ip, size - ip)
+        sh.seq_steps = jj * (size - hl)
+        start = ip + 12
+        sh.unit = 4 if (base + start) & 3 == 0 and size & 3 == 0 else 2
+        sh.width = -(-(size - start) // sh.unit)
+        tcp_len = np.where(is_last, last[ii], size) - (ip + 20)
+        sh.sum_fix = ((tcp_len + 6) << 8).astype(np.uint64)
+        sh.not_last = (~is_last).astype(np.uint64)
+        pays = sh.pays = lengths - segs * hl
+        sh.seg_list, sh.pay_list = segs.tolist(), pays.tolist()
+        sh.prev_i, sh.prev_last = np.arange(m - 1), full[:-1]
+        sh.full_before = last[:-1] == size
+        return sh
+
+
+#: _BatchShape.of: batches of this shape are left to plan_whole.
+_DECLINE = object()
+
+
 class Coalescer:
     """Plans GSO runs over messages received into `buf` (never resized while in use)."""
 
@@ -161,6 +242,9 @@ class Coalescer:
         self._hdr = struct.Struct(f"!{ip + 2}sH2xHBB2x12sI4sBB2s2x2s")
         self.min_len = ip + 40
         self._pad = np.zeros(256, dtype=np.uint8)
+        self._sum_grid = np.empty(MAX_ROWS, dtype=np.uint64)  # plan_batch's TCP sums
+        self._shapes: dict[tuple[int, int, int, bytes, bytes], object] = {}
+        self._shape_rows = 0  # rows of segments the kept shapes cover
         # Header bytes that may differ between the segments of a run: IP total length,
         # ID and checksum; TCP sequence number, flags (checked on their own), checksum.
         may_differ = np.zeros(ip + 80, dtype=bool)
@@ -389,63 +473,58 @@ class Coalescer:
 
         Segment j of message i is row (i, j) of strided numpy views over the slots
         (strides: stride, segment size). The rows that hold a segment are gathered
-        into compact arrays (header words, sequence numbers, TCP checksum words) and
-        checked with a fixed number of numpy calls — about thirty, whatever the batch
-        holds, against a dozen per message in plan_whole. Each message's last
-        segment is padded with zeros to the segment size first (a one's complement
-        sum does not change), so every row sums alike: the slot must have room for
-        that (stride ≥ the longest message + the segment size), which the engine's
-        receiver gives for segments up to a jumbo frame's."""
+        into compact arrays (header words, sequence numbers) and checked with a
+        fixed number of numpy calls, whatever the batch holds, against a dozen per
+        message in plan_whole. Each message's last segment is padded with zeros to
+        the segment size first (a one's complement sum does not change), so every
+        row sums alike: the slot must have room for that (stride ≥ the longest
+        message + the segment size), which the engine's receiver gives for segments
+        up to a jumbo frame's. What follows from the message lengths alone (which
+        rows are segments, what each one's IP length and TCP length must be) is
+        worked out once per batch shape (_BatchShape): a bulk flow's batches come
+        in a few shapes, over and over."""
         m = len(lengths)
-        size = int(sizes[0])
-        ip = self.ip_off
+        if m < 2 or base & 1 or stride & 1:
+            return None
         buf = self.buf
-        if m < 2 or base & 1 or stride & 1 or size & 1 or size < self.min_len:
-            return None
-        segs = -(-lengths // size)
-        full = segs - 1  # full-size segments before each message's last
-        if not ((sizes == size).all() and full.min() > 0):
-            return None  # single datagrams, or two segment sizes: plan_whole's
-        rows = int(segs.max())
-        if rows > self.max_segments or rows * size + 2 + base % stride > stride:
-            return None  # no room to pad the last segments
+        ip = self.ip_off
         hl = ip + 20 + ((buf[base + ip + 32] >> 4) << 2)
-        last = lengths - full * size
-        if hl < ip + 40 or size <= hl or int(last.min()) <= hl:
+        key = (base, stride, hl, lengths.tobytes(), sizes.tobytes())
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = _BatchShape.of(self, base, stride, hl, lengths, sizes)
+            rows = shape.n if isinstance(shape, _BatchShape) else 1
+            if self._shape_rows + rows > MAX_SHAPE_ROWS:
+                self._shapes.clear()
+                self._shape_rows = 0
+            self._shapes[key] = shape
+            self._shape_rows += rows
+        if shape is _DECLINE:
             return None
+        assert isinstance(shape, _BatchShape)
+        rows, size, w = shape.rows, shape.size, shape.w
+        ii, jj, firsts = shape.ii, shape.jj, shape.firsts
         # Pad every message's last segment to the segment size, and 2 bytes more
         # (see the TCP checksums below).
-        ends = (base + np.arange(m) * stride + lengths).tolist()
-        for end, pad in zip(ends, (size + 2 - last).tolist(), strict=True):
+        for end, pad in shape.pads:
             buf[end : end + pad] = _ZEROS[:pad]
-        # The segments: (message, row) of each, in order.
-        col = np.arange(rows)
-        ii, jj = np.nonzero(col < segs[:, None])
-        n = len(ii)
-        is_last = jj == full[ii]
         # Header words: the fixed bits, and every segment equal to its message's first.
-        keep, mask, value = _tiled_masks(ip, hl)
-        w = len(keep) // MAX_ROWS
         words = np.ndarray((m, rows, w), "<u8", buf, base, (stride, size, 8))[ii, jj]
-        if ((words & mask[: n * w].reshape(n, w)) != value[: n * w].reshape(n, w)).any():
+        if ((words & shape.mask) != shape.value).any():
             return None
-        heads = np.cumsum(segs) - segs  # each message's first segment, in the gathered rows
-        firsts = np.repeat(heads, segs)  # … for every segment
-        if ((words ^ words[firsts]) & keep[: n * w].reshape(n, w)).any():
+        if ((words ^ words[firsts]) & shape.keep).any():
             return None
         # PSH only on a message's last segment; IP total lengths; sequence numbers
         # contiguous within each message.
         flags = np.ndarray((m, rows), np.uint8, buf, base + ip + 33, (stride, size))
-        if (flags[ii, jj][~is_last] & TCP_PSH).any():
+        if (flags[shape.inner_i, shape.inner_j] & TCP_PSH).any():
             return None
         tot = np.ndarray((m, rows), ">u2", buf, base + ip + 2, (stride, size))[ii, jj]
-        if (tot != np.where(is_last, last[ii] - ip, size - ip)).any():
+        if (tot != shape.tot).any():
             return None
-        pay = size - hl
         seq = np.ndarray((m, rows), ">u4", buf, base + ip + 24, (stride, size))[ii, jj]
         seq = seq.astype(np.int64)
-        seq0 = seq[firsts]
-        if (seq != (seq0 + jj * pay) & 0xFFFFFFFF).any():
+        if (seq != (seq[firsts] + shape.seq_steps) & 0xFFFFFFFF).any():
             return None
         # The first IP header of each message (the one a merged packet keeps; the
         # others' fields were compared with it).
@@ -454,37 +533,41 @@ class Coalescer:
             return None
         # TCP checksums: little-endian 32-bit words (16-bit when the rows are not
         # 4-byte aligned) from the inner addresses (the pseudo-header's) to the
-        # padded end; protocol and TCP length added × 256 (see _tcp_sums_ok).
-        start = ip + 12
-        unit = 4 if (base + start) & 3 == 0 and size & 3 == 0 else 2
-        # A row of 32-bit words runs on into the next row's first two bytes (the
-        # VXLAN flags, or zeros after the last row); taken out again below.
-        width = -(-(size - start) // unit)
-        tcp = np.ndarray((m, rows, width), f"<u{unit}", buf, base + start, (stride, size, unit))
-        sums = tcp[ii, jj].sum(axis=1, dtype=np.uint64)
-        tcp_len = np.where(is_last, last[ii], size) - (ip + 20)
-        sums += ((tcp_len + 6) << 8).astype(np.uint64)
-        if unit * width > size - start:
-            # The next row's first two bytes: its message's (all rows alike, the
-            # header check saw to it), or the padding's zeros after a last row.
-            sums += np.where(is_last, 0, 0xFFFF - (words[:, 0] & 0xFFFF)).astype(np.uint64)
+        # padded end; protocol and TCP length added × 256 (see _tcp_sums_ok). When
+        # most rows of the grid are segments, summed in place over every row (rows
+        # past a message's last hold stale bytes within its slot, and are not
+        # picked): gathering the segments' rows first copies the batch once more.
+        # Else (GRO messages of 44 and 2 segments, say) gathered, then summed.
+        unit, width = shape.unit, shape.width
+        tcp = np.ndarray((m, rows, width), f"<u{unit}", buf, base + ip + 12, (stride, size, unit))
+        if shape.dense:
+            grid = self._sum_grid[: m * rows].reshape(m, rows)
+            np.add.reduce(tcp, axis=2, dtype=np.uint64, out=grid)
+            sums = grid[ii, jj] + shape.sum_fix
+        else:
+            sums = tcp[ii, jj].sum(axis=1, dtype=np.uint64) + shape.sum_fix
+        if unit * width > size - ip - 12:
+            # A row of 32-bit words runs on into the next row's first two bytes: its
+            # message's (all rows alike, the header check saw to it) unless the row is
+            # a last one (then the padding's zeros).
+            sums += (0xFFFF - (words[:, 0] & 0xFFFF)) * shape.not_last
         if (sums % _ONES).any():
             return None
         # Which message continues the one before it: same peer and flow, contiguous
         # sequence numbers, the earlier one's last segment full-size without PSH.
-        pays = lengths - segs * hl
+        heads = shape.heads
         seq_first = seq[heads]
-        last_flags = flags[np.arange(m - 1), full[:-1]]
+        last_flags = flags[shape.prev_i, shape.prev_last]
         joins = (
             (peers[1:] == peers[:-1])
-            & ~((words[heads[1:]] ^ words[heads[:-1]]) & keep[:w]).any(axis=1)
-            & (seq_first[1:] == (seq_first[:-1] + pays[:-1]) & 0xFFFFFFFF)
-            & (last[:-1] == size)
+            & ~((words[heads[1:]] ^ words[heads[:-1]]) & shape.keep_row).any(axis=1)
+            & (seq_first[1:] == (seq_first[:-1] + shape.pays[:-1]) & 0xFFFFFFFF)
+            & shape.full_before
             & ((last_flags & TCP_PSH) == 0)
         ).tolist()
         runs: list[tuple[int, int, int, int]] = []
         cap = self.max_segments
-        seg_list, pay_list = segs.tolist(), pays.tolist()
+        seg_list, pay_list = shape.seg_list, shape.pay_list
         first, count, segments, payload = 0, 1, seg_list[0], pay_list[0]
         for i in range(1, m):
             s, p = seg_list[i], pay_list[i]

@@ -13,6 +13,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
+from dataplane.io import gro
 from dataplane.io.gro import MAX_SEGMENTS, Coalescer, DatagramPlanner, split_messages
 from dataplane.packet.checksum import internet_checksum
 
@@ -638,16 +639,16 @@ def test_batch_sequence_numbers_that_wrap() -> None:
     assert batch_runs(rx) == whole_runs(rx) == [(0, 12)]
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["psh", "gap", "sport", "ack", "window", "src", "tos", "ttl", "options", "syn", "fin",
-     "udp", "fragment", "ip_options", "first_ip_sum", "tot", "payload", "last_payload",
-     "last_odd_payload"],
-)  # fmt: skip
-@pytest.mark.parametrize("shift", [0, 2])
-def test_batch_declines_what_plan_whole_declines(case: str, shift: int) -> None:
-    """One segment of the second message is not what the run needs: plan_batch
-    declines the batch as plan_whole does (plan then cuts it segment by segment)."""
+DECLINE_CASES = [
+    "psh", "gap", "sport", "ack", "window", "src", "tos", "ttl", "options", "syn", "fin",
+    "udp", "fragment", "ip_options", "first_ip_sum", "tot", "payload", "last_payload",
+    "last_odd_payload",
+]  # fmt: skip
+
+
+def declining_segments(case: str, *, odd_one: bool = True) -> list[bytes]:
+    """15 segments for two GRO messages (5 + 10) of which one is not what a run needs
+    (`case`); with odd_one=False the same stream as it should be (same lengths)."""
     size = 1398
     n_last = 101 if case == "last_odd_payload" else size
     segs = stream(15, last=n_last)
@@ -666,6 +667,8 @@ def test_batch_declines_what_plan_whole_declines(case: str, shift: int) -> None:
         "syn": segment(seq, bytes([where]) * size, "S"),
         "fin": segment(seq, bytes([where]) * size, "FA"),
     }  # fmt: skip
+    if not odd_one:
+        return segs
     if case in odd:
         segs[where] = odd[case]
     else:
@@ -690,9 +693,57 @@ def test_batch_declines_what_plan_whole_declines(case: str, shift: int) -> None:
             csum = ~internet_checksum(bytes(seg[ip : ip + 20])) & 0xFFFF
             seg[ip + 10 : ip + 12] = csum.to_bytes(2)
         segs[where] = bytes(seg)
+    return segs
+
+
+@pytest.mark.parametrize("case", DECLINE_CASES)
+@pytest.mark.parametrize("shift", [0, 2])
+def test_batch_declines_what_plan_whole_declines(case: str, shift: int) -> None:
+    """One segment of the second message is not what the run needs: plan_batch
+    declines the batch as plan_whole does (plan then cuts it segment by segment)."""
+    segs = declining_segments(case)
     rx = gro_batch([segs[:5], segs[5:]], shift=shift)
     assert whole_runs(rx) is None
     assert batch_runs(rx) is None
+
+
+@pytest.mark.parametrize("case", DECLINE_CASES)
+def test_batch_of_a_known_shape_is_checked_again(case: str) -> None:
+    """plan_batch keeps what follows from a batch's shape (message lengths, segment
+    size, header length) and reuses it for the next batch of that shape: the next
+    batch's bytes are all checked again. A good batch, then the odd one in the same
+    slots (same lengths), then the good one again, through one Coalescer."""
+    good = gro_batch([(s := declining_segments(case, odd_one=False))[:5], s[5:]])
+    odd = gro_batch([(s := declining_segments(case))[:5], s[5:]])
+    clean = bytes(good.buf)
+    expected = batch_runs(good)
+    assert expected == [(0, 15)]
+    assert len(good.coalescer._shapes) == 1
+    good.buf[:] = odd.buf  # same length: the buffer is written over, not replaced
+    assert batch_runs(good) is None
+    assert len(good.coalescer._shapes) == 1  # the kept shape served
+    good.buf[:] = clean
+    assert batch_runs(good) == expected
+    assert len(good.coalescer._shapes) == 1
+
+
+def test_batch_shapes_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shapes are kept for so many rows of segments in all, then dropped."""
+    monkeypatch.setattr(gro, "MAX_SHAPE_ROWS", 40)
+    rx = gro_batch([stream(5), stream(5, start=1000 + 5 * 1398)])
+    co = rx.coalescer
+    seq = 1000
+    for count in range(2, 12):  # same slots, ten lengths, one Coalescer
+        msgs = [stream(count, start=seq), stream(count, start=seq + count * 1398)]
+        for i, segs in enumerate(msgs):
+            data = b"".join(segs)
+            off = i * rx.slot + rx.shift
+            rx.buf[off : off + len(data)] = data
+        rx.messages = [(i * rx.slot + rx.shift, count * len(msgs[0][0]), len(msgs[0][0]), 0)
+                       for i in range(2)]  # fmt: skip
+        assert batch_runs(rx) == [(0, 2 * count)]
+        assert co._shape_rows <= 40
+    assert len(co._shapes) < 10
 
 
 def test_batch_leaves_other_shapes_to_plan_whole() -> None:
