@@ -173,6 +173,8 @@ DATAGRAM_MIN_PAYLOAD = 64
 #: waiting: TCP's ACKs travel the other way, and a sender whose ACKs wait for
 #: a long batch stalls. recvmmsg calls per callback, and device bytes read.
 RX_ROUNDS = 4
+#: Segment shapes (size, header length) whose payload views _deliver_chain keeps.
+MAX_PAYLOAD_VIEW_SHAPES = 4
 TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
@@ -676,6 +678,10 @@ class FastEngine(Engine):
             )
         self._rx_view = memoryview(self._rx.buf) if self._rx is not None else None
         self._rx_u8 = np.frombuffer(self._rx.buf, np.uint8) if self._rx is not None else None
+        # (segment size, header length) → per receive slot, views of the payloads
+        # of the first segments of a GRO message there, as many as one has needed
+        # (_deliver_chain).
+        self._payload_views: dict[tuple[int, int], list[list[memoryview]]] = {}
         self._gso_write_failed = False
         self._uso_write_failed = False
         self._fc = paths.counters
@@ -1334,14 +1340,25 @@ class FastEngine(Engine):
         # An iovec entry per segment, straight from the receive buffer: measured
         # against copying each message's payload rows out with numpy first, it
         # is as fast at MTU 1500 and faster for jumbo segments (seven per message).
+        # The views are made as a slot first needs them and kept for the next
+        # message of that segment size there (44 slices: 6.5 µs; taking them
+        # from the list: 0.2 µs).
+        views = self._payload_views.get((size, hl))
+        if views is None:
+            if len(self._payload_views) >= MAX_PAYLOAD_VIEW_SHAPES:
+                self._payload_views.clear()
+            views = self._payload_views[(size, hl)] = [[] for _ in offsets]
         for k in range(first, first + count):
             o = offsets[k]
             full = (lengths[k] - 1) // size  # segments before the last
             last = o + full * size
             segments += full + 1
             if verdict == Verdict.DELIVER:
-                pay = size - hl
-                iov += [rxv[p : p + pay] for p in range(o + hl, last, size)]
+                row = views[k]
+                if len(row) < full:
+                    pay = size - hl
+                    row += [rxv[p : p + pay] for p in range(o + hl + len(row) * size, last, size)]
+                iov += row[:full]
                 iov.append(rxv[last + hl : o + lengths[k]])
         self._fc.rx_segments += segments
         if verdict != Verdict.DELIVER:

@@ -12,6 +12,7 @@ path on and off (no timing is asserted anywhere).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -165,28 +167,54 @@ def test_a_tcp_stream_after_a_backlog_arrives_intact(lab: Lab, tmp_path: Path) -
     pod1, pod2, proc, sock = kernel_sends_weft_receives(lab, tmp_path, gro=True)
     data = os.urandom(32 << 20)
     before = nstat(lab, pod1, "TcpInCsumErrors")
-    stop = threading.Event()
-
-    def pause_now_and_then() -> None:
-        while not stop.wait(0.03):
-            os.kill(proc.pid, signal.SIGSTOP)
-            try:
-                time.sleep(0.01)
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
-
-    pauser = threading.Thread(target=pause_now_and_then)
-    pauser.start()
-    try:
+    with paused_now_and_then(proc.pid):
         got = send_over_tcp(pod2, pod1, data)
-    finally:
-        stop.set()
-        pauser.join()
     assert got == data
     assert nstat(lab, pod1, "TcpInCsumErrors") == before
     fc = status(sock)["offload"]["counters"]
     assert fc["batch_plans"] > 0
     assert fc["gso_written_segments"] > 2 * fc["gso_writes"]
+
+
+def test_tcp_streams_of_changing_segment_sizes_arrive_intact(lab: Lab, tmp_path: Path) -> None:
+    """As above, one stream after another, each with its own segment size (TCP_MAXSEG),
+    more sizes than weft keeps payload views and batch shapes for, then the first
+    size again: the same receive slots hold segments of each size in turn."""
+    pod1, pod2, proc, sock = kernel_sends_weft_receives(lab, tmp_path, gro=True)
+    before = nstat(lab, pod1, "TcpInCsumErrors")
+    sizes = [1398, 1000, 600, 1200, 800, 1100, 1398]
+    assert len(set(sizes)) > fastpath.MAX_PAYLOAD_VIEW_SHAPES
+    with paused_now_and_then(proc.pid):
+        for mss in sizes:
+            data = os.urandom(4 << 20)
+            assert send_over_tcp(pod2, pod1, data, mss=mss) == data, mss
+    assert nstat(lab, pod1, "TcpInCsumErrors") == before
+    fc = status(sock)["offload"]["counters"]
+    assert fc["batch_plans"] > 0
+    assert fc["gso_written_segments"] > 2 * fc["gso_writes"]
+
+
+@contextlib.contextmanager
+def paused_now_and_then(pid: int) -> Iterator[None]:
+    """The process (one this test started) stopped for 10 ms every 30 ms meanwhile, so
+    that its socket holds a backlog and its recvmmsg calls return many messages."""
+    stop = threading.Event()
+
+    def pause() -> None:
+        while not stop.wait(0.03):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(0.01)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        pauser.join()
 
 
 # -- measurements (opt-in) -----------------------------------------------------------

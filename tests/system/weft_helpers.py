@@ -187,12 +187,15 @@ def send_udp_datagrams(
     return got
 
 
-def send_over_tcp(sender: Pod, receiver: Pod, data: bytes) -> bytes:
-    """`data` from a socket in `sender` to one in `receiver`; what arrived."""
+def send_over_tcp(sender: Pod, receiver: Pod, data: bytes, *, mss: int | None = None) -> bytes:
+    """`data` from a socket in `sender` to one in `receiver`; what arrived. `mss`:
+    the sender's segment size (TCP_MAXSEG), else the path's."""
     with in_netns(receiver.ns):
         server = socket.create_server(("0.0.0.0", TCP_PORT))
     with in_netns(sender.ns):
         client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if mss is not None:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
     got = bytearray()
     try:
         server.settimeout(10)
