@@ -9,37 +9,84 @@ ratios.
     python -m bench.ab --modes kernel-vxlan,weft-vxlan-kernel --tests tcp4,tcp1 \\
         --rounds 3 --b "--queues 2" --out ab.json
 
-Prints one JSON line per probe and a summary (mean, ratio to kernel VXLAN).
+Or two versions of weft's code, each a source tree (a `git archive` export): the
+variant's weft processes run from it (their working directory and PYTHONPATH),
+the bench and the lab from this one:
+
+    git archive OLD | tar -x -C /tmp/old
+    python -m bench.ab --modes kernel-vxlan,kernel-weft-vxlan --tests tcp1 \\
+        --a-src /tmp/old --b "" --out ab.json
+
+Prints one JSON line per probe and a summary (mean, ratio to kernel VXLAN, and
+the CPU time the weft processes took per GB moved or per million datagrams).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import statistics
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench import env as envmod
 from bench import probes
+from bench.sampling import pid_cpu_seconds
 
 TESTS = ("tcp1", "tcp4", "udp64")
 
 
-def probe(env: envmod.Env, test: str, seconds: float) -> float:
-    """Gbit/s for TCP, thousands of datagrams a second received for udp64."""
+def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None]:
+    """Gbit/s for TCP, thousands of datagrams a second received for udp64; and the
+    CPU seconds the weft processes took per GB received (TCP) or per million
+    datagrams received (udp64), None without weft."""
+    before = [pid_cpu_seconds(pid) for pid in env.weft_pids]
     if test == "udp64":
-        return probes.udp_small(env, seconds).received_pps / 1e3
-    streams = 4 if test == "tcp4" else 1
-    return probes.tcp(env, seconds, streams=streams).bits_per_second / 1e9
+        udp = probes.udp_small(env, seconds)
+        value, moved = udp.received_pps / 1e3, udp.received_packets / 1e6
+    else:
+        tcp = probes.tcp(env, seconds, streams=4 if test == "tcp4" else 1)
+        value, moved = tcp.bits_per_second / 1e9, tcp.bytes / 1e9
+    after = [pid_cpu_seconds(pid) for pid in env.weft_pids]
+    used = [b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None]
+    cpu = sum(used) / moved if used and moved > 0 else None
+    return value, cpu
+
+
+@contextlib.contextmanager
+def weft_source(src: Path | None) -> Iterator[None]:
+    """Weft processes started meanwhile run the code in `src` (their working
+    directory comes first on their path, then PYTHONPATH); None: this tree's."""
+    if src is None:
+        yield
+        return
+    cwd, path = os.getcwd(), os.environ.get("PYTHONPATH")
+    os.chdir(src)
+    os.environ["PYTHONPATH"] = str(src)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        if path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = path
 
 
 def run(
-    modes: list[str], tests: list[str], rounds: int, variants: dict[str, list[str]], seconds: float
+    modes: list[str],
+    tests: list[str],
+    rounds: int,
+    variants: dict[str, list[str]],
+    seconds: float,
+    sources: dict[str, Path | None] | None = None,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in range(rounds):
@@ -48,12 +95,17 @@ def run(
             names = list(variants) if "weft" in mode else [next(iter(variants))]
             for name in names if r % 2 == 0 else names[::-1]:
                 with tempfile.TemporaryDirectory(prefix="weft-ab") as wd:
-                    env = envmod.build(m, "wire", 1500, Path(wd), Path(wd), tuple(variants[name]))
+                    with weft_source((sources or {}).get(name)):
+                        env = envmod.build(
+                            m, "wire", 1500, Path(wd), Path(wd), tuple(variants[name])
+                        )
                     try:
                         for test in tests:
-                            value = probe(env, test, seconds)
+                            value, cpu = probe(env, test, seconds)
                             rec = {"round": r, "mode": mode, "variant": name, "test": test}
                             rec["value"] = round(value, 3)
+                            if cpu is not None:
+                                rec["weft_cpu"] = round(cpu, 3)
                             print(json.dumps(rec), flush=True)
                             out.append(rec)
                     finally:
@@ -63,15 +115,22 @@ def run(
 
 def summary(records: list[dict[str, Any]]) -> list[str]:
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for rec in records:
-        values[(rec["mode"], rec["variant"], rec["test"])].append(rec["value"])
+        key = (rec["mode"], rec["variant"], rec["test"])
+        values[key].append(rec["value"])
+        if "weft_cpu" in rec:
+            cpus[key].append(rec["weft_cpu"])
     lines = []
     for (mode, variant, test), vs in sorted(values.items()):
         mean = statistics.mean(vs)
         base = [v for (m, _, t), v in values.items() if m == "kernel-vxlan" and t == test]
         ratio = f" ({mean / statistics.mean(base[0]):.2f}× kernel VXLAN)" if base else ""
         shown = " / ".join(f"{v:.2f}" for v in vs)
-        lines.append(f"{mode:<20} {variant:<3} {test:<6} {shown}  mean {mean:.2f}{ratio}")
+        cpu = cpus.get((mode, variant, test))
+        unit = "s/M datagrams" if test == "udp64" else "s/GB"
+        used = f", weft CPU {statistics.mean(cpu):.2f} {unit}" if cpu else ""
+        lines.append(f"{mode:<20} {variant:<3} {test:<6} {shown}  mean {mean:.2f}{ratio}{used}")
     return lines
 
 
@@ -83,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--a", default="", help="options for every weft of variant A (default none)")
     p.add_argument("--b", default="--queues 2", help="options for variant B")
+    p.add_argument("--a-src", type=Path, help="source tree variant A's weft runs from")
+    p.add_argument("--b-src", type=Path, help="source tree variant B's weft runs from")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -91,11 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"python -m bench.ab: unknown mode or test: {', '.join(bad)}", file=sys.stderr)
         return 2
+    sources = {"A": args.a_src, "B": args.b_src}
+    for name, src in sources.items():
+        if src is not None:
+            sources[name] = src = src.resolve()
+            if not (src / "control" / "cli.py").is_file():
+                print(f"python -m bench.ab: {src}: not a weft source tree", file=sys.stderr)
+                return 2
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
-    records = run(modes, tests, args.rounds, variants, args.seconds)
+    records = run(modes, tests, args.rounds, variants, args.seconds, sources)
     print("\n".join(summary(records)))
     if args.out:
-        args.out.write_text(json.dumps({"variants": variants, "records": records}, indent=1))
+        doc = {"variants": variants, "sources": {k: str(v) for k, v in sources.items() if v}}
+        args.out.write_text(json.dumps({**doc, "records": records}, indent=1))
     return 0
 
 

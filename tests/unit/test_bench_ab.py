@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from bench import ab
@@ -24,3 +27,35 @@ def test_unknown_modes_and_tests_are_one_line_errors(capsys: pytest.CaptureFixtu
     assert ab.main(["--modes", "weft-vxlan,warp", "--tests", "tcp9"]) == 2
     err = capsys.readouterr().err
     assert err == "python -m bench.ab: unknown mode or test: warp, tcp9\n"
+
+
+def test_summary_gives_the_weft_cpu_per_unit_moved() -> None:
+    records = [
+        {"round": 0, "mode": "kernel-weft-vxlan", "variant": "A", "test": "tcp1", "value": 3.0,
+         "weft_cpu": 2.0},
+        {"round": 1, "mode": "kernel-weft-vxlan", "variant": "A", "test": "tcp1", "value": 3.0,
+         "weft_cpu": 3.0},
+        {"round": 0, "mode": "kernel-weft-vxlan", "variant": "A", "test": "udp64", "value": 150,
+         "weft_cpu": 4.5},
+    ]  # fmt: skip
+    lines = ab.summary(records)
+    assert lines[0].endswith("mean 3.00, weft CPU 2.50 s/GB")
+    assert lines[1].endswith("mean 150.00, weft CPU 4.50 s/M datagrams")
+
+
+def test_a_source_that_is_not_weft_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ab.main(["--modes", "weft-vxlan", "--a-src", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m bench.ab: {tmp_path}: not a weft source tree\n"
+
+
+def test_weft_source_switches_directory_and_path_and_restores_them(tmp_path: Path) -> None:
+    cwd, path = os.getcwd(), os.environ.get("PYTHONPATH")
+    with ab.weft_source(tmp_path):
+        assert os.getcwd() == str(tmp_path)
+        assert os.environ["PYTHONPATH"] == str(tmp_path)
+    assert os.getcwd() == cwd and os.environ.get("PYTHONPATH") == path
+    with ab.weft_source(None):
+        assert os.getcwd() == cwd
