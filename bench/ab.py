@@ -19,6 +19,8 @@ the bench and the lab from this one:
 
 Prints one JSON line per probe and a summary (mean, ratio to kernel VXLAN, and
 the CPU time the weft processes took per GB moved or per million datagrams).
+Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), rr (1-byte
+TCP transactions/s), ping (RTT median, ms: there the ratio is lower-is-better).
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ from bench import env as envmod
 from bench import probes
 from bench.sampling import pid_cpu_seconds
 
-TESTS = ("tcp1", "tcp4", "udp64")
+TESTS = ("tcp1", "tcp4", "udp64", "rr", "ping")
+#: Pings per `ping` probe, one every 10 ms (as the bench's ping test).
+PINGS = 200
 
 
 def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None]:
-    """Gbit/s for TCP, thousands of datagrams a second received for udp64; and the
-    CPU seconds the weft processes took per GB received (TCP) or per million
-    datagrams received (udp64), None without weft."""
+    """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
+    TCP transactions a second for rr, the ping RTT's median in ms for ping; and
+    the CPU seconds the weft processes took per GB received (TCP) or per million
+    datagrams received (udp64), None without weft or for rr and ping."""
+    if test == "rr":
+        return probes.rr(env, seconds)["per_second"], None
+    if test == "ping":
+        p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
+        return (float(p50) if p50 is not None else float("nan")), None
     before = [pid_cpu_seconds(pid) for pid in env.weft_pids]
     if test == "udp64":
         udp = probes.udp_small(env, seconds)
