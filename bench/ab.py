@@ -40,7 +40,8 @@ from typing import Any
 
 from bench import env as envmod
 from bench import probes
-from bench.sampling import pid_cpu_seconds
+from bench.sampling import delta, snapshot
+from bench.stats import per_unit
 
 TESTS = ("tcp1", "tcp4", "udp64", "rr", "ping")
 #: Pings per `ping` probe, one every 10 ms (as the bench's ping test).
@@ -57,17 +58,15 @@ def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | No
     if test == "ping":
         p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
         return (float(p50) if p50 is not None else float("nan")), None
-    before = [pid_cpu_seconds(pid) for pid in env.weft_pids]
+    before = snapshot(env.weft_pids, None)
     if test == "udp64":
         udp = probes.udp_small(env, seconds)
-        value, moved = udp.received_pps / 1e3, udp.received_packets / 1e6
+        value, moved, scale = udp.received_pps / 1e3, udp.received_packets, 1e6
     else:
         tcp = probes.tcp(env, seconds, streams=4 if test == "tcp4" else 1)
-        value, moved = tcp.bits_per_second / 1e9, tcp.bytes / 1e9
-    after = [pid_cpu_seconds(pid) for pid in env.weft_pids]
-    used = [b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None]
-    cpu = sum(used) / moved if used and moved > 0 else None
-    return value, cpu
+        value, moved, scale = tcp.bits_per_second / 1e9, tcp.bytes, 1e9
+    used = delta(before, snapshot(env.weft_pids, None)).procs_cpu_s
+    return value, per_unit(used, moved, scale)
 
 
 @contextlib.contextmanager
