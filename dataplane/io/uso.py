@@ -123,6 +123,20 @@ class UdpCoalescer:
         ip = self.ip_off
         hl = self.hlen
         h = self._headers[starts]  # count × hl, a copy
+        if (
+            (lengths == lengths[0]).all()
+            and (peers == peers[0]).all()
+            and ((h == h[0]) | self._may_differ).all()
+        ):
+            # One flow, one size (a small-datagram stream's usual batch): every
+            # datagram's headers are the first one's but for the bytes that may differ,
+            # so the first one's fields decide for all, and only the checksums are
+            # left to check row by row.
+            length = int(lengths[0])
+            if self._candidate(h[0].tobytes(), length):
+                ok = self._checksums_ok(h, starts, length)
+                joins[1:] = ok[1:] & ok[:-1]
+            return joins
         words = h.view(">u2")  # (hl and ip_off are even)
         inner = lengths - ip
         candidate = (
@@ -152,24 +166,49 @@ class UdpCoalescer:
         # A UDP checksum of zero is "none" (see the module's notes): valid as it is.
         udp_ok = (h[rows, ip + 26] == 0) & (h[rows, ip + 27] == 0)
         # UDP checksums, one matrix per datagram length (a run has one length; a batch
-        # usually has one or two): from the inner addresses (the pseudo-header's) to
-        # the end, in 32-bit words, zero-padded; protocol and UDP length added (× 256:
-        # the words were summed little-endian).
+        # usually has one or two).
         row_lengths = lengths[rows]
         distinct = set(row_lengths.tolist())
         for length in distinct:
             sel = np.flatnonzero(row_lengths == length) if len(distinct) > 1 else slice(None)
-            covered = length - ip - 12
-            width = -(-covered // 4) * 4
-            words = self._window(width)[starts[rows[sel]] + ip + 12]
-            words[:, covered:] = 0
-            sums = words.view("<u4").sum(axis=1, dtype=np.uint64)
-            fix = np.uint64((17 + length - ip - 20) * 256)
-            udp_ok[sel] |= (sums + fix) % _ONES == 0
+            udp_ok[sel] |= self._udp_sums_ok(starts[rows[sel]], length)
         ok = np.zeros(count, dtype=bool)
         ok[rows] = (ip_sums % _ONES == 0) & udp_ok
         joins[1:] &= ok[1:] & ok[:-1]
         return joins
+
+    def _candidate(self, row: bytes, length: int) -> bool:
+        """The rules above for one datagram's headers `row` (all but the checksums)."""
+        ip = self.ip_off
+        inner = length - ip
+        return (
+            row[ip] == 0x45
+            and row[ip + 9] == 17
+            and (row[ip + 6] & 0x3F) == 0 == row[ip + 7]  # MF, fragment offset
+            and row[ip + 2] << 8 | row[ip + 3] == inner  # IP total length
+            and row[ip + 24] << 8 | row[ip + 25] == inner - 20  # UDP length
+            and length > self.hlen
+        )
+
+    def _checksums_ok(self, h: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+        """Per datagram (headers `h`, all `length` bytes long): IP header checksum valid,
+        UDP checksum valid or zero."""
+        ip = self.ip_off
+        ip_ok = h[:, ip : ip + 20].view("<u2").sum(axis=1, dtype=np.uint64) % _ONES == 0
+        udp = h[:, ip + 26 : ip + 28].view("<u2")[:, 0]
+        return ip_ok & ((udp == 0) | self._udp_sums_ok(starts, length))
+
+    def _udp_sums_ok(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """UDP checksums of the datagrams at `starts`, all `length` bytes long: from the
+        inner addresses (the pseudo-header's) to the end, in 32-bit words, zero-padded;
+        protocol and UDP length added (× 256: the words were summed little-endian)."""
+        ip = self.ip_off
+        covered = length - ip - 12
+        width = -(-covered // 4) * 4
+        words = self._window(width)[starts + ip + 12]
+        words[:, covered:] = 0
+        sums = words.view("<u4").sum(axis=1, dtype=np.uint64)
+        return (sums + np.uint64((17 + length - ip - 20) * 256)) % _ONES == 0
 
     def runs(
         self, starts: np.ndarray, lengths: np.ndarray, peers: np.ndarray

@@ -7,6 +7,8 @@ must be what the kernel cuts back into the original datagrams.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scapy.layers.inet import IP, UDP
@@ -252,3 +254,120 @@ def test_merged_header_cuts_back_into_the_original_datagrams(l2: bool) -> None:
     payloads = [whole[len(header) + 100 * k : len(header) + 100 * (k + 1)] for k in range(5)]
     # Same ID in every datagram here, so the kernel's segments are byte for byte the originals.
     assert _segment(vnet, header, payloads, ip) == [d[out:] for d in dgrams]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["more-fragments", "fragment-offset", "options", "tcp", "padding", "empty", "udp-length"],
+)
+def test_a_batch_of_one_kind_that_may_not_merge_stays_single(kind: str) -> None:
+    """Every datagram alike (one flow, one size): the first one's headers decide for
+    the whole batch, so each rule must still hold there."""
+    rx = Rx()
+    for i in range(6):
+        if kind == "more-fragments":
+            d = datagram(b"f" * 64, ident=i, flags="MF")
+        elif kind == "fragment-offset":
+            d = datagram(b"f" * 64, ident=i, flags=0, frag=100)
+        elif kind == "options":
+            d = datagram(b"o" * 64, ident=i, options=[b"\x01\x01\x01\x00"])
+        elif kind == "tcp":
+            d = bytearray(datagram(b"t" * 64, ident=i))
+            d[22 + 9] = 6  # the IP checksum no longer holds either: both rules apply
+            d = bytes(d)
+        elif kind == "padding":
+            d = datagram(b"p" * 64, ident=i) + b"\0\0"
+        elif kind == "empty":
+            d = datagram(b"", ident=i)
+        else:
+            d = bytearray(datagram(b"u" * 64, ident=i))
+            d[22 + 24 : 22 + 26] = (8 + 63).to_bytes(2, "big")  # UDP length short of the IP's
+            d = bytes(d)
+        rx.single(d)
+    assert rx.runs() == [(k, 1) for k in range(6)]
+
+
+def _reference_ok(d: bytes, ip: int) -> bool:
+    """One datagram's own rules (module docstring), byte by byte."""
+    inner = len(d) - ip
+    return (
+        d[ip] == 0x45
+        and d[ip + 9] == 17
+        and int.from_bytes(d[ip + 6 : ip + 8], "big") & 0x3FFF == 0
+        and int.from_bytes(d[ip + 2 : ip + 4], "big") == inner
+        and int.from_bytes(d[ip + 24 : ip + 26], "big") == inner - 20
+        and len(d) > ip + 28
+        and ones_complement_sum(d[ip : ip + 20]) == 0xFFFF
+        and (
+            d[ip + 26 : ip + 28] == b"\0\0"
+            or ones_complement_sum(d[ip + 12 : ip + 20] + d[ip + 20 :], 17 + inner - 20) == 0xFFFF
+        )
+    )
+
+
+def _reference_runs(dgrams: list[bytes], peers: list[int], ip: int) -> list[tuple[int, int]]:
+    """The runs the rules give, datagram by datagram in Python (no segment cap hit)."""
+    differ = {ip + 4, ip + 5, ip + 10, ip + 11, ip + 26, ip + 27}
+    hl = ip + 28
+    runs: list[tuple[int, int]] = []
+    for k, d in enumerate(dgrams):
+        prev = dgrams[k - 1] if k else b""
+        joins = (
+            k > 0
+            and _reference_ok(d, ip)
+            and _reference_ok(prev, ip)
+            and len(d) == len(prev)
+            and peers[k] == peers[k - 1]
+            and all(d[i] == prev[i] for i in range(hl) if i not in differ)
+        )
+        if joins:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((k, 1))
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_runs_match_the_rules_datagram_by_datagram(seed: int) -> None:
+    """Random batches, mostly one flow and one size with now and then an odd datagram
+    (a bad checksum, another port, size, peer, a zero checksum): the planner's runs
+    are those of the rules applied to each datagram in Python."""
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(2, 60))
+    size = int(rng.choice([1, 64, 65, 333]))
+    odd_rate = float(rng.choice([0.0, 0.02, 0.2]))
+    zero_csum = bool(rng.integers(2))
+    dgrams: list[bytes] = []
+    peers: list[int] = []
+    for i in range(count):
+        d = bytearray(datagram(bytes([i & 0xFF]) * size, ident=int(rng.integers(65536))))
+        peer = 0
+        if zero_csum:
+            d[22 + 26 : 22 + 28] = b"\0\0"
+        if rng.random() < odd_rate:
+            what = int(rng.integers(6))
+            if what == 0:
+                d[-1] ^= 0x40  # payload after the checksum
+            elif what == 1:
+                d[22 + 4] ^= 0x01  # IP ID without fixing the IP checksum
+            elif what == 2:
+                d = bytearray(datagram(b"s" * size, sport=5202, ident=i))
+            elif what == 3:
+                d = bytearray(datagram(b"s" * (size + 1), ident=i))
+            elif what == 4:
+                peer = 1
+            else:
+                d[22 + 26 : 22 + 28] = b"\0\0"
+        dgrams.append(bytes(d))
+        peers.append(peer)
+    rx = Rx(slots=64)
+    if rng.integers(2) and len({len(d) for d in dgrams}) == 1:
+        # As UDP GRO hands them over: a few messages of consecutive datagrams.
+        cut = sorted({0, count, *rng.integers(1, count, 3).tolist()})
+        for a, b in itertools.pairwise(cut):
+            rx.gro(dgrams[a:b])
+            rx.peers[-(b - a) :] = peers[a:b]  # a peer per datagram, odd ones too
+    else:
+        for d, p in zip(dgrams, peers, strict=True):
+            rx.single(d, peer=p)
+    assert rx.runs() == _reference_runs(dgrams, peers, 22)
