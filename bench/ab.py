@@ -19,8 +19,10 @@ the bench and the lab from this one:
 
 Prints one JSON line per probe and a summary (mean, ratio to kernel VXLAN, and
 the CPU time the weft processes took per GB moved or per million datagrams).
-Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), rr (1-byte
-TCP transactions/s), ping (RTT median, ms: there the ratio is lower-is-better).
+Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), udp64@RATE
+(the same at a fixed offered rate, iperf3's -b: udp64@60M; its CPU per datagram
+compares variants doing the same work), rr (1-byte TCP transactions/s), ping (RTT
+median, ms: there the ratio is lower-is-better).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -48,6 +51,13 @@ TESTS = ("tcp1", "tcp4", "udp64", "rr", "ping")
 PINGS = 200
 
 
+def known_test(test: str) -> bool:
+    """One of TESTS, or ``udp64@RATE``: 64-byte datagrams at a fixed offered rate
+    (iperf3's ``-b``: ``60M``), where the weft CPU per datagram compares variants
+    doing the same work (at ``-b 0`` it moves with how many the pod drops)."""
+    return test in TESTS or re.fullmatch(r"udp64@[1-9][0-9]*[KMG]?", test) is not None
+
+
 def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None]:
     """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
     TCP transactions a second for rr, the ping RTT's median in ms for ping; and
@@ -59,8 +69,8 @@ def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | No
         p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
         return (float(p50) if p50 is not None else float("nan")), None
     before = snapshot(env.weft_pids, None)
-    if test == "udp64":
-        udp = probes.udp_small(env, seconds)
+    if test.startswith("udp64"):
+        udp = probes.udp_small(env, seconds, bitrate=test.partition("@")[2] or "0")
         value, moved, scale = udp.received_pps / 1e3, udp.received_packets, 1e6
     else:
         tcp = probes.tcp(env, seconds, streams=4 if test == "tcp4" else 1)
@@ -137,7 +147,7 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
         ratio = f" ({mean / statistics.mean(base[0]):.2f}× kernel VXLAN)" if base else ""
         shown = " / ".join(f"{v:.2f}" for v in vs)
         cpu = cpus.get((mode, variant, test))
-        unit = "s/M datagrams" if test == "udp64" else "s/GB"
+        unit = "s/M datagrams" if test.startswith("udp64") else "s/GB"
         used = f", weft CPU {statistics.mean(cpu):.2f} {unit}" if cpu else ""
         lines.append(f"{mode:<20} {variant:<3} {test:<6} {shown}  mean {mean:.2f}{ratio}{used}")
     return lines
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     tests = [t for t in args.tests.split(",") if t]
-    bad = [m for m in modes if m not in envmod.MODES] + [t for t in tests if t not in TESTS]
+    bad = [m for m in modes if m not in envmod.MODES] + [t for t in tests if not known_test(t)]
     if bad:
         print(f"python -m bench.ab: unknown mode or test: {', '.join(bad)}", file=sys.stderr)
         return 2

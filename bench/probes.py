@@ -59,9 +59,12 @@ def tcp(env: Env, seconds: float, streams: int = 1) -> TcpResult:
     return parse_iperf3_tcp(_iperf3(env, args, seconds))
 
 
-def udp_small(env: Env, seconds: float, payload: int = SMALL_PAYLOAD) -> UdpResult:
-    """As many ``payload``-byte datagrams as one iperf3 sender can make (``-b 0``)."""
-    out = _iperf3(env, ["-u", "-l", str(payload), "-b", "0"], seconds)
+def udp_small(
+    env: Env, seconds: float, payload: int = SMALL_PAYLOAD, bitrate: str = "0"
+) -> UdpResult:
+    """As many ``payload``-byte datagrams as one iperf3 sender can make (``-b 0``), or
+    as many as ``bitrate`` of payload (iperf3's ``-b``, e.g. ``60M``) takes."""
+    out = _iperf3(env, ["-u", "-l", str(payload), "-b", bitrate], seconds)
     return parse_iperf3_udp(out, payload)
 
 

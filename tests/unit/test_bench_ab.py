@@ -59,3 +59,45 @@ def test_weft_source_switches_directory_and_path_and_restores_them(tmp_path: Pat
     assert os.getcwd() == cwd and os.environ.get("PYTHONPATH") == path
     with ab.weft_source(None):
         assert os.getcwd() == cwd
+
+
+@pytest.mark.parametrize("test", ["udp64@60M", "udp64@500K", "udp64@1G", "udp64@100000"])
+def test_a_fixed_rate_udp64_is_a_test(test: str) -> None:
+    assert ab.known_test(test)
+
+
+@pytest.mark.parametrize("test", ["udp64@", "udp64@0", "udp64@60X", "udp64@-1", "tcp1@60M"])
+def test_a_malformed_fixed_rate_is_an_unknown_test(
+    test: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not ab.known_test(test)
+    assert ab.main(["--modes", "weft-vxlan", "--tests", test]) == 2
+    assert capsys.readouterr().err == f"python -m bench.ab: unknown mode or test: {test}\n"
+
+
+def test_the_fixed_rate_reaches_iperf3_and_counts_per_datagram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """probe() hands the rate to iperf3's -b (0: as fast as it can) and reports the
+    weft CPU per million datagrams received."""
+    seen: list[list[str]] = []
+
+    def iperf3(env: object, args: list[str], seconds: float) -> str:
+        seen.append(args)
+        return '{"end": {"sum_received": {"packets": 1000, "lost_packets": 0, "seconds": 1.0}}}'
+
+    monkeypatch.setattr(ab.probes, "_iperf3", iperf3)
+
+    class Env:
+        weft_pids = (os.getpid(),)
+
+    value, cpu = ab.probe(Env(), "udp64@60M", 1.0)  # type: ignore[arg-type]
+    assert seen[-1][-2:] == ["-b", "60M"]
+    assert value == pytest.approx(1.0) and cpu is not None and cpu >= 0
+    ab.probe(Env(), "udp64", 1.0)  # type: ignore[arg-type]
+    assert seen[-1][-2:] == ["-b", "0"]
+    lines = ab.summary(
+        [{"round": 0, "mode": "weft-vxlan", "variant": "A", "test": "udp64@60M", "value": 115,
+          "weft_cpu": 4.5}]
+    )  # fmt: skip
+    assert lines[0].endswith("weft CPU 4.50 s/M datagrams")
