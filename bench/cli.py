@@ -78,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pass --queues N to every `weft dataplane run` (default: 1, one process)",
     )
     p.add_argument(
+        "--weft-cpus",
+        metavar="LIST",
+        help="pass --cpus LIST to every `weft dataplane run` (weft on those CPUs, the "
+        "kernel's egress work on the others; both nodes get the same list)",
+    )
+    p.add_argument(
         "--pod-gro",
         choices=["on", "off"],
         default="on",
@@ -165,6 +171,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         weft_offload=args.weft_offload,
         weft_busy_poll=args.weft_busy_poll,
         weft_queues=args.weft_queues,
+        weft_cpus=args.weft_cpus,
         pod_gro=args.pod_gro == "on",
         command=command,
     )

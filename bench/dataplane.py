@@ -52,6 +52,7 @@ class Params:
     weft_offload: str | None = None  # passed as --offload to weft dataplane run when set
     weft_busy_poll: int | None = None  # passed as --busy-poll when set
     weft_queues: int | None = None  # passed as --queues when set
+    weft_cpus: str | None = None  # passed as --cpus when set
     #: GRO forwarding for UDP on the pods' node-side veths, in every mode (the lab's
     #: Lab.udp_gro_forwarding): a pod's small datagrams cross the node merged.
     pod_gro: bool = True
@@ -62,6 +63,8 @@ class Params:
             extra += ("--busy-poll", str(self.weft_busy_poll))
         if self.weft_queues:
             extra += ("--queues", str(self.weft_queues))
+        if self.weft_cpus:
+            extra += ("--cpus", self.weft_cpus)
         return extra
 
     command: str = ""

@@ -203,4 +203,6 @@ def _weft_args(p: dict[str, Any]) -> list[str]:
         args.append(f"--busy-poll {p['weft_busy_poll']}")
     if p.get("weft_queues"):
         args.append(f"--queues {p['weft_queues']}")
+    if p.get("weft_cpus"):
+        args.append(f"--cpus {p['weft_cpus']}")
     return args

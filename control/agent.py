@@ -538,7 +538,7 @@ class Agent:
             dp = extra()
             keys = (
                 "device", "device_kind", "device_mtu", "counters", "direct_routes", "offload",
-                "busy_poll_us", "queues", "source_ports",
+                "busy_poll_us", "queues", "source_ports", "placement",
             )  # fmt: skip
             for key in keys:
                 if key in dp:

@@ -63,6 +63,41 @@ def parse_source_ports(text: str) -> int:
     return _bounded_int(text, 0, MAX_SOURCE_PORTS, "a number of ports", "ports")
 
 
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """--cpus LIST: the dataplane's CPUs ("0", "0,2", "0-3"); empty: the scheduler's."""
+    from dataplane.io.cpus import CpuListError, parse_cpu_list
+
+    if not text.strip():
+        return ()
+    try:
+        return parse_cpu_list(text)
+    except CpuListError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cpu_placement(pinned: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """NodeSpec's cpus and steer_cpus for --cpus, checked against the CPUs this
+    process may run on (dataplane/io/cpus.py)."""
+    import os
+
+    from dataplane.io.cpus import CpuListError, plan
+
+    if not pinned:
+        return {"cpus": (), "steer_cpus": ()}
+    try:
+        placement = plan(pinned, os.sched_getaffinity(0))
+    except CpuListError as exc:
+        raise CliError(str(exc)) from None
+    return {"cpus": placement.pinned, "steer_cpus": placement.steer}
+
+
+CPUS_HELP = (
+    "run the dataplane on these CPUs (0, 0,2 or 0-3; with --queues, queue q on the q-th) "
+    "and let the kernel segment and forward what it sends on the others (RPS on the "
+    "egress TAP); default: the scheduler decides"
+)
+
+
 def parse_ipv4_network(text: str) -> IPv4Network:
     try:
         net = ip_network(text, strict=True)
@@ -143,6 +178,7 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         busy_poll_us=args.busy_poll,
         queues=args.queues,
         source_ports=args.source_ports,
+        **cpu_placement(args.cpus),
     )
     if spec.backend == "vxlan" and spec.vtep_mac is None:
         raise CliError("the vxlan backend needs --vtep-mac (the agent keeps one in its state dir)")
@@ -226,6 +262,8 @@ def render_status(status: dict[str, Any]) -> str:
             out(f"  {', '.join(paths)} off: {why}")
     if status.get("busy_poll_us"):
         out(f"busy polling: {status['busy_poll_us']} µs after the last packet")
+    if status.get("placement"):
+        out(f"cpus: {status['placement']}")
     queues = status.get("queues")
     if isinstance(queues, dict):
         workers = queues.get("workers") or []
@@ -291,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"the inner flow, as the kernel's VXLAN does (default {SOURCE_PORTS}; 0: all from "
         "the listening port)",
     )  # fmt: skip
+    run.add_argument("--cpus", type=parse_cpus, default=(), metavar="LIST", help=CPUS_HELP)
     run.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
     run.set_defaults(func=cmd_dataplane_run)
 

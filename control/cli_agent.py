@@ -11,8 +11,11 @@ from ipaddress import IPv4Address, IPv4Interface, ip_address
 from typing import Any
 
 from control.cli import (
+    CPUS_HELP,
     CliError,
+    cpu_placement,
     parse_busy_poll,
+    parse_cpus,
     parse_ipv4,
     parse_queues,
     parse_source_ports,
@@ -136,6 +139,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             "busy_poll_us": args.busy_poll,
             "queues": args.queues,
             "source_ports": args.source_ports,
+            **cpu_placement(args.cpus),
         }
 
         def dataplane_factory(agent: Any) -> Any:
@@ -288,6 +292,13 @@ def register(sub: Any) -> None:
         metavar="N",
         help="userspace dataplane: N device queues, one process each (more cores for more "
         "flows; each flow stays on one queue). vxlan and udp backends; default 1",
+    )
+    p.add_argument(
+        "--cpus",
+        type=parse_cpus,
+        default=env_default("--cpus", ""),
+        metavar="LIST",
+        help="userspace dataplane: " + CPUS_HELP,
     )
     p.add_argument(
         "--source-ports",

@@ -24,7 +24,7 @@ from dataplane.backends.hostgw import HostGwBackend
 from dataplane.backends.udp import UdpBackend
 from dataplane.backends.vxlan import VxlanBackend
 from dataplane.forwarder import Forwarder
-from dataplane.io import fastpath, netlink, packet_gso
+from dataplane.io import cpus, fastpath, netlink, packet_gso
 from dataplane.io.fastpath import FastPaths
 from dataplane.io.queues import (
     QueueWorkers,
@@ -86,8 +86,14 @@ class NodeSpec:
     #: a hash of the inner flow, as the kernel's VXLAN device does (sockets.SourcePorts);
     #: 0 sends everything from the listening port. flannel's udp backend always does.
     source_ports: int = SOURCE_PORTS
+    #: CPUs (dataplane/io/cpus.py): queue q's process runs on cpus[q % len(cpus)] and
+    #: the kernel's work behind its egress writes goes to steer_cpus (RPS); () leaves
+    #: both to the scheduler. The CLI fills steer_cpus with the CPUs left over.
+    cpus: tuple[int, ...] = ()
+    steer_cpus: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.cpus, self.steer_cpus = tuple(self.cpus), tuple(self.steer_cpus)  # from JSON
         if self.device == "tap" and self.backend != "vxlan":
             raise ValueError("--device tap is only for the vxlan backend")
         if not self.device_name:
@@ -141,6 +147,8 @@ class UserspaceDataplane:
         self._resolver: asyncio.Task[None] | None = None
         self._want_resolve = asyncio.Event()
         self.fast: FastPaths | None = None
+        self._rps: cpus.RpsSetting | None = None
+        self.placement = ""  # where this process and the kernel's egress work run
 
     @property
     def device_mtu(self) -> int:
@@ -222,6 +230,8 @@ class UserspaceDataplane:
                 self.tracer.source_ports = self.source_ports
             self.engine.tracer = self.tracer
             self.engine.busy_poll_ns = spec.busy_poll_us * 1000
+            if spec.cpus:
+                self._place()
             self.engine.start(loop)
             self._loop = loop
             if owner and multi_queue:
@@ -231,7 +241,7 @@ class UserspaceDataplane:
             self.stop()
             raise
         log.info(
-            "dataplane up: %s on %s (%s, mtu %d%s), underlay %s %s",
+            "dataplane up: %s on %s (%s, mtu %d%s), underlay %s %s%s",
             backend.name,
             spec.device_name,
             spec.device,
@@ -239,7 +249,31 @@ class UserspaceDataplane:
             f", queue {self.queue} of {spec.queues}" if multi_queue else "",
             spec.underlay_iface,
             spec.public_ip,
+            f", {self.placement}" if self.placement else "",
         )
+
+    def _place(self) -> None:
+        """This process on its CPU; with the egress TAP (tunnel GSO), RPS on its queue
+        so that the kernel segments and forwards what weft writes on the other CPUs."""
+        spec = self.spec
+        cpu = spec.cpus[self.queue % len(spec.cpus)]
+        cpus.pin(cpu)
+        self.placement = f"CPU {cpu}"
+        if self.fast is None or self.fast.egress is None:
+            return  # nothing written to a TAP: no kernel work to steer
+        if not spec.steer_cpus:
+            self.placement += "; egress work stays on it (no other CPU left for RPS)"
+            return
+        rps = cpus.RpsSetting(fastpath.egress_name(spec.device_name), self.queue)
+        try:
+            rps.apply(spec.steer_cpus)
+        except OSError as exc:
+            self.placement += "; egress work stays on it"
+            log.warning("RPS on %s refused (%s): the kernel's work behind egress writes "
+                        "stays on CPU %d", rps.path, exc, cpu)  # fmt: skip
+            return
+        self._rps = rps
+        self.placement += f"; egress work on CPU {cpus.format_cpu_list(spec.steer_cpus)} (RPS)"
 
     def _steer(self, sock: socket.socket) -> None:
         """Datagrams to the queue of their inner flow (queues.steering_program)."""
@@ -440,6 +474,7 @@ class UserspaceDataplane:
             "counters": fwd.counters.as_dict() if fwd else {},
             "offload": self._offload_status(),
             "busy_poll_us": self.spec.busy_poll_us,
+            "placement": self.placement,
         }
         if self.workers is not None:
             # Counters are the whole node's: queue 0's plus every worker's last report.
@@ -515,6 +550,9 @@ class UserspaceDataplane:
         if self.source_ports is not None:
             self.source_ports.close()
             self.source_ports = None
+        if self._rps is not None:
+            self._rps.restore()
+            self._rps = None
         if self.fast is not None:
             self.fast.close()  # the egress TAP (its reader is gone with the engine)
         if self.tun is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -85,10 +86,12 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
 ) -> None:
     """--queues 2 (and FLANNELD_QUEUES): the peers the agent learns from etcd reach the
     worker process too, which then carries some of the flows. --source-ports (and
-    FLANNELD_SOURCE_PORTS) reach the engine too."""
+    FLANNELD_SOURCE_PORTS) and --cpus reach the engine too."""
     etcd.etcdctl("put", CONFIG_KEY, '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}')
     n1, n2 = node(lab, "n1"), node(lab, "n2")
-    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, ["--queues", "2", "--source-ports", "4"])
+    cpu = min(os.sched_getaffinity(0))
+    args = ["--queues", "2", "--source-ports", "4", "--cpus", str(cpu)]
+    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, args)
     monkeypatch.setenv("FLANNELD_QUEUES", "2")
     monkeypatch.setenv("FLANNELD_SOURCE_PORTS", "0")
     _, d2 = start_agent(lab, n2, etcd.endpoint, tmp_path)
@@ -106,6 +109,8 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
     assert len(status(d1 / "weft.sock")["source_ports"]) == 4
     assert "outer source ports (one per inner flow): " in text, text
     assert st["source_ports"] == []
+    assert status(d1 / "weft.sock")["placement"].startswith(f"CPU {cpu}")
+    assert f"cpus: CPU {cpu}" in text and "cpus" not in str(st.get("placement"))
 
 
 def test_health_endpoints_and_sigterm_keeps_the_lease(

@@ -100,11 +100,14 @@ def test_cli_defaults_full_and_quick() -> None:
 def test_weft_options_reach_every_weft_and_the_report() -> None:
     from bench.report import _weft_args
 
-    p = dataplane_params(_args("--weft-queues", "2", "--weft-busy-poll", "50"), "x")
-    assert p.weft_extra() == ("--busy-poll", "50", "--queues", "2")
-    assert _weft_args({"weft_queues": 2, "weft_busy_poll": 50}) == [
+    p = dataplane_params(
+        _args("--weft-queues", "2", "--weft-busy-poll", "50", "--weft-cpus", "0"), "x"
+    )
+    assert p.weft_extra() == ("--busy-poll", "50", "--queues", "2", "--cpus", "0")
+    assert _weft_args({"weft_queues": 2, "weft_busy_poll": 50, "weft_cpus": "0"}) == [
         "--busy-poll 50",
         "--queues 2",
+        "--cpus 0",
     ]
 
 

@@ -18,6 +18,7 @@ STATUS = {
     "offload": {"mode": "auto", "on": ["tso_read", "udp_segment"],
                 "off": {"tunnel_gso": "net.ipv4.conf.all.rp_filter=2 would drop …"}},
     "busy_poll_us": 2000,
+    "placement": "CPU 0; egress work on CPU 1-3 (RPS)",
 }  # fmt: skip
 
 
@@ -29,13 +30,15 @@ def test_status_text_names_the_fast_paths_and_busy_polling() -> None:
     assert "fast paths (auto): tso_read, udp_segment" in text
     assert "  tunnel_gso off: net.ipv4.conf.all.rp_filter=2" in text
     assert "busy polling: 2000 µs" in text
+    assert "cpus: CPU 0; egress work on CPU 1-3 (RPS)" in text
 
 
 def test_status_text_of_a_kernel_mode_node_has_no_fast_path_lines() -> None:
-    kernel = {k: v for k, v in STATUS.items() if k not in ("offload", "busy_poll_us")}
+    kernel = {k: v for k, v in STATUS.items() if k not in ("offload", "busy_poll_us", "placement")}
     kernel["counters"] = {}
     text = render_status(kernel)
     assert "drops: none" in text and "fast paths" not in text and "busy" not in text
+    assert "cpus" not in text
 
 
 def test_status_text_puts_paths_off_for_one_reason_on_one_line() -> None:
