@@ -257,7 +257,10 @@ class UserspaceDataplane:
         so that the kernel segments and forwards what weft writes on the other CPUs."""
         spec = self.spec
         cpu = spec.cpus[self.queue % len(spec.cpus)]
-        cpus.pin(cpu)
+        try:
+            cpus.pin(cpu)
+        except OSError as exc:  # offline since start-up, or outside this cgroup's cpuset
+            raise ValueError(f"--cpus: cannot run on CPU {cpu}: {exc.strerror}") from None
         self.placement = f"CPU {cpu}"
         if self.fast is None or self.fast.egress is None:
             return  # nothing written to a TAP: no kernel work to steer
