@@ -256,7 +256,7 @@ class UserspaceDataplane:
         """This process on its CPU; with the egress TAP (tunnel GSO), RPS on its queue
         so that the kernel segments and forwards what weft writes on the other CPUs."""
         spec = self.spec
-        cpu = spec.cpus[self.queue % len(spec.cpus)]
+        cpu = cpus.Placement(spec.cpus, spec.steer_cpus).cpu_of(self.queue)
         try:
             cpus.pin(cpu)
         except OSError as exc:  # offline since start-up, or outside this cgroup's cpuset

@@ -165,20 +165,14 @@ class UdpCoalescer:
         rows = np.flatnonzero(involved)
         if not len(rows):
             return joins
-        # IP header checksums: one's complement sums of little-endian words (the sum is
-        # 0 mod 0xFFFF in either byte order when the checksum is valid).
-        ip_sums = h[rows, ip : ip + 20].view("<u2").sum(axis=1, dtype=np.uint64)
-        # A UDP checksum of zero is "none" (see the module's notes): valid as it is.
-        udp_ok = (h[rows, ip + 26] == 0) & (h[rows, ip + 27] == 0)
-        # UDP checksums, one matrix per datagram length (a run has one length; a batch
-        # usually has one or two).
+        # The checksums of the datagrams involved, one matrix per datagram length (a
+        # run has one length; a batch usually has one or two).
+        ok = np.zeros(count, dtype=bool)
         row_lengths = lengths[rows]
         distinct = set(row_lengths.tolist())
         for length in distinct:
-            sel = np.flatnonzero(row_lengths == length) if len(distinct) > 1 else slice(None)
-            udp_ok[sel] |= self._udp_sums_ok(starts[rows[sel]], length)
-        ok = np.zeros(count, dtype=bool)
-        ok[rows] = (ip_sums % _ONES == 0) & udp_ok
+            sel = rows[row_lengths == length] if len(distinct) > 1 else rows
+            ok[sel] = self._checksums_ok(h[sel], starts[sel], length)
         joins[1:] &= ok[1:] & ok[:-1]
         return joins
 
@@ -197,7 +191,9 @@ class UdpCoalescer:
 
     def _checksums_ok(self, h: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
         """Per datagram (headers `h`, all `length` bytes long): IP header checksum valid,
-        UDP checksum valid or zero."""
+        UDP checksum valid or zero ("none", see the module's notes). The IP header's
+        one's complement sum of little-endian words is 0 mod 0xFFFF in either byte
+        order when the checksum is valid."""
         ip = self.ip_off
         ip_ok = h[:, ip : ip + 20].view("<u2").sum(axis=1, dtype=np.uint64) % _ONES == 0
         udp = h[:, ip + 26 : ip + 28].view("<u2")[:, 0]
