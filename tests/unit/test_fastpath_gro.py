@@ -7,6 +7,9 @@ rest stays single (the kernel validates those when they are written).
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -642,7 +645,7 @@ def test_batch_sequence_numbers_that_wrap() -> None:
 DECLINE_CASES = [
     "psh", "gap", "sport", "ack", "window", "src", "tos", "ttl", "options", "syn", "fin",
     "udp", "fragment", "ip_options", "first_ip_sum", "tot", "payload", "last_payload",
-    "last_odd_payload",
+    "last_odd_payload", "last_fin", "first_psh",
 ]  # fmt: skip
 
 
@@ -652,7 +655,8 @@ def declining_segments(case: str, *, odd_one: bool = True) -> list[bytes]:
     size = 1398
     n_last = 101 if case == "last_odd_payload" else size
     segs = stream(15, last=n_last)
-    where = 14 if case.startswith("last") else (5 if case == "first_ip_sum" else 8)
+    # Segment 13 begins the last message when the 15 come as 2 + 11 + 2.
+    where = {"first_ip_sum": 5, "first_psh": 13}.get(case, 14 if case.startswith("last") else 8)
     seq = 1000 + where * size
     odd: dict[str, bytes] = {
         "psh": segment(seq, bytes([where]) * size, "PA"),
@@ -666,6 +670,8 @@ def declining_segments(case: str, *, odd_one: bool = True) -> list[bytes]:
                            options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 3))]),
         "syn": segment(seq, bytes([where]) * size, "S"),
         "fin": segment(seq, bytes([where]) * size, "FA"),
+        "last_fin": segment(seq, bytes([where]) * size, "FA"),
+        "first_psh": segment(seq, bytes([where]) * size, "PA"),
     }  # fmt: skip
     if not odd_one:
         return segs
@@ -725,6 +731,33 @@ def test_batch_of_a_known_shape_is_checked_again(case: str) -> None:
     good.buf[:] = clean
     assert batch_runs(good) == expected
     assert len(good.coalescer._shapes) == 1
+
+
+def fill_stale(rx: Rx, seed: int) -> None:
+    """Random bytes in every slot past its message: what earlier batches left there."""
+    rng = random.Random(seed)
+    for off, n, _, _ in rx.messages:
+        end = off - rx.shift + rx.slot
+        rx.buf[off + n : end] = rng.randbytes(end - off - n)
+
+
+@pytest.mark.parametrize("split", [(5, 10), (2, 11, 2)])  # grid summed whole, or gathered
+@pytest.mark.parametrize("case", [None, *DECLINE_CASES])
+def test_batch_rows_past_a_message_count_for_nothing(case: str | None, split: tuple) -> None:
+    """The grid of (message, segment) rows runs past a shorter message's last segment
+    into stale bytes: whatever they hold, plan_batch decides as plan_whole does."""
+    segs = declining_segments(case or "psh", odd_one=case is not None)
+    cuts = list(itertools.accumulate(split, initial=0))
+    msgs = [segs[a:b] for a, b in itertools.pairwise(cuts)]
+    clean = gro_batch(msgs)
+    expected = whole_runs(clean)
+    assert batch_runs(clean) == expected
+    if case is None:
+        assert expected == [(0, 15)]
+    for seed in range(3):
+        rx = gro_batch(msgs)
+        fill_stale(rx, seed)
+        assert batch_runs(rx) == whole_runs(rx) == expected
 
 
 def test_batch_shapes_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
