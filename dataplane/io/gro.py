@@ -95,9 +95,18 @@ def header_masks(ip: int, hl: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 _ZEROS = bytes(65536)
-#: Rows of the (message, segment) grid plan_batch covers: every segment of a full
-#: recvmmsg batch.
+#: Rows the tiled masks cover: every segment of a full recvmmsg batch (plan_batch).
 MAX_ROWS = 128 * MAX_SEGMENTS
+_TILED: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _tiled_masks(ip: int, hl: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """header_masks repeated for MAX_ROWS rows, flat: numpy then runs the comparisons
+    over compact same-shape arrays (3–5× faster than broadcasting a 12-word row)."""
+    tiled = _TILED.get((ip, hl))
+    if tiled is None:
+        tiled = _TILED[(ip, hl)] = tuple(np.tile(a, MAX_ROWS) for a in header_masks(ip, hl))  # type: ignore[assignment]
+    return tiled  # type: ignore[return-value]
 
 
 class Batch:
@@ -126,25 +135,24 @@ def split_messages(messages: list[tuple[int, int, int, int]]) -> Batch:
     return out
 
 
-#: plan_batch keeps what it works out from a batch's shape for up to this many grid
-#: rows in all (~130 bytes a row with the masks: 4 MB at most), then starts again.
-MAX_SHAPE_ROWS = 1 << 15
+#: plan_batch keeps what it works out from a batch's shape for up to this many rows
+#: of segments in all (a few MB of index arrays at most), then starts again.
+MAX_SHAPE_ROWS = 1 << 16
 
 
 class _BatchShape:
     """What Coalescer.plan_batch needs that follows from a batch's shape alone: the
     message lengths and GRO segment sizes, where the messages sit, the header
-    length. Which rows of the (message, segment) grid are segments, how each one's
-    header must differ from its message's first (IP total length, sequence number,
-    PSH allowed on a message's last), the TCP length each must have, where each
-    message's padding goes. Worked out once per shape: a bulk flow's batches repeat
-    a few shapes (a sender's 46-segment TSO packets arrive as GRO messages of 44
-    and 2 segments, batch after batch)."""
+    length. Which rows of the (message, segment) grid are segments, each segment's
+    message and place in it, the IP total length and TCP length each must have,
+    where each message's padding goes. Worked out once per shape: a bulk flow's
+    batches repeat a few shapes (a sender's 46-segment TSO packets arrive as GRO
+    messages of 44 and 2 segments, batch after batch)."""
 
     __slots__ = (
-        "dense", "first_mask", "first_value", "full_before", "grid", "hdiff", "hmask", "ii",
-        "jj", "keep_row", "last_rows", "not_last", "pads", "pay_list", "pays", "rows",
-        "seg_list", "seq_steps", "size", "sum_fix", "unit", "valid", "w", "width",
+        "dense", "firsts", "full_before", "heads", "ii", "inner_i", "inner_j", "jj", "keep",
+        "keep_row", "mask", "n", "not_last", "pads", "pay_list", "pays", "prev_i", "prev_last",
+        "rows", "seg_list", "seq_steps", "size", "sum_fix", "tot", "unit", "value", "w", "width",
     )  # fmt: skip
 
     @staticmethod
@@ -165,64 +173,41 @@ class _BatchShape:
         if rows > co.max_segments or rows * size + 2 + base % stride > stride:
             return _DECLINE  # no room to pad the last segments
         if m * rows > MAX_ROWS:
-            return _DECLINE  # more than the grids cover
+            return _DECLINE  # more than the tiled masks and the sum grid cover
         last = lengths - full * size
         if hl < ip + 40 or size <= hl or int(last.min()) <= hl:
             return _DECLINE
         sh = _BatchShape()
         sh.rows, sh.size = rows, size
-        sh.grid = m * rows
         ends = (base + np.arange(m) * stride + lengths).tolist()
         sh.pads = list(zip(ends, (size + 2 - last).tolist(), strict=True))
+        # The segments: (message, row) of each, in order.
         col = np.arange(rows)
-        valid = col < segs[:, None]  # (message, row): a segment
-        is_last = col == full[:, None]
-        inner = valid & ~is_last
-        tot = np.where(is_last, last[:, None], size) - ip  # each row's IP total length
-        keep, mask, value = header_masks(ip, hl)
-        w = sh.w = len(keep)
-        sh.keep_row = keep
-        # Every message's first row is a full-size segment without PSH: its fixed bits,
-        # total length and flags exactly (the other rows are compared with it).
-        first_mask, first_value = mask.copy(), value.copy()
-        f8, v8 = first_mask.view(np.uint8), first_value.view(np.uint8)
-        f8[ip + 2 : ip + 4], v8[ip + 2 : ip + 4] = 0xFF, ((size - ip) >> 8, (size - ip) & 0xFF)
-        f8[ip + 33], v8[ip + 33] = 0xFF, TCP_ACK
-        sh.first_mask, sh.first_value = first_mask, first_value
-        # Each segment's header against its message's first: equal in the bits kept,
-        # IP total length its own (hdiff: XOR with the first's), sequence number the
-        # first's + payload before it, flags equal (PSH may come on a last row).
-        # Rows that are not segments: nothing compared.
-        hmask = np.zeros((m, rows, w * 8), np.uint8)
-        hmask[valid] = keep.view(np.uint8)
-        hmask[valid, ip + 2 : ip + 4] = 0xFF
-        hmask[valid, ip + 24 : ip + 28] = 0xFF
-        hmask[inner, ip + 33] = 0xFF
-        hmask[is_last, ip + 33] = 0xFF & ~TCP_PSH
-        hdiff = np.zeros((m, rows, w * 8), np.uint8)
-        diff = np.where(valid, tot ^ (size - ip), 0)
-        hdiff[:, :, ip + 2], hdiff[:, :, ip + 3] = diff >> 8, diff & 0xFF
-        sh.hmask, sh.hdiff = hmask.view("<u8"), hdiff.view("<u8")
-        sh.seq_steps = (col * (size - hl)).astype(np.uint32)
-        # The TCP sums: over the whole grid when most rows are segments (at most a
-        # quarter wasted), else over the segments' rows gathered (ii, jj).
-        n = int(segs.sum())
-        sh.dense = n * 4 >= m * rows * 3
+        ii, jj = np.nonzero(col < segs[:, None])
+        n = sh.n = len(ii)
+        sh.dense = n * 4 >= m * rows * 3  # sum the whole grid: at most a quarter wasted
+        is_last = jj == full[ii]
+        sh.ii, sh.jj = ii, jj
+        sh.inner_i, sh.inner_j = ii[~is_last], jj[~is_last]
+        keep, mask, value = _tiled_masks(ip, hl)
+        w = sh.w = len(keep) // MAX_ROWS
+        sh.keep = keep[: n * w].reshape(n, w)
+        sh.mask = mask[: n * w].reshape(n, w)
+        sh.value = value[: n * w].reshape(n, w)
+        sh.keep_row = keep[:w]
+        heads = sh.heads = np.cumsum(segs) - segs  # each message's first segment, gathered
+        sh.firsts = np.repeat(heads, segs)  # … for every segment
+        sh.tot = np.where(is_last, last[ii] - ip, size - ip)
+        sh.seq_steps = jj * (size - hl)
         start = ip + 12
         sh.unit = 4 if (base + start) & 3 == 0 and size & 3 == 0 else 2
         sh.width = -(-(size - start) // sh.unit)
-        tcp_len = np.where(is_last, last[:, None], size) - (ip + 20)
-        sum_fix = np.where(valid, (tcp_len + 6) << 8, 0).astype(np.uint64)
-        not_last = inner.astype(np.uint64)
-        ii, jj = np.nonzero(valid)
-        sh.ii, sh.jj = ii, jj
-        if sh.dense:
-            sh.sum_fix, sh.not_last, sh.valid = sum_fix, not_last, valid.astype(np.uint64)
-        else:
-            sh.sum_fix, sh.not_last, sh.valid = sum_fix[ii, jj], not_last[ii, jj], None
+        tcp_len = np.where(is_last, last[ii], size) - (ip + 20)
+        sh.sum_fix = ((tcp_len + 6) << 8).astype(np.uint64)
+        sh.not_last = (~is_last).astype(np.uint64)
         pays = sh.pays = lengths - segs * hl
         sh.seg_list, sh.pay_list = segs.tolist(), pays.tolist()
-        sh.last_rows = (np.arange(m - 1) * rows + full[:-1]).astype(np.intp)
+        sh.prev_i, sh.prev_last = np.arange(m - 1), full[:-1]
         sh.full_before = last[:-1] == size
         return sh
 
@@ -257,12 +242,7 @@ class Coalescer:
         self._hdr = struct.Struct(f"!{ip + 2}sH2xHBB2x12sI4sBB2s2x2s")
         self.min_len = ip + 40
         self._pad = np.zeros(256, dtype=np.uint8)
-        # plan_batch's grids: TCP sums, header words (the headers of at most
-        # ip + 80 bytes), and what each row's header words must be.
-        self._sum_grid = np.empty(MAX_ROWS, dtype=np.uint64)
-        words = -(-(ip_off + 80) // 8)
-        self._hdr_grid = np.empty(MAX_ROWS * words, dtype=np.uint64)
-        self._want_grid = np.empty(MAX_ROWS * words, dtype=np.uint64)
+        self._sum_grid = np.empty(MAX_ROWS, dtype=np.uint64)  # plan_batch's TCP sums
         self._shapes: dict[tuple[int, int, int, bytes, bytes], object] = {}
         self._shape_rows = 0  # rows of segments the kept shapes cover
         # Header bytes that may differ between the segments of a run: IP total length,
@@ -513,7 +493,7 @@ class Coalescer:
         shape = self._shapes.get(key)
         if shape is None:
             shape = _BatchShape.of(self, base, stride, hl, lengths, sizes)
-            rows = shape.grid if isinstance(shape, _BatchShape) else 1
+            rows = shape.n if isinstance(shape, _BatchShape) else 1
             if self._shape_rows + rows > MAX_SHAPE_ROWS:
                 self._shapes.clear()
                 self._shape_rows = 0
@@ -523,29 +503,28 @@ class Coalescer:
             return None
         assert isinstance(shape, _BatchShape)
         rows, size, w = shape.rows, shape.size, shape.w
+        ii, jj, firsts = shape.ii, shape.jj, shape.firsts
         # Pad every message's last segment to the segment size, and 2 bytes more
         # (see the TCP checksums below).
         for end, pad in shape.pads:
             buf[end : end + pad] = _ZEROS[:pad]
-        # Header words of every row of the grid, copied out in one strided copy (no
-        # gather); each message's first row checked for the fixed bits.
-        hdr = self._hdr_grid[: shape.grid * w].reshape(m, rows, w)
-        np.copyto(hdr, np.ndarray((m, rows, w), "<u8", buf, base, (stride, size, 8)))
-        first = hdr[:, 0]
-        if ((first & shape.first_mask) != shape.first_value).any():
+        # Header words: the fixed bits, and every segment equal to its message's first.
+        words = np.ndarray((m, rows, w), "<u8", buf, base, (stride, size, 8))[ii, jj]
+        if ((words & shape.mask) != shape.value).any():
             return None
-        # Every row against what it must be: its message's first row with its own IP
-        # total length and sequence number (the first's + the payload before it, mod
-        # 2^32), in one XOR and mask over the grid.
-        want = self._want_grid[: shape.grid * w].reshape(m, rows, w)
-        np.copyto(want, first[:, None])
-        seq0 = np.ndarray((m,), ">u4", buf, base + ip + 24, (stride,))
-        seq_rows = np.ndarray((m, rows), ">u4", want, ip + 24, (rows * w * 8, w * 8))
-        np.add(seq0[:, None], shape.seq_steps, out=seq_rows)
-        want ^= shape.hdiff
-        want ^= hdr
-        want &= shape.hmask
-        if want.any():
+        if ((words ^ words[firsts]) & shape.keep).any():
+            return None
+        # PSH only on a message's last segment; IP total lengths; sequence numbers
+        # contiguous within each message.
+        flags = np.ndarray((m, rows), np.uint8, buf, base + ip + 33, (stride, size))
+        if (flags[shape.inner_i, shape.inner_j] & TCP_PSH).any():
+            return None
+        tot = np.ndarray((m, rows), ">u2", buf, base + ip + 2, (stride, size))[ii, jj]
+        if (tot != shape.tot).any():
+            return None
+        seq = np.ndarray((m, rows), ">u4", buf, base + ip + 24, (stride, size))[ii, jj]
+        seq = seq.astype(np.int64)
+        if (seq != (seq[firsts] + shape.seq_steps) & 0xFFFFFFFF).any():
             return None
         # The first IP header of each message (the one a merged packet keeps; the
         # others' fields were compared with it).
@@ -556,35 +535,32 @@ class Coalescer:
         # 4-byte aligned) from the inner addresses (the pseudo-header's) to the
         # padded end; protocol and TCP length added × 256 (see _tcp_sums_ok). When
         # most rows of the grid are segments, summed in place over every row (rows
-        # past a message's last hold stale bytes within its slot, and count for
-        # nothing): gathering the segments' rows first copies the batch once more.
+        # past a message's last hold stale bytes within its slot, and are not
+        # picked): gathering the segments' rows first copies the batch once more.
         # Else (GRO messages of 44 and 2 segments, say) gathered, then summed.
         unit, width = shape.unit, shape.width
         tcp = np.ndarray((m, rows, width), f"<u{unit}", buf, base + ip + 12, (stride, size, unit))
         if shape.dense:
-            sums = self._sum_grid[: shape.grid].reshape(m, rows)
-            np.add.reduce(tcp, axis=2, dtype=np.uint64, out=sums)
-            sums += shape.sum_fix
+            grid = self._sum_grid[: m * rows].reshape(m, rows)
+            np.add.reduce(tcp, axis=2, dtype=np.uint64, out=grid)
+            sums = grid[ii, jj] + shape.sum_fix
         else:
-            sums = tcp[shape.ii, shape.jj].sum(axis=1, dtype=np.uint64) + shape.sum_fix
+            sums = tcp[ii, jj].sum(axis=1, dtype=np.uint64) + shape.sum_fix
         if unit * width > size - ip - 12:
             # A row of 32-bit words runs on into the next row's first two bytes: its
             # message's (all rows alike, the header check saw to it) unless the row is
             # a last one (then the padding's zeros).
-            spill = 0xFFFF - (first[:, 0] & 0xFFFF)
-            sums += (spill[:, None] if shape.dense else spill[shape.ii]) * shape.not_last
-        sums %= _ONES
-        if shape.dense:
-            sums *= shape.valid
-        if sums.any():
+            sums += (0xFFFF - (words[:, 0] & 0xFFFF)) * shape.not_last
+        if (sums % _ONES).any():
             return None
         # Which message continues the one before it: same peer and flow, contiguous
         # sequence numbers, the earlier one's last segment full-size without PSH.
-        seq_first = seq0.astype(np.int64)
-        last_flags = hdr.reshape(m * rows, w).view(np.uint8)[shape.last_rows, ip + 33]
+        heads = shape.heads
+        seq_first = seq[heads]
+        last_flags = flags[shape.prev_i, shape.prev_last]
         joins = (
             (peers[1:] == peers[:-1])
-            & ~((first[1:] ^ first[:-1]) & shape.keep_row).any(axis=1)
+            & ~((words[heads[1:]] ^ words[heads[:-1]]) & shape.keep_row).any(axis=1)
             & (seq_first[1:] == (seq_first[:-1] + shape.pays[:-1]) & 0xFFFFFFFF)
             & shape.full_before
             & ((last_flags & TCP_PSH) == 0)
