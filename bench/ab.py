@@ -19,10 +19,12 @@ the bench and the lab from this one:
 
 Prints one JSON line per probe and a summary (mean, ratio to kernel VXLAN, and
 the CPU time the weft processes took per GB moved or per million datagrams).
-Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), udp64@RATE
-(the same at a fixed offered rate, iperf3's -b: udp64@60M; its CPU per datagram
-compares variants doing the same work), rr (1-byte TCP transactions/s), ping (RTT
-median, ms: there the ratio is lower-is-better).
+Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), rr (1-byte TCP
+transactions/s), ping (RTT median, ms: there the ratio is lower-is-better). And
+tcp1@RATE, tcp4@RATE, udp64@RATE: the same at a fixed offered rate (iperf3's -b,
+per stream: tcp1@1500M, udp64@60M), below what either variant can do, so that the
+weft CPU per GB or per datagram compares variants doing the same work: at full
+speed on two CPUs it moves with who wins the CPU.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ PINGS = 200
 
 
 def known_test(test: str) -> bool:
-    """One of TESTS, or ``udp64@RATE``: 64-byte datagrams at a fixed offered rate
-    (iperf3's ``-b``: ``60M``), where the weft CPU per datagram compares variants
-    doing the same work (at ``-b 0`` it moves with how many the pod drops)."""
-    return test in TESTS or re.fullmatch(r"udp64@[1-9][0-9]*[KMG]?", test) is not None
+    """One of TESTS, or ``tcp1@RATE``, ``tcp4@RATE``, ``udp64@RATE``: the test at a
+    fixed offered rate (iperf3's ``-b``, per stream: ``1500M``, ``60M``), where the
+    weft CPU per GB or per datagram compares variants doing the same work (at full
+    speed it moves with who wins the CPU, and for udp64 how many the pod drops)."""
+    return test in TESTS or re.fullmatch(r"(tcp1|tcp4|udp64)@[1-9][0-9]*[KMG]?", test) is not None
 
 
 def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None]:
@@ -69,11 +72,12 @@ def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | No
         p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
         return (float(p50) if p50 is not None else float("nan")), None
     before = snapshot(env.weft_pids, None)
-    if test.startswith("udp64"):
-        udp = probes.udp_small(env, seconds, bitrate=test.partition("@")[2] or "0")
+    name, _, rate = test.partition("@")
+    if name == "udp64":
+        udp = probes.udp_small(env, seconds, bitrate=rate or "0")
         value, moved, scale = udp.received_pps / 1e3, udp.received_packets, 1e6
     else:
-        tcp = probes.tcp(env, seconds, streams=4 if test == "tcp4" else 1)
+        tcp = probes.tcp(env, seconds, streams=4 if name == "tcp4" else 1, bitrate=rate or None)
         value, moved, scale = tcp.bits_per_second / 1e9, tcp.bytes, 1e9
     used = delta(before, snapshot(env.weft_pids, None)).procs_cpu_s
     return value, per_unit(used, moved, scale)

@@ -54,8 +54,12 @@ def _iperf3(env: Env, args: list[str], seconds: float) -> str:
     raise ParseError(f"iperf3 {' '.join(args)} failed: {last}")
 
 
-def tcp(env: Env, seconds: float, streams: int = 1) -> TcpResult:
+def tcp(env: Env, seconds: float, streams: int = 1, bitrate: str | None = None) -> TcpResult:
+    """``streams`` iperf3 TCP streams, as fast as they go, or each at ``bitrate``
+    (iperf3's ``-b``, e.g. ``1500M``)."""
     args = ["-P", str(streams)] if streams > 1 else []
+    if bitrate is not None:
+        args += ["-b", bitrate]
     return parse_iperf3_tcp(_iperf3(env, args, seconds))
 
 

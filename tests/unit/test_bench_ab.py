@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -61,12 +62,16 @@ def test_weft_source_switches_directory_and_path_and_restores_them(tmp_path: Pat
         assert os.getcwd() == cwd
 
 
-@pytest.mark.parametrize("test", ["udp64@60M", "udp64@500K", "udp64@1G", "udp64@100000"])
-def test_a_fixed_rate_udp64_is_a_test(test: str) -> None:
+@pytest.mark.parametrize(
+    "test", ["udp64@60M", "udp64@500K", "udp64@1G", "udp64@100000", "tcp1@1500M", "tcp4@1G"]
+)
+def test_a_fixed_rate_is_a_test(test: str) -> None:
     assert ab.known_test(test)
 
 
-@pytest.mark.parametrize("test", ["udp64@", "udp64@0", "udp64@60X", "udp64@-1", "tcp1@60M"])
+@pytest.mark.parametrize(
+    "test", ["udp64@", "udp64@0", "udp64@60X", "udp64@-1", "tcp2@60M", "rr@1M", "tcp1@"]
+)
 def test_a_malformed_fixed_rate_is_an_unknown_test(
     test: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -101,3 +106,32 @@ def test_the_fixed_rate_reaches_iperf3_and_counts_per_datagram(
           "weft_cpu": 4.5}]
     )  # fmt: skip
     assert lines[0].endswith("weft CPU 4.50 s/M datagrams")
+
+
+def test_a_fixed_tcp_rate_reaches_iperf3_per_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tcp1@RATE / tcp4@RATE hand the rate to iperf3's -b with the streams, and
+    report Gbit/s and the weft CPU per GB; plain tcp1 has no -b."""
+    seen: list[list[str]] = []
+
+    def iperf3(env: object, args: list[str], seconds: float) -> str:
+        seen.append(args)
+        received = {"bytes": 125_000_000, "seconds": 1.0, "bits_per_second": 1e9}
+        return json.dumps({"end": {"sum_received": received, "sum_sent": {"retransmits": 0}}})
+
+    monkeypatch.setattr(ab.probes, "_iperf3", iperf3)
+
+    class Env:
+        weft_pids = (os.getpid(),)
+
+    value, cpu = ab.probe(Env(), "tcp4@1500M", 1.0)  # type: ignore[arg-type]
+    assert seen[-1] == ["-P", "4", "-b", "1500M"]
+    assert value == pytest.approx(1.0) and cpu is not None and cpu >= 0
+    ab.probe(Env(), "tcp1@800M", 1.0)  # type: ignore[arg-type]
+    assert seen[-1] == ["-b", "800M"]
+    ab.probe(Env(), "tcp1", 1.0)  # type: ignore[arg-type]
+    assert seen[-1] == []
+    lines = ab.summary(
+        [{"round": 0, "mode": "weft-vxlan", "variant": "A", "test": "tcp1@1500M", "value": 1.5,
+          "weft_cpu": 2.5}]
+    )  # fmt: skip
+    assert lines[0].endswith("weft CPU 2.50 s/GB")
