@@ -30,7 +30,7 @@ from test_fastpath import (
     udp_args,
     vxlan_args,
 )
-from weft_helpers import iperf3_run, send_over_tcp, status
+from weft_helpers import UDP_SEGMENT_NEEDS_TX_CSUM, iperf3_run, send_over_tcp, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
@@ -42,6 +42,15 @@ from dataplane.peers import Peer
 
 FALLBACK = {fastpath.DISABLE_ENV: "tunnel_gso"}
 SO_NO_CHECK = 11  # asm-generic/socket.h: no UDP checksums on send (UDP GSO refuses it)
+
+
+def assert_udp_segment_refused(offload: dict[str, Any]) -> None:
+    """Linux < 6.11 and an underlay without checksum offload: the first UDP_SEGMENT
+    send failed with EIO, weft turned udp_segment off and, without the egress TAP,
+    stopped asking the pod device for super-packets (decisions §17)."""
+    assert "udp_segment" not in offload["on"] and "tso_read" not in offload["on"]
+    assert "EIO" in offload["off"]["udp_segment"], offload["off"]
+    assert "no tunnel_gso" in offload["off"]["tso_read"], offload["off"]
 
 
 def tshark_rows(pcap: Path, port: int, decode: str) -> list[list[str]]:
@@ -80,13 +89,18 @@ def test_fallback_to_kernel_vxlan_sends_standard_datagrams(
     assert nstat(lab, pod2, "TcpInCsumErrors", "TcpExtTCPCsumErrors") == before
     st = status(sock)
     off = st["offload"]
-    assert "tso_read" in off["on"] and "udp_segment" in off["on"]
     assert "WEFT_OFFLOAD_DISABLE" in off["off"]["tunnel_gso"]
     fc = off["counters"]
     assert fc["gso_sends"] == 0
-    # Super-packets were cut here, many segments each, sent many per sendmsg.
-    assert fc["split_packets"] > 0 and fc["split_segments"] > 4 * fc["split_packets"]
-    assert fc["udp_segment_sends"] >= fc["split_packets"]
+    # Super-packets were cut here, sent many segments per sendmsg (a TSO packet has
+    # two segments or more: the kernel sizes them by the pacing rate, two on a slow
+    # emulated machine).
+    assert fc["split_packets"] > 0 and fc["split_segments"] >= 2 * fc["split_packets"]
+    if UDP_SEGMENT_NEEDS_TX_CSUM:
+        assert_udp_segment_refused(off)
+    else:
+        assert "tso_read" in off["on"] and "udp_segment" in off["on"]
+        assert fc["udp_segment_sends"] >= fc["split_packets"]
     assert not {"send_failed", "truncated", "too_big"} & set(st["counters"]["drops"])
     rows = tshark_rows(pcap, 8472, "vxlan")
     data = [r for r in rows if r[5] and int(r[5]) > 0]
@@ -118,9 +132,11 @@ def test_fallback_between_weft_udp_nodes(lab: Lab, tmp_path: Path, disable: str)
     assert nstat(lab, pod2, "TcpInCsumErrors") == before
     st = status(s1)
     fc = st["offload"]["counters"]
-    assert fc["split_packets"] > 0 and fc["split_segments"] > 4 * fc["split_packets"]
+    assert fc["split_packets"] > 0 and fc["split_segments"] >= 2 * fc["split_packets"]
     if "udp_segment" in disable:
         assert fc["udp_segment_sends"] == 0 and "udp_segment" not in st["offload"]["on"]
+    elif UDP_SEGMENT_NEEDS_TX_CSUM:
+        assert_udp_segment_refused(st["offload"])
     else:
         assert fc["udp_segment_sends"] >= fc["split_packets"]
     assert not {"send_failed", "truncated"} & set(st["counters"]["drops"])
@@ -160,8 +176,13 @@ def test_small_datagrams_leave_in_runs(lab: Lab, tmp_path: Path) -> None:
     assert end["sum"].get("out_of_order", 0) == 0
     st = status(sock)
     fc = st["offload"]["counters"]
-    assert "tx_batch" in st["offload"]["on"]
-    assert fc["udp_segment_sends"] > 0 and fc["batched_datagrams"] > 2 * fc["udp_segment_sends"]
+    if UDP_SEGMENT_NEEDS_TX_CSUM:  # no runs: one sendto a datagram, in order
+        assert_udp_segment_refused(st["offload"])
+        assert "tx_batch" not in st["offload"]["on"]
+    else:
+        assert "tx_batch" in st["offload"]["on"]
+        assert fc["udp_segment_sends"] > 0
+        assert fc["batched_datagrams"] > 2 * fc["udp_segment_sends"]
     rows = tshark_rows(pcap, 8472, "vxlan")
     small = [r for r in rows if r[0] == "156"]  # 14 + 20 + 8 + 8 + 14 + 20 + 8 + 64
     assert len(small) > 1000

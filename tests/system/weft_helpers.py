@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +22,18 @@ WEFT = [sys.executable, "-m", "control.cli"]
 TCP_PORT = 7000  # send_over_tcp's server port, in the receiving pod
 UDP_PORT = 7001  # send_udp_datagrams' port
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h (root: above rmem_max)
+
+
+def kernel_release() -> tuple[int, int]:
+    """This kernel's (major, minor), from uname: what some fast paths depend on."""
+    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+#: Linux < 6.11 refuses a UDP_SEGMENT send through a device without checksum offload
+#: (udp_send_skb: EIO), and the lab's wire-like underlay has none (`ethtool -K eth0
+#: tx off`): there weft turns udp_segment off and sends one datagram per sendto.
+UDP_SEGMENT_NEEDS_TX_CSUM = kernel_release() < (6, 11)
 
 
 def start_weft(
