@@ -22,7 +22,7 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import WEFT, iperf3_transfer, status
+from weft_helpers import WEFT, iperf3_transfer, needs_paths, status
 
 from control.lab.topology import Lab
 from dataplane.io import fastpath
@@ -43,6 +43,7 @@ def thread_cpus(pid: int) -> set[frozenset[int]]:
     return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
+@needs_paths("tunnel_gso")  # the egress TAP's RPS
 @pytest.mark.parametrize("queues", [1, 2])
 def test_weft_on_its_cpu_and_the_egress_work_on_the_others(
     lab: Lab, tmp_path: Path, queues: int

@@ -35,7 +35,7 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import send_over_tcp, status
+from weft_helpers import MISSING_PATHS, OFFLOAD_ON, needs_paths, send_over_tcp, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
@@ -84,9 +84,9 @@ def test_a_udp_burst_arrives_intact_and_in_order(lab: Lab, tmp_path: Path, peer:
         peer_mac = kernel_vxlan_node(lab, n2, n1)
     else:
         peer_mac = WEFT_MAC2
-        args2 = vxlan_args(n2, SUBNET2, n1, SUBNET1, WEFT_MAC2, WEFT_MAC, "on")
+        args2 = vxlan_args(n2, SUBNET2, n1, SUBNET1, WEFT_MAC2, WEFT_MAC, OFFLOAD_ON)
         start(lab, n2, args2, tmp_path, "n2")
-    args1 = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, peer_mac, "on")
+    args1 = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, peer_mac, OFFLOAD_ON)
     _, sock1 = start(lab, n1, args1, tmp_path, "n1")
     assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
     rx, tx = udp_socket(pod1, bind=True), udp_socket(pod2, bind=False)
@@ -104,18 +104,22 @@ def test_a_udp_burst_arrives_intact_and_in_order(lab: Lab, tmp_path: Path, peer:
         tx.close()
     st = status(sock1)
     fc = st["offload"]["counters"]
+    assert not {"write_failed"} & set(st["counters"]["drops"])
+    if "uso_write" in MISSING_PATHS:  # before Linux 6.2: one write a datagram
+        assert fc["uso_writes"] == 0
+        return
     assert "uso_write" in st["offload"]["on"]
     # Most datagrams went to the device merged, several per write.
     assert fc["uso_writes"] > 0 and fc["uso_written_segments"] > 2 * fc["uso_writes"]
     assert fc["uso_written_segments"] > 1500
-    assert not {"write_failed"} & set(st["counters"]["drops"])
 
 
+@needs_paths("uso_write")
 def test_uso_write_switched_off(lab: Lab, tmp_path: Path) -> None:
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
     kmac = kernel_vxlan_node(lab, n2, n1)
     env = {fastpath.DISABLE_ENV: "uso_write"}
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, OFFLOAD_ON)
     _, sock = start(lab, n1, args, tmp_path, "n1", env=env)
     assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
     rx, tx = udp_socket(pod1, bind=True), udp_socket(pod2, bind=False)
@@ -138,7 +142,7 @@ def kernel_sends_weft_receives(
     with or without GRO on the underlay: (pod1, pod2, weft's process, its socket)."""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=gro)
     kmac = kernel_vxlan_node(lab, n2, n1)
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, OFFLOAD_ON)
     proc, sock = start(lab, n1, args, tmp_path, "n1")
     assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
     return pod1, pod2, proc, sock
@@ -250,7 +254,7 @@ def test_bench_kernel_to_weft(lab: Lab, tmp_path: Path) -> None:
     kmac = kernel_vxlan_node(lab, n2, n1)
     rounds = int(os.environ.get("WEFT_FASTPATH_BENCH_ROUNDS", "2"))
     variants = os.environ.get("WEFT_FASTPATH_BENCH_VARIANTS", ",uso_write,gso_datagrams").split(",")
-    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, OFFLOAD_ON)
     for r in range(rounds):
         for disable in variants:
             env = {fastpath.DISABLE_ENV: disable}

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from control.api import api_request
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod
@@ -22,6 +24,8 @@ WEFT = [sys.executable, "-m", "control.cli"]
 TCP_PORT = 7000  # send_over_tcp's server port, in the receiving pod
 UDP_PORT = 7001  # send_udp_datagrams' port
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h (root: above rmem_max)
+#: Start-up deadlines are multiplied by this (scripts/oldkernel sets 4 for an emulated guest).
+TIMEOUT_SCALE = float(os.environ.get("WEFT_TEST_TIMEOUT_SCALE", "1"))
 
 
 def kernel_release() -> tuple[int, int]:
@@ -30,10 +34,40 @@ def kernel_release() -> tuple[int, int]:
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
+KERNEL = kernel_release()
 #: Linux < 6.11 refuses a UDP_SEGMENT send through a device without checksum offload
 #: (udp_send_skb: EIO), and the lab's wire-like underlay has none (`ethtool -K eth0
 #: tx off`): there weft turns udp_segment off and sends one datagram per sendto.
-UDP_SEGMENT_NEEDS_TX_CSUM = kernel_release() < (6, 11)
+UDP_SEGMENT_NEEDS_TX_CSUM = KERNEL < (6, 11)
+#: The fast paths that need a newer kernel, and from which Linux on: UDP-tunnel GSO
+#: through a TAP (6.17), UDP GSO on a TUN (TUN_F_USO4/6, 6.2).
+PATH_SINCE = {"tunnel_gso": (6, 17), "uso_read": (6, 2), "uso_write": (6, 2)}
+MISSING_PATHS = frozenset(p for p, since in PATH_SINCE.items() if since > KERNEL)
+#: `--offload on` wants every path and refuses to start without one, so tests of the
+#: fast paths in general run `auto` on older kernels, and expect what is left.
+OFFLOAD_ON = "auto" if MISSING_PATHS else "on"
+#: What weft turns off when a UDP_SEGMENT send is refused and there is no egress TAP
+#: (fastpath.FastEngine._udp_segment_refused).
+UDP_SEGMENT_REFUSAL_OFF = frozenset({"udp_segment", "tx_batch", "tso_read", "uso_read"})
+
+
+def needs_paths(*paths: str) -> pytest.MarkDecorator:
+    """Skip a test whose subject is a fast path this kernel does not have."""
+    missing = [p for p in paths if p in MISSING_PATHS]
+    since = ", ".join(f"{p} Linux {'.'.join(map(str, PATH_SINCE[p]))}+" for p in missing)
+    return pytest.mark.skipif(bool(missing), reason=f"needs {since}; this is {platform.release()}")
+
+
+def assert_paths_on(on: list[str], wanted: list[str]) -> None:
+    """The fast paths `on` (a status's offload.on) are `wanted` less those this kernel
+    lacks; where UDP_SEGMENT is refused on the wire-like underlay (Linux < 6.11, no
+    egress TAP then) the refusal may also have turned off what it takes along."""
+    expect = [p for p in wanted if p not in MISSING_PATHS]
+    if UDP_SEGMENT_NEEDS_TX_CSUM and "tunnel_gso" in MISSING_PATHS:
+        assert on == [p for p in expect if p in on], (on, expect)
+        assert set(expect) - set(on) <= UDP_SEGMENT_REFUSAL_OFF, (on, expect)
+    else:
+        assert on == expect
 
 
 def start_weft(
@@ -54,7 +88,7 @@ def start_weft(
         log=log,
         env={**os.environ, **env} if env else None,
     )
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 20 * TIMEOUT_SCALE
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"weft {name} exited {proc.returncode}:\n{log.read_text()}")
@@ -133,7 +167,7 @@ def start_agent(
         "--api-socket", str(d / "weft.sock"), *(extra or []),
     ]  # fmt: skip
     proc = lab.spawn(node, argv, log=d / "agent.log")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 20 * TIMEOUT_SCALE
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"agent on {node.name} exited {proc.returncode}:\n"
