@@ -273,6 +273,9 @@ def _disabled() -> set[str]:
 class OffloadRefused(OSError):
     """`--offload on` and the kernel refused one of the fast paths."""
 
+    def __str__(self) -> str:  # the reason alone: "[Errno 95]" would say nothing more
+        return str(self.strerror)
+
 
 @dataclass
 class FastPaths:

@@ -514,7 +514,7 @@ def test_offload_on_is_refused_with_one_line_on_a_kernel_without_a_path(
     cp = lab.run(n1, *WEFT, *args, check=False)
     assert cp.returncode == 1
     lines = cp.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--offload on: " in lines[0], cp.stderr
+    assert len(lines) == 1 and lines[0].startswith("weft: error: --offload on: "), cp.stderr
     assert any(f"--offload on: {p}: " in lines[0] for p in MISSING_PATHS), lines[0]
 
 
