@@ -29,8 +29,10 @@ import pytest
 from weft_helpers import (
     MISSING_PATHS,
     OFFLOAD_ON,
+    UDP_SEGMENT_NEEDS_TX_CSUM,
     WEFT,
     assert_paths_on,
+    assert_super_packets_sent,
     iperf3_run,
     iperf3_transfer,
     needs_paths,
@@ -164,10 +166,9 @@ def test_kernel_interop(lab: Lab, tmp_path: Path, offload: str, device: str) -> 
         fc = off["counters"]
         # pod1's TCP handed weft super-packets and the kernel cut them up (or weft,
         # on kernels without UDP-tunnel GSO) …
+        assert_super_packets_sent(off)
         if "tunnel_gso" in off["on"]:
-            assert fc["gso_sends"] > 0 and fc["gso_segments"] > 2 * fc["gso_sends"]
-        else:
-            assert fc["split_packets"] > 0
+            assert fc["gso_segments"] > 2 * fc["gso_sends"]
         # … and datagrams were received in batches (no GRO on this underlay: one
         # datagram per message, delivered one by one; see test_two_weft_nodes).
         assert fc["rx_calls"] > 0 and fc["rx_messages"] > fc["rx_calls"]
@@ -384,10 +385,12 @@ def test_two_weft_nodes(lab: Lab, tmp_path: Path, backend: str) -> None:
         st = status(sock)
         fc = st["offload"]["counters"]
         assert_paths_on(st["offload"]["on"], ALL_PATHS)
-        assert fc["gso_sends" if "tunnel_gso" in st["offload"]["on"] else "split_packets"] > 0
+        assert_super_packets_sent(st["offload"])
         assert fc["gso_writes"] > 0
-        # With GRO effective on eth0, the kernel glued datagrams: fewer messages.
-        assert fc["rx_segments"] > fc["rx_messages"]
+        # With GRO effective on eth0, the kernel glued datagrams: fewer messages (not
+        # where the sender, its UDP_SEGMENT refused, sends them one by one: a veth's
+        # NAPI then polls each alone).
+        assert fc["rx_segments"] > fc["rx_messages"] or UDP_SEGMENT_NEEDS_TX_CSUM
         assert not {"write_failed", "send_failed"} & set(st["counters"]["drops"])
 
 
@@ -500,7 +503,8 @@ def test_a_path_switched_off_falls_back_and_says_so(
     if "recvmmsg" not in left_on:
         assert off["counters"]["rx_calls"] == 0
         assert "fast path udp_gro off: needs recvmmsg" in log
-        assert "fast path uso_write off: needs recvmmsg" in log
+        if "uso_write" not in MISSING_PATHS:  # else the kernel's refusal is the reason
+            assert "fast path uso_write off: needs recvmmsg" in log
 
 
 @pytest.mark.skipif(not MISSING_PATHS, reason="this kernel has every fast path")

@@ -89,7 +89,9 @@ def test_hostgw_sends_super_packets_whole_and_the_wire_sees_mtu_frames(
         fc = st["offload"]["counters"]
         paths = ["tso_read", "uso_read", "packet_gso"]
         assert st["offload"]["on"] == [p for p in paths if p not in MISSING_PATHS]
-        assert fc["gso_sends"] > 0 and fc["gso_segments"] > 4 * fc["gso_sends"]
+        # (two segments or more a super-packet: TCP sizes them by its pacing rate, two
+        # on a slow emulated machine)
+        assert fc["gso_sends"] > 0 and fc["gso_segments"] >= 2 * fc["gso_sends"]
     else:
         assert st["offload"]["on"] == []  # the plain engine: a packet per system call
     assert not {"send_failed", "write_failed"} & set(st["counters"]["drops"])

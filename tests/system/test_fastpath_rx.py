@@ -35,7 +35,7 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import MISSING_PATHS, OFFLOAD_ON, needs_paths, send_over_tcp, status
+from weft_helpers import MISSING_PATHS, OFFLOAD_ON, SLOWDOWN, needs_paths, send_over_tcp, status
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
@@ -60,7 +60,7 @@ def burst(sender: socket.socket, dst: str, payloads: list[bytes], per_burst: int
     for i in range(0, len(payloads), per_burst):
         for p in payloads[i : i + per_burst]:
             sender.sendto(p, (dst, PORT))
-        time.sleep(0.004)
+        time.sleep(0.004 * SLOWDOWN)
 
 
 def receive(sock: socket.socket, count: int, timeout_s: float = 5.0) -> list[bytes]:

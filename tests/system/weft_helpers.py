@@ -24,8 +24,10 @@ WEFT = [sys.executable, "-m", "control.cli"]
 TCP_PORT = 7000  # send_over_tcp's server port, in the receiving pod
 UDP_PORT = 7001  # send_udp_datagrams' port
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h (root: above rmem_max)
-#: Start-up deadlines are multiplied by this (scripts/oldkernel sets 4 for an emulated guest).
-TIMEOUT_SCALE = float(os.environ.get("WEFT_TEST_TIMEOUT_SCALE", "1"))
+#: How many times slower than a real machine this one is: start-up deadlines, socket
+#: timeouts and the pacing of bursts are stretched by it (scripts/oldkernel sets 4
+#: for an emulated guest).
+SLOWDOWN = float(os.environ.get("WEFT_TEST_SLOWDOWN", "1"))
 
 
 def kernel_release() -> tuple[int, int]:
@@ -49,6 +51,20 @@ OFFLOAD_ON = "auto" if MISSING_PATHS else "on"
 #: What weft turns off when a UDP_SEGMENT send is refused and there is no egress TAP
 #: (fastpath.FastEngine._udp_segment_refused).
 UDP_SEGMENT_REFUSAL_OFF = frozenset({"udp_segment", "tx_batch", "tso_read", "uso_read"})
+
+
+def assert_super_packets_sent(offload: dict[str, Any]) -> None:
+    """A status's offload: the pods' TCP super-packets left whole through the egress
+    TAP, or were cut here; or — Linux < 6.11, wire-like underlay, no TAP — a refused
+    UDP_SEGMENT send turned tso_read off (if before the first super-packet, the
+    kernel cut them all before weft read them)."""
+    fc = offload["counters"]
+    if "tunnel_gso" in offload["on"]:
+        assert fc["gso_sends"] > 0, fc
+    elif UDP_SEGMENT_NEEDS_TX_CSUM:
+        assert "EIO" in offload["off"]["udp_segment"], offload["off"]
+    else:
+        assert fc["split_packets"] > 0, fc
 
 
 def needs_paths(*paths: str) -> pytest.MarkDecorator:
@@ -88,7 +104,7 @@ def start_weft(
         log=log,
         env={**os.environ, **env} if env else None,
     )
-    deadline = time.monotonic() + 20 * TIMEOUT_SCALE
+    deadline = time.monotonic() + 20 * SLOWDOWN
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"weft {name} exited {proc.returncode}:\n{log.read_text()}")
@@ -167,7 +183,7 @@ def start_agent(
         "--api-socket", str(d / "weft.sock"), *(extra or []),
     ]  # fmt: skip
     proc = lab.spawn(node, argv, log=d / "agent.log")
-    deadline = time.monotonic() + 20 * TIMEOUT_SCALE
+    deadline = time.monotonic() + 20 * SLOWDOWN
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"agent on {node.name} exited {proc.returncode}:\n"
@@ -246,8 +262,8 @@ def send_over_tcp(sender: Pod, receiver: Pod, data: bytes, *, mss: int | None = 
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
     got = bytearray()
     try:
-        server.settimeout(10)
-        client.settimeout(10)
+        server.settimeout(10 * SLOWDOWN)
+        client.settimeout(10 * SLOWDOWN)
         client.connect((str(receiver.ip), TCP_PORT))
         conn, _ = server.accept()
         conn.settimeout(10)
