@@ -266,7 +266,7 @@ def send_over_tcp(sender: Pod, receiver: Pod, data: bytes, *, mss: int | None = 
         client.settimeout(10 * SLOWDOWN)
         client.connect((str(receiver.ip), TCP_PORT))
         conn, _ = server.accept()
-        conn.settimeout(10)
+        conn.settimeout(10 * SLOWDOWN)
         done = threading.Thread(target=client.sendall, args=(data,))
         done.start()
         while len(got) < len(data):
