@@ -82,6 +82,13 @@ def render_metrics(status: dict[str, Any]) -> str:
         out.append("# HELP weft_queue_workers_running Worker processes (queues 1…N-1) running.")
         out.append("# TYPE weft_queue_workers_running gauge")
         _line(out, "weft_queue_workers_running", sum(1 for w in workers if w.get("running")))
+        out.append(
+            "# HELP weft_queue_workers_ready Worker processes with their queue and socket "
+            "open (a restarted one is running before it is ready)."
+        )
+        out.append("# TYPE weft_queue_workers_ready gauge")
+        up = sum(1 for w in workers if w.get("running") and w.get("ready"))
+        _line(out, "weft_queue_workers_ready", up)
         out.append("# HELP weft_queue_worker_restarts_total Worker processes started again.")
         out.append("# TYPE weft_queue_worker_restarts_total counter")
         _line(out, "weft_queue_worker_restarts_total", queues.get("restarts", 0))

@@ -296,7 +296,9 @@ def attach_steering(sock: socket.socket, ip_off: int, queues: int) -> None:
 
 
 class _Worker:
-    __slots__ = ("conn", "index", "last", "outbox", "peers", "proc", "started", "waiting")
+    __slots__ = (
+        "conn", "error", "index", "last", "outbox", "peers", "proc", "ready", "started", "waiting",
+    )  # fmt: skip
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -305,6 +307,10 @@ class _Worker:
         self.last: dict[str, Any] = {}  # its latest counters report
         self.peers = 0  # routes it has, as of that report
         self.started: list[float] = []  # monotonic start times (restart budget)
+        # Its dataplane is up (it said "ready": queue and socket open, so the kernel
+        # steers its flows to it); a live process that is still importing is not.
+        self.ready = False
+        self.error: str | None = None  # why a restarted worker could not start
         # Messages the pipe had no room for yet (a worker busy starting, or given
         # thousands of leases at once), sent as it drains; `waiting`: a writer is set.
         self.outbox: deque[bytes] = deque()
@@ -358,6 +364,7 @@ class QueueWorkers:
         worker.conn = ours
         worker.started.append(time.monotonic())
         worker.last, worker.peers, worker.waiting = {}, 0, False
+        worker.ready, worker.error = False, None
         worker.outbox.clear()
         for peer in self.peers.values():  # the worker reads them once it is up
             self._send(worker, {"op": "add", "peer": peer})
@@ -374,6 +381,7 @@ class QueueWorkers:
             why = msg.get("message") if isinstance(msg, dict) else None
             self.stop()
             raise RuntimeError(f"queue {worker.index} did not start: {why or 'no answer'}")
+        worker.ready = True
 
     def _send(self, worker: _Worker, msg: dict[str, Any]) -> None:
         if worker.conn is None:
@@ -440,6 +448,14 @@ class QueueWorkers:
                     worker.peers = int(msg.get("peers", 0))
                 elif msg.get("op") == "events" and msg.get("id") in self._traces:
                     self._traces[msg["id"]][1](list(msg["events"]))
+                elif msg.get("op") == "ready":  # a restarted worker (start() reads the first)
+                    worker.ready = True
+                    pid = worker.proc.pid if worker.proc is not None else None
+                    log.info("queue %d: worker up again (pid %s)", worker.index, pid)
+                elif msg.get("op") == "error":
+                    worker.error = str(msg.get("message"))
+                    log.error("queue %d: the restarted worker could not start: %s",
+                              worker.index, worker.error)  # fmt: skip
         if closed:
             self._ended(worker)
 
@@ -462,10 +478,10 @@ class QueueWorkers:
     def _exited(self, worker: _Worker, code: int | None) -> None:
         """Keep the ended worker's counters; start it again unless it was stopped."""
         self.retired = add_counts(self.retired, worker.last)
-        worker.last = {}
+        worker.last, worker.ready = {}, False
         if self._closing:
             return
-        if code in (0, -signal.SIGTERM):
+        if code in (0, -signal.SIGTERM) and worker.error is None:
             # It was stopped (a worker exits 0 on SIGTERM; a process-group SIGTERM
             # reaches the workers before queue 0 gets to stop them): not a crash.
             log.info("queue %d: worker stopped (exit %s); not restarted", worker.index, code)
@@ -519,6 +535,7 @@ class QueueWorkers:
                     "queue": w.index,
                     "pid": w.proc.pid if w.proc is not None else None,
                     "running": w.proc is not None and w.proc.poll() is None,
+                    "ready": w.ready,  # its queue and socket open: it carries flows
                     # what this process moved (since it last started)
                     "tx_packets": w.last.get("counters", {}).get("tx_packets", 0),
                     "rx_packets": w.last.get("counters", {}).get("rx_packets", 0),

@@ -105,7 +105,7 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
     [worker] = st["queues"]["workers"]
     assert worker["running"] and worker["rx_packets"] > 100, st["queues"]
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(d1 / "weft.sock")).stdout
-    assert "queues: 2 (queue 0 here, 1 of 1 workers running, 0 restarts)" in text, text
+    assert "queues: 2 (queue 0 here, 1 of 1 workers up, 0 restarts)" in text, text
     assert len(status(d1 / "weft.sock")["source_ports"]) == 4
     assert "outer source ports (one per inner flow): " in text, text
     assert st["source_ports"] == []

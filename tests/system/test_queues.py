@@ -31,7 +31,14 @@ from test_fastpath import (
     udp_args,
     vxlan_args,
 )
-from weft_helpers import OFFLOAD_ON, WEFT, assert_super_packets_sent, iperf3_run, status
+from weft_helpers import (
+    OFFLOAD_ON,
+    SLOWDOWN,
+    WEFT,
+    assert_super_packets_sent,
+    iperf3_run,
+    status,
+)
 
 from control.api import api_stream
 from control.lab.netns import in_netns
@@ -96,7 +103,7 @@ def test_two_weft_nodes_with_two_queues(lab: Lab, tmp_path: Path, backend: str) 
         st = status(sock)
         queues = st["queues"]
         assert queues["count"] == 2 and queues["restarts"] == 0
-        assert queues["workers"][0]["running"]
+        assert queues["workers"][0]["running"] and queues["workers"][0]["ready"]
         assert_super_packets_sent(st["offload"])
         assert not {"write_failed", "send_failed", "no_route"} & set(st["counters"]["drops"])
     # The peers were added after start: the workers got their routes through queue 0.
@@ -154,15 +161,18 @@ def test_a_killed_worker_is_started_again_and_stop_ends_them_all(lab: Lab, tmp_p
     [worker] = st["queues"]["workers"]
     total = st["counters"]["rx_packets"]
     os.kill(worker["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
+    # Ready, not just running: a restarted worker is a live process for the seconds
+    # its imports take (15 s in an emulated guest) before its queue and socket open.
+    deadline = time.monotonic() + 10 * SLOWDOWN
     while time.monotonic() < deadline:
         queues = status(s2)["queues"]
-        if queues["restarts"] == 1 and queues["workers"][0]["running"]:
+        if queues["restarts"] == 1 and queues["workers"][0]["ready"]:
             break
         time.sleep(0.1)
     else:
         raise AssertionError(f"the worker was not started again: {queues}")
-    assert queues["workers"][0]["pid"] != worker["pid"]
+    assert queues["workers"][0]["running"] and queues["workers"][0]["pid"] != worker["pid"]
+    assert "queue 1: worker up again" in (tmp_path / "n2.log").read_text()
     # Traffic goes on over both queues (the new worker got the routes again); the
     # ended worker's counters are kept.
     end = _transfer(lab, pod1, pod2)
@@ -279,6 +289,7 @@ def test_thousands_of_routes_reach_the_worker(lab: Lab, tmp_path: Path) -> None:
     time.sleep(1)
     queues = status(sock)["queues"]
     assert queues["restarts"] == 0 and not queues["workers"][0]["running"], queues
+    assert not queues["workers"][0]["ready"]
 
 
 def test_the_tun_steers_as_the_model_says(lab: Lab) -> None:

@@ -43,9 +43,14 @@ def test_metrics_text_has_counters_drops_batches_and_control_stats() -> None:
 
 
 def test_metrics_count_queue_workers_when_there_are_queues() -> None:
-    queues = {"count": 3, "restarts": 2, "workers": [{"running": True}, {"running": False}]}
+    workers = [
+        {"running": True, "ready": True},
+        {"running": True, "ready": False},  # restarted, still starting
+        {"running": False, "ready": False},
+    ]
+    queues = {"count": 4, "restarts": 2, "workers": workers}
     lines = render_metrics({"backend": "vxlan", "queues": queues}).splitlines()
-    for line in ("weft_queues 3", "weft_queue_workers_running 1",
+    for line in ("weft_queues 4", "weft_queue_workers_running 2", "weft_queue_workers_ready 1",
                  "weft_queue_worker_restarts_total 2"):  # fmt: skip
         assert line in lines, line
     assert not [ln for ln in render_metrics({"backend": "vxlan"}).splitlines() if "queue" in ln]
