@@ -163,8 +163,9 @@ def proc_stat_cpu(text: str) -> tuple[int, int]:
     raise ParseError("/proc/stat has no aggregate cpu line")
 
 
-def pid_stat_ticks(text: str) -> int:
-    """utime + stime (clock ticks, all threads) from /proc/<pid>/stat.
+def pid_stat_ticks(text: str, *, reaped: bool = False) -> int:
+    """utime + stime (clock ticks, all threads) from /proc/<pid>/stat; with `reaped`,
+    also cutime + cstime: the CPU of the children it has waited for.
 
     The command name (field 2) may hold spaces and parentheses, so fields are
     counted after the last ')'.
@@ -173,10 +174,11 @@ def pid_stat_ticks(text: str) -> int:
     if close < 0:
         raise ParseError("not a /proc/<pid>/stat line")
     rest = text[close + 1 :].split()
-    # rest[0] is field 3 (state); utime is field 14, stime field 15.
-    if len(rest) < 13:
+    # rest[0] is field 3 (state); utime is field 14, stime 15, cutime 16, cstime 17.
+    if len(rest) < (15 if reaped else 13):
         raise ParseError("/proc/<pid>/stat line is too short")
-    return int(rest[11]) + int(rest[12])
+    ticks = int(rest[11]) + int(rest[12])
+    return ticks + int(rest[13]) + int(rest[14]) if reaped else ticks
 
 
 def pid_status_rss_kb(text: str) -> int | None:

@@ -14,12 +14,30 @@ from bench.parse import pid_stat_ticks, pid_status_rss_kb, proc_stat_cpu
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def pid_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of ``pid`` (all its threads) in seconds; None if it is gone."""
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (of all its threads); [] if it is gone."""
+    out: list[int] = []
     try:
-        return pid_stat_ticks(Path(f"/proc/{pid}/stat").read_text()) / CLK_TCK
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def pid_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of ``pid`` (all its threads) and of its descendants — the live ones,
+    and those it has reaped (cutime + cstime), so a child that ends between two
+    readings still counts once; None if ``pid`` is gone. weft --queues N runs queues
+    1…N-1 as child processes."""
+    try:
+        ticks = pid_stat_ticks(Path(f"/proc/{pid}/stat").read_text(), reaped=True)
     except (OSError, ValueError):
         return None
+    seconds = ticks / CLK_TCK
+    for child in child_pids(pid):
+        seconds += pid_cpu_seconds(child) or 0.0
+    return seconds
 
 
 def pid_rss_kb(pid: int) -> int | None:

@@ -130,6 +130,10 @@ def test_pid_stat_with_a_nasty_command_name() -> None:
     fields = ["S"] + [str(i) for i in range(4, 14)] + ["700", "300"] + ["0"] * 30
     text = "4242 (we ft) (x)) " + " ".join(fields)
     assert pid_stat_ticks(text) == 1000
+    fields[13:15] = ["20", "22"]  # cutime, cstime: children waited for
+    text = "4242 (we ft) (x)) " + " ".join(fields)
+    assert pid_stat_ticks(text) == 1000
+    assert pid_stat_ticks(text, reaped=True) == 1042
     with pytest.raises(ParseError):
         pid_stat_ticks("4242 (x) S 1 2")
     with pytest.raises(ParseError):
