@@ -1082,10 +1082,11 @@ class FastEngine(Engine):
         fc = self._fc
         first = 0
         while first < nsegs:
-            count = min(seg.per_batch, nsegs - first)
+            count = min(seg.per_fill, nsegs - first)
             nbytes = seg.fill(first, count)
             first += count
-            self._send_datagrams([seg.view[:nbytes]], row, count, addr, "udp_segment", idx)
+            for piece, n in seg.sends(nbytes):
+                self._send_datagrams([piece], row, n, addr, "udp_segment", idx)
         # As _send_gso: the forwarder counted the first segment.
         hdrs = row - gso_size - (head - fwd.out_start)  # inner headers per segment
         counters.tx_packets += nsegs - 1

@@ -27,13 +27,16 @@ change a one's complement sum, and the padding is past the bytes sent.
 
 One sendmsg takes at most MAX_SEGMENTS datagrams (the kernel's
 UDP_MAX_SEGMENTS, 64 before Linux 6.10) and at most MAX_SEND_BYTES (the
-64 KiB IP limit); a super-packet that needs more is cut in several batches.
+64 KiB IP limit); a super-packet that needs more (at MTU 1500 a 64 KB one makes
+46 segments: 44 + 2) is still cut in one `fill` — the numpy calls cost the
+same for 2 rows as for 44 — and sent as several sendmsg slices of its buffer.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,6 +48,9 @@ UDP_SEGMENT = 103  # linux/udp.h: the segment size for a send (socket option or 
 MAX_SEGMENTS = 64
 #: An IPv4 datagram's payload is at most 65535 - 20 (IP) - 8 (UDP) bytes.
 MAX_SEND_BYTES = 65535 - 20 - 8
+#: Segmenter's buffer: a whole 64 KB super-packet cut at once (one `fill`, its numpy
+#: calls paid once) down to an MSS of ~300, then sent in sendmsg-sized slices.
+FILL_BYTES = 4 * 65536
 
 UDP_HLEN = 8
 TCP_FIN = 0x01
@@ -81,10 +87,10 @@ def _swap16(word: int) -> int:
 class Segmenter:
     """Cuts TCP (or UDP) super-packets into datagram payloads in one preallocated buffer.
 
-    For one super-packet: `start(...)` once, then `fill(first, count)` for each
-    batch of segments; after `fill`, `out[:nbytes]` holds `count` datagram
-    payloads of `row` bytes each (the last may be shorter), to send with
-    UDP_SEGMENT size `row`.
+    For one super-packet: `start(...)` once, then `fill(first, count)` for up to
+    `per_fill` segments at a time; after `fill`, `out[:nbytes]` holds `count`
+    datagram payloads of `row` bytes each (the last may be shorter), to send with
+    UDP_SEGMENT size `row`, at most `per_batch` of them a sendmsg (`sends`).
 
     `start` rewrites the super-packet's headers in place into those of a
     middle segment (full length, no CWR/FIN/PSH, checksums zero), so that
@@ -93,7 +99,7 @@ class Segmenter:
     (their fixed cost is what counts at ~45 segments a batch).
     """
 
-    def __init__(self, capacity: int = MAX_SEND_BYTES) -> None:
+    def __init__(self, capacity: int = FILL_BYTES) -> None:
         self.capacity = capacity
         self.out = bytearray(capacity)
         self.view = memoryview(self.out)
@@ -101,7 +107,8 @@ class Segmenter:
         self._index = np.arange(65536, dtype=np.uint32)  # segment numbers
         self.row = 0  # bytes per datagram payload (the UDP_SEGMENT size)
         self.segments = 0  # segments the current super-packet makes
-        self.per_batch = 0  # at most this many segments per fill / sendmsg
+        self.per_batch = 0  # at most this many segments per sendmsg
+        self.per_fill = 0  # at most this many segments per fill (a multiple of per_batch)
         self._src: np.ndarray | None = None
         self._src_of: bytearray | None = None
 
@@ -127,7 +134,7 @@ class Segmenter:
         if mss <= 0 or (thl < 20 and not udp) or data >= end or not start <= ip < l4:
             return 0
         row = data - start + mss
-        per_batch = min(max_segments, self.capacity // row)
+        per_batch = min(max_segments, min(self.capacity, MAX_SEND_BYTES) // row)
         version = buf[ip] >> 4
         if per_batch < 1 or version not in (4, 6):
             return 0
@@ -138,6 +145,7 @@ class Segmenter:
         self._mss = mss
         self.row = row
         self.per_batch = per_batch
+        self.per_fill = self.capacity // row // per_batch * per_batch
         self.segments = -(-(end - data) // mss)
         self._v4 = version == 4
         if self._v4:
@@ -255,6 +263,13 @@ class Segmenter:
         if self._udp:
             out[out == 0] = 0xFFFF  # UDP sends a computed 0 as all ones (0: no checksum)
         return count * row - short
+
+    def sends(self, nbytes: int) -> Iterator[tuple[memoryview, int]]:
+        """`out[:nbytes]` (what `fill` made) as (bytes, datagrams) for one sendmsg each."""
+        step = self.per_batch * self.row
+        for off in range(0, nbytes, step):
+            chunk = min(step, nbytes - off)
+            yield self.view[off : off + chunk], -(-chunk // self.row)
 
 
 def complete_checksums(

@@ -10,7 +10,13 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from dataplane.io.segment import MAX_SEGMENTS, Segmenter, complete_checksums, segment_cmsg
+from dataplane.io.segment import (
+    MAX_SEGMENTS,
+    MAX_SEND_BYTES,
+    Segmenter,
+    complete_checksums,
+    segment_cmsg,
+)
 from dataplane.packet.checksum import internet_checksum, ones_complement_sum, pseudo_header_sum_v4
 from dataplane.packet.vnet import complete_checksum
 
@@ -198,6 +204,29 @@ def test_batches_stay_within_the_kernels_limits() -> None:
     assert big.start(raw, 0, len(PREFIX), len(PREFIX) + 20, len(raw), 9000) == 3
     assert big.per_batch == 65507 // (22 + 52 + 9000)
     assert cut(bytes(pkt), PREFIX, 1398, capacity=5000) == expected(pkt, 1398)
+
+
+@pytest.mark.parametrize(
+    ("size", "mss"), [(64000, 1398), (20_000, 200), (65000, 8950), (3000, 1398)]
+)
+def test_one_fill_sent_in_slices_is_what_linux_makes(size: int, mss: int) -> None:
+    """What the send path does: a whole super-packet in one fill, then `sends` slices
+    within the kernel's limits (datagrams a sendmsg, bytes a datagram) that cut at
+    row boundaries and together hold every segment."""
+    pkt = super_v4(payload(size), "PA")
+    raw = bytearray(PREFIX + bytes(pkt))
+    seg = Segmenter()
+    n = seg.start(raw, 0, len(PREFIX), len(PREFIX) + 20, len(raw), mss)
+    assert seg.per_fill >= n  # one fill
+    nbytes = seg.fill(0, n)
+    rows: list[bytes] = []
+    for piece, count in seg.sends(nbytes):
+        assert count <= min(seg.per_batch, MAX_SEGMENTS)
+        assert len(piece) <= MAX_SEND_BYTES
+        assert -(-len(piece) // seg.row) == count
+        data = bytes(piece)
+        rows += [data[i : i + seg.row] for i in range(0, len(data), seg.row)]
+    assert [r[len(PREFIX) :] for r in rows] == expected(pkt, mss)
 
 
 def test_udp_backend_has_no_prefix() -> None:
