@@ -30,7 +30,13 @@ from test_fastpath import (
     udp_args,
     vxlan_args,
 )
-from weft_helpers import UDP_SEGMENT_NEEDS_TX_CSUM, iperf3_run, send_over_tcp, status
+from weft_helpers import (
+    UDP_SEGMENT_NEEDS_TX_CSUM,
+    assert_udp_segment_refused,
+    iperf3_run,
+    send_over_tcp,
+    status,
+)
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
@@ -42,15 +48,6 @@ from dataplane.peers import Peer
 
 FALLBACK = {fastpath.DISABLE_ENV: "tunnel_gso"}
 SO_NO_CHECK = 11  # asm-generic/socket.h: no UDP checksums on send (UDP GSO refuses it)
-
-
-def assert_udp_segment_refused(offload: dict[str, Any]) -> None:
-    """Linux < 6.11 and an underlay without checksum offload: the first UDP_SEGMENT
-    send failed with EIO, weft turned udp_segment off and, without the egress TAP,
-    stopped asking the pod device for super-packets (decisions §17)."""
-    assert "udp_segment" not in offload["on"] and "tso_read" not in offload["on"]
-    assert "EIO" in offload["off"]["udp_segment"], offload["off"]
-    assert "no tunnel_gso" in offload["off"]["tso_read"], offload["off"]
 
 
 def tshark_rows(pcap: Path, port: int, decode: str) -> list[list[str]]:
