@@ -84,6 +84,28 @@ def _swap16(word: int) -> int:
     return ((word & 0xFF) << 8) | (word >> 8)
 
 
+class _FillViews:
+    """Views into Segmenter.out for one shape of fill — `count` rows of `row` bytes,
+    the inner IP header at `a` and the transport header at `t` in a row, its
+    checksum at `c` — made once per shape: a super-packet of a bulk flow has the same
+    shape as the last one, and the dozen numpy views cost ~6 µs a fill to make."""
+
+    __slots__ = ("csum", "ip_csum", "ip_id", "native", "rows", "seq", "words")
+
+    def __init__(
+        self, arr: np.ndarray, count: int, row: int, a: int, t: int, c: int, v4: bool, udp: bool
+    ) -> None:
+        rows = arr[: count * row].reshape(count, row)
+        self.rows = rows
+        self.ip_id = rows[:, a + 4 : a + 6].view(">u2")[:, 0] if v4 else None
+        self.ip_csum = rows[:, a + 10 : a + 12].view(">u2")[:, 0] if v4 else None
+        self.seq = None if udp else rows[:, t + 4 : t + 8].view(">u4")[:, 0]
+        # Rows summed as native (little-endian) words where they can be (fill).
+        self.native = t % 2 == 0 and row % 2 == 0 and np.little_endian
+        self.words = rows.view(np.uint16)[:, t // 2 :] if self.native else None
+        self.csum = rows[:, c : c + 2].view("<u2" if self.native else ">u2")[:, 0]
+
+
 class Segmenter:
     """Cuts TCP (or UDP) super-packets into datagram payloads in one preallocated buffer.
 
@@ -110,6 +132,7 @@ class Segmenter:
         self.per_batch = 0  # at most this many segments per sendmsg
         self.per_fill = 0  # at most this many segments per fill (a multiple of per_batch)
         self._src: np.ndarray | None = None
+        self._views: dict[tuple[int, ...], _FillViews] = {}
         self._src_of: bytearray | None = None
 
     def start(
@@ -191,7 +214,18 @@ class Segmenter:
         )  # fmt: skip
         row = self.row
         hdrs = data - start
-        rows = self._arr[: count * row].reshape(count, row)
+        a = ip - start  # inner IP header in a row
+        t = l4 - start  # TCP header in a row
+        c = self._csum_at  # the transport checksum in a row
+        key = (count, row, a, t, c, self._v4, self._udp)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 64:
+                self._views.clear()
+            views = self._views[key] = _FillViews(
+                self._arr, count, row, a, t, c, self._v4, self._udp
+            )
+        rows = views.rows
         rows[:, :hdrs] = src[start:data]
         lo = data + first * mss
         hi = min(end, lo + count * mss)
@@ -205,16 +239,16 @@ class Segmenter:
         last = count - 1
         short = mss - rest if rest else 0  # how much shorter the last row is
         index = self._index[first : first + count]
-        a = ip - start  # inner IP header in a row
-        t = l4 - start  # TCP header in a row
         if self._v4:
+            assert views.ip_id is not None and views.ip_csum is not None
             ids = index + self._ip_id
-            ids &= 0xFFFF
-            rows[:, a + 4 : a + 6].view(">u2")[:, 0] = ids
+            if self._ip_id + first + count > 0xFFFF:
+                ids &= 0xFFFF
+            views.ip_id[:] = ids
             # ~fold(x) for x > 0 is 0xFFFF - ((x - 1) % 0xFFFF + 1).
             ip_csum = ids + (self._ip_sum - 1)
             ip_csum %= 0xFFFF
-            rows[:, a + 10 : a + 12].view(">u2")[:, 0] = 0xFFFE - ip_csum
+            np.subtract(0xFFFE, ip_csum, out=views.ip_csum, casting="unsafe")
             if short:
                 length = data - ip + rest
                 rows[last, a + 2 : a + 4].view(">u2")[0] = length
@@ -223,30 +257,30 @@ class Segmenter:
         elif short:
             plen = l4 - ip - 40 + data - l4 + rest
             rows[last, a + 4 : a + 6].view(">u2")[0] = plen
-        c = self._csum_at  # the transport checksum in a row
         if self._udp:
             if short:
                 rows[last, t + 4 : t + 6].view(">u2")[0] = UDP_HLEN + rest
         else:
+            assert views.seq is not None
             seq = index * mss
             seq += self._seq
-            rows[:, t + 4 : t + 8].view(">u4")[:, 0] = seq  # uint32: wraps as TCP's does
+            views.seq[:] = seq  # uint32: wraps as TCP's does
             # tcp_gso_segment: CWR stays on the first segment, FIN and PSH on the last.
             flags = self._flags
             if first == 0:
                 rows[0, t + 13] = flags & ~(TCP_FIN | TCP_PSH) if self.segments > 1 else flags
             if first + count == self.segments:
                 rows[last, t + 13] = flags & ~TCP_CWR if self.segments > 1 else flags
-        if t % 2 == 0 and row % 2 == 0 and np.little_endian:
+        out = views.csum
+        if views.words is not None:
             # Rows summed as native (little-endian) words: a one's complement sum in
             # swapped byte order is the swapped sum (RFC 1071), so the pseudo-header
             # goes in swapped, and the result is stored little-endian.
-            sums = rows.view(np.uint16)[:, t // 2 :].sum(axis=1, dtype=np.uint32)
+            sums = views.words.sum(axis=1, dtype=np.uint32)
             pseudo = _swap16(_fold(self._pseudo))
             csum = sums + (pseudo - 1)
             csum %= 0xFFFF
-            out = rows[:, c : c + 2].view("<u2")[:, 0]
-            out[:] = 0xFFFE - csum
+            np.subtract(0xFFFE, csum, out=out, casting="unsafe")
             if short:
                 pseudo = _swap16(_fold(self._pseudo - short))
                 out[last] = 0xFFFF - _fold(int(sums[last]) + pseudo)
@@ -258,7 +292,6 @@ class Segmenter:
             lengths = np.full(count, self._pseudo, dtype=np.int64)
             lengths[last] -= short
             csum = (sums + lengths - 1) % 0xFFFF
-            out = rows[:, c : c + 2].view(">u2")[:, 0]
             out[:] = 0xFFFE - csum
         if self._udp:
             out[out == 0] = 0xFFFF  # UDP sends a computed 0 as all ones (0: no checksum)

@@ -72,14 +72,23 @@ def expected(pkt: IP | IPv6, mss: int) -> list[bytes]:
 
 
 def cut(
-    raw: bytes, prefix: bytes, mss: int, *, lead: int = 7, udp: bool = False, **kw: int
+    raw: bytes,
+    prefix: bytes,
+    mss: int,
+    *,
+    lead: int = 7,
+    udp: bool = False,
+    seg: Segmenter | None = None,
+    **kw: int,
 ) -> list[bytes]:
-    """raw (an IP super-packet) `lead` bytes into a buffer after `prefix`; all batches."""
+    """raw (an IP super-packet) `lead` bytes into a buffer after `prefix`; all batches
+    (by a new Segmenter, or `seg`)."""
     buf = bytearray(lead) + bytearray(prefix) + bytearray(raw) + bytearray(5)
     start = lead
     ip = start + len(prefix)
     ihl = 40 if raw[0] >> 4 == 6 else (raw[0] & 15) * 4
-    seg = Segmenter(**{k: v for k, v in kw.items() if k == "capacity"})
+    if seg is None:
+        seg = Segmenter(**{k: v for k, v in kw.items() if k == "capacity"})
     n = seg.start(
         buf, start, ip, ip + ihl, ip + len(raw), mss, max_segments=kw.get("max", 64), udp=udp
     )
@@ -227,6 +236,26 @@ def test_one_fill_sent_in_slices_is_what_linux_makes(size: int, mss: int) -> Non
         data = bytes(piece)
         rows += [data[i : i + seg.row] for i in range(0, len(data), seg.row)]
     assert [r[len(PREFIX) :] for r in rows] == expected(pkt, mss)
+
+
+def test_one_segmenter_cuts_packets_of_every_shape_in_turn() -> None:
+    """What one engine's Segmenter meets: views made for one shape of fill (kept for
+    the next packet of that shape) never serve another — TCP then UDP of one row
+    size, IPv4 then IPv6, short then full, and the first shape again."""
+    seg = Segmenter()
+    v6_prefix = PREFIX[:20] + b"\x86\xdd"
+    for _ in range(2):
+        for raw, prefix, mss, udp, want in (
+            (tcp := super_v4(payload(64000), "PA"), PREFIX, 1398, False, expected(tcp, 1398)),
+            # the same rows as the TCP one: 46 of 22 + 20 + 8 + 1422 bytes
+            (u := udp_super(payload(64000), 1422), PREFIX, 1422, True, udp_expected(u, 1422)),
+            (t6 := super_v6(payload(9000), "A"), v6_prefix, 1378, False, expected(t6, 1378)),
+            # the same rows as the IPv6 one: 7 of 22 + 20 + 32 + 1398 bytes
+            (t7 := super_v4(payload(9000), "PA"), PREFIX, 1398, False, expected(t7, 1398)),
+            (t3 := super_v4(payload(3000), "FPA"), PREFIX, 1398, False, expected(t3, 1398)),
+            (t4 := super_v4(payload(3001), "A"), PREFIX, 1001, False, expected(t4, 1001)),
+        ):
+            assert cut(bytes(raw), prefix, mss, udp=udp, seg=seg) == want
 
 
 def test_udp_backend_has_no_prefix() -> None:
