@@ -224,7 +224,10 @@ def test_gso_datagrams_on_the_wire_are_standard_vxlan(lab: Lab, tmp_path: Path) 
 def check_udp_burst(lab: Lab, pod1: Pod, pod2: Pod, sock: Path, count: int, size: int) -> None:
     """send_udp_datagrams through weft's uso_read path: every datagram arrives, in
     order and byte-exact, with no UDP checksum error at the pod, and weft read
-    them as UDP super-packets (uso_sends; ~tens of datagrams each)."""
+    most of them in UDP super-packets (uso_sends). How many datagrams GRO glues
+    into one depends on the kernel and machine: tens on the machine these tests
+    were written on, 2-3 on a slower one (session 11), where 80-94 % of the
+    datagrams still came merged."""
     before = status(sock)["offload"]["counters"]
     got = send_udp_datagrams(pod1, pod2, count, size)
     assert len(got) == count, f"{len(got)} of {count} datagrams arrived"
@@ -235,7 +238,7 @@ def check_udp_burst(lab: Lab, pod1: Pod, pod2: Pod, sock: Path, count: int, size
     after = status(sock)["offload"]["counters"]
     sends = after["uso_sends"] - before["uso_sends"]
     segments = sum(after[k] - before[k] for k in ("gso_segments", "split_segments"))
-    assert sends > 0 and segments >= 4 * sends, (sends, segments)
+    assert sends > 0 and segments >= count // 2, (sends, segments)
 
 
 @needs_paths("uso_read", "tunnel_gso")

@@ -224,39 +224,74 @@ def udp_datagram(seq: int, size: int) -> bytes:
     return head + bytes((seq * 7 + i) & 0xFF for i in range(size - 4))
 
 
+# The sender of send_udp_datagrams, a process of its own that sends each burst with
+# one sendmmsg: GRO merges datagrams that come within its 20 µs flush timeout, and a
+# Python sendto loop (slower still as a thread beside the receiving loop) spaced them
+# wider than that on a slow machine, so merging depended on the machine's speed.
+UDP_SENDER = """
+import ctypes, socket, sys, time
+dst, port, count, size, burst = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:6])
+class Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+class Msghdr(ctypes.Structure):
+    _fields_ = (("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(Iovec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int))
+class Mmsghdr(ctypes.Structure):
+    _fields_ = (("hdr", Msghdr), ("len", ctypes.c_uint))
+libc = ctypes.CDLL(None, use_errno=True)
+data = [ctypes.create_string_buffer(
+            i.to_bytes(4, "big") + bytes((i * 7 + k) & 0xFF for k in range(size - 4)), size)
+        for i in range(count)]
+iovs = (Iovec * count)(*[Iovec(ctypes.addressof(d), size) for d in data])
+msgs = (Mmsghdr * count)()
+for i in range(count):
+    msgs[i].hdr.iov = ctypes.pointer(iovs[i])
+    msgs[i].hdr.iovlen = 1
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.connect((dst, port))
+at = ctypes.addressof(msgs)
+for first in range(0, count, burst):
+    n = min(burst, count - first)
+    while n > 0:
+        sent = libc.sendmmsg(tx.fileno(), ctypes.c_void_p(at + first * ctypes.sizeof(Mmsghdr)),
+                             n, 0)
+        if sent < 0:
+            sys.exit(f"sendmmsg: errno {ctypes.get_errno()}")
+        first, n = first + sent, n - sent
+    time.sleep(0.001)
+"""
+
+
 def send_udp_datagrams(
     sender: Pod, receiver: Pod, count: int, size: int, *, burst: int = 64
 ) -> list[bytes]:
-    """`count` datagrams of `size` bytes (udp_datagram) from a socket in `sender` to
-    one in `receiver`, in bursts of `burst` back to back (so that GRO on the way
+    """`count` datagrams of `size` bytes (udp_datagram) from a process in `sender` to
+    a socket in `receiver`, in bursts of `burst` back to back (so that GRO on the way
     can merge them) with a millisecond between bursts; what arrived, in order."""
     with in_netns(receiver.ns):
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with in_netns(sender.ns):
-        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     got: list[bytes] = []
+    proc: subprocess.Popen[bytes] | None = None
     try:
         rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
         rx.bind((str(receiver.ip), UDP_PORT))
-        rx.settimeout(2)
-        data = [udp_datagram(i, size) for i in range(count)]
-
-        def send() -> None:
-            for first in range(0, count, burst):
-                for d in data[first : first + burst]:
-                    tx.sendto(d, (str(receiver.ip), UDP_PORT))
-                time.sleep(0.001)
-
-        sending = threading.Thread(target=send)
-        sending.start()
+        rx.settimeout(2 * SLOWDOWN)
+        argv = [str(receiver.ip), str(UDP_PORT), str(count), str(size), str(burst)]
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", sender.ns, sys.executable, "-c", UDP_SENDER, *argv]
+        )
         try:
             while len(got) < count:
                 got.append(rx.recv(65536))
         except TimeoutError:
             pass
-        sending.join(30)
+        proc.wait(timeout=30 * SLOWDOWN)
     finally:
-        tx.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         rx.close()
     return got
 
