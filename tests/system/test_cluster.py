@@ -20,7 +20,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
-from weft_helpers import send_udp_datagrams, udp_datagram
+from weft_helpers import needs_paths, send_udp_datagrams, udp_datagram
 
 from control.lab.cluster import (
     Cluster,
@@ -301,6 +301,7 @@ def test_udp_and_host_gw_clusters(new_cluster, backend: str) -> None:
     assert_all_ping(cluster)
 
 
+@needs_paths("uso_read")  # its subject: the merged burst read whole
 def test_pod_udp_gro_tunes_the_pods_veths_and_small_udp_leaves_merged(new_cluster) -> None:
     """`weft agent --pod-udp-gro`: the veths the CNI plugs into cni0 get GRO, UDP GRO
     forwarding and a flush timeout (pods made after the agent started, within a
