@@ -267,7 +267,7 @@ def render_status(status: dict[str, Any]) -> str:
     queues = status.get("queues")
     if isinstance(queues, dict):
         workers = queues.get("workers") or []
-        ready = sum(1 for w in workers if w.get("running") and w.get("ready"))
+        ready = sum(1 for w in workers if w.get("ready"))
         out(
             f"queues: {queues.get('count')} (queue 0 here, {ready} of {len(workers)} "
             f"workers up, {queues.get('restarts', 0)} restarts); counters are all queues'"

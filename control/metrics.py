@@ -87,8 +87,7 @@ def render_metrics(status: dict[str, Any]) -> str:
             "open (a restarted one is running before it is ready)."
         )
         out.append("# TYPE weft_queue_workers_ready gauge")
-        up = sum(1 for w in workers if w.get("running") and w.get("ready"))
-        _line(out, "weft_queue_workers_ready", up)
+        _line(out, "weft_queue_workers_ready", sum(1 for w in workers if w.get("ready")))
         out.append("# HELP weft_queue_worker_restarts_total Worker processes started again.")
         out.append("# TYPE weft_queue_worker_restarts_total counter")
         _line(out, "weft_queue_worker_restarts_total", queues.get("restarts", 0))

@@ -534,8 +534,7 @@ class QueueWorkers:
                 {
                     "queue": w.index,
                     "pid": w.proc.pid if w.proc is not None else None,
-                    "running": w.proc is not None and w.proc.poll() is None,
-                    "ready": w.ready,  # its queue and socket open: it carries flows
+                    **self._liveness(w),
                     # what this process moved (since it last started)
                     "tx_packets": w.last.get("counters", {}).get("tx_packets", 0),
                     "rx_packets": w.last.get("counters", {}).get("rx_packets", 0),
@@ -545,6 +544,14 @@ class QueueWorkers:
                 for w in self.workers
             ],
         }
+
+    @staticmethod
+    def _liveness(w: _Worker) -> dict[str, bool]:
+        """`running`: the process exists; `ready`: it is running and has said its
+        queue and socket are open, so it carries flows (a dead one whose pipe has not
+        been read yet is not)."""
+        running = w.proc is not None and w.proc.poll() is None
+        return {"running": running, "ready": running and w.ready}
 
     def stop(self) -> None:
         """SIGTERM every worker (our own children, by PID), wait, SIGKILL stragglers."""

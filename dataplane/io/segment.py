@@ -90,7 +90,7 @@ class _FillViews:
     checksum at `c` — made once per shape: a super-packet of a bulk flow has the same
     shape as the last one, and the dozen numpy views cost ~6 µs a fill to make."""
 
-    __slots__ = ("csum", "ip_csum", "ip_id", "native", "rows", "seq", "words")
+    __slots__ = ("csum", "ip_csum", "ip_id", "rows", "seq", "words")
 
     def __init__(
         self, arr: np.ndarray, count: int, row: int, a: int, t: int, c: int, v4: bool, udp: bool
@@ -101,9 +101,9 @@ class _FillViews:
         self.ip_csum = rows[:, a + 10 : a + 12].view(">u2")[:, 0] if v4 else None
         self.seq = None if udp else rows[:, t + 4 : t + 8].view(">u4")[:, 0]
         # Rows summed as native (little-endian) words where they can be (fill).
-        self.native = t % 2 == 0 and row % 2 == 0 and np.little_endian
-        self.words = rows.view(np.uint16)[:, t // 2 :] if self.native else None
-        self.csum = rows[:, c : c + 2].view("<u2" if self.native else ">u2")[:, 0]
+        native = t % 2 == 0 and row % 2 == 0 and np.little_endian
+        self.words = rows.view(np.uint16)[:, t // 2 :] if native else None
+        self.csum = rows[:, c : c + 2].view("<u2" if native else ">u2")[:, 0]
 
 
 class Segmenter:
