@@ -227,35 +227,28 @@ def udp_datagram(seq: int, size: int) -> bytes:
 # The sender of send_udp_datagrams, a process of its own that sends each burst with
 # one sendmmsg: GRO merges datagrams that come within its 20 µs flush timeout, and a
 # Python sendto loop (slower still as a thread beside the receiving loop) spaced them
-# wider than that on a slow machine, so merging depended on the machine's speed.
+# wider than that on a slow machine, so merging depended on the machine's speed. It
+# reads the datagrams (udp_datagram's, `size` bytes each) from stdin and uses the
+# engine's own struct layouts (dataplane.io.batch).
 UDP_SENDER = """
 import ctypes, socket, sys, time
+from dataplane.io.batch import _Iovec, _Mmsghdr
 dst, port, count, size, burst = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:6])
-class Iovec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
-class Msghdr(ctypes.Structure):
-    _fields_ = (("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
-                ("iov", ctypes.POINTER(Iovec)), ("iovlen", ctypes.c_size_t),
-                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                ("flags", ctypes.c_int))
-class Mmsghdr(ctypes.Structure):
-    _fields_ = (("hdr", Msghdr), ("len", ctypes.c_uint))
-libc = ctypes.CDLL(None, use_errno=True)
-data = [ctypes.create_string_buffer(
-            i.to_bytes(4, "big") + bytes((i * 7 + k) & 0xFF for k in range(size - 4)), size)
-        for i in range(count)]
-iovs = (Iovec * count)(*[Iovec(ctypes.addressof(d), size) for d in data])
-msgs = (Mmsghdr * count)()
+data = ctypes.create_string_buffer(sys.stdin.buffer.read(count * size), count * size)
+base = ctypes.addressof(data)
+iovs = (_Iovec * count)(*[_Iovec(base + i * size, size) for i in range(count)])
+msgs = (_Mmsghdr * count)()
 for i in range(count):
-    msgs[i].hdr.iov = ctypes.pointer(iovs[i])
-    msgs[i].hdr.iovlen = 1
+    msgs[i].msg_hdr.msg_iov = ctypes.pointer(iovs[i])
+    msgs[i].msg_hdr.msg_iovlen = 1
+libc = ctypes.CDLL(None, use_errno=True)
 tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 tx.connect((dst, port))
 at = ctypes.addressof(msgs)
 for first in range(0, count, burst):
     n = min(burst, count - first)
     while n > 0:
-        sent = libc.sendmmsg(tx.fileno(), ctypes.c_void_p(at + first * ctypes.sizeof(Mmsghdr)),
+        sent = libc.sendmmsg(tx.fileno(), ctypes.c_void_p(at + first * ctypes.sizeof(_Mmsghdr)),
                              n, 0)
         if sent < 0:
             sys.exit(f"sendmmsg: errno {ctypes.get_errno()}")
@@ -280,8 +273,12 @@ def send_udp_datagrams(
         rx.settimeout(2 * SLOWDOWN)
         argv = [str(receiver.ip), str(UDP_PORT), str(count), str(size), str(burst)]
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", sender.ns, sys.executable, "-c", UDP_SENDER, *argv]
+            ["ip", "netns", "exec", sender.ns, sys.executable, "-c", UDP_SENDER, *argv],
+            stdin=subprocess.PIPE,
         )
+        assert proc.stdin is not None
+        with proc.stdin:  # read whole before the first send: it never waits on us
+            proc.stdin.write(b"".join(udp_datagram(i, size) for i in range(count)))
         try:
             while len(got) < count:
                 got.append(rx.recv(65536))
