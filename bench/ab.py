@@ -19,8 +19,9 @@ the bench and the lab from this one:
 
 Prints one JSON line per probe and a summary (mean, ratio to kernel VXLAN, and
 the CPU time the weft processes took per GB moved or per million datagrams).
-Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), rr (1-byte TCP
-transactions/s), ping (RTT median, ms: there the ratio is lower-is-better). And
+Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), rr and udprr
+(1-byte TCP or UDP transactions/s), ping (RTT median, ms: there the ratio is
+lower-is-better). And
 tcp1@RATE, tcp4@RATE, udp64@RATE: the same at a fixed offered rate (iperf3's -b,
 per stream: tcp1@1500M, udp64@60M), below what either variant can do, so that the
 weft CPU per GB or per datagram compares variants doing the same work: at full
@@ -48,7 +49,7 @@ from bench import probes
 from bench.sampling import delta, snapshot
 from bench.stats import per_unit
 
-TESTS = ("tcp1", "tcp4", "udp64", "rr", "ping")
+TESTS = ("tcp1", "tcp4", "udp64", "rr", "udprr", "ping")
 #: Pings per `ping` probe, one every 10 ms (as the bench's ping test).
 PINGS = 200
 
@@ -63,11 +64,11 @@ def known_test(test: str) -> bool:
 
 def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None]:
     """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
-    TCP transactions a second for rr, the ping RTT's median in ms for ping; and
-    the CPU seconds the weft processes took per GB received (TCP) or per million
-    datagrams received (udp64), None without weft or for rr and ping."""
-    if test == "rr":
-        return probes.rr(env, seconds)["per_second"], None
+    TCP (rr) or UDP (udprr) transactions a second, the ping RTT's median in ms for
+    ping; and the CPU seconds the weft processes took per GB received (TCP) or per
+    million datagrams received (udp64), None without weft or for rr, udprr and ping."""
+    if test in ("rr", "udprr"):
+        return probes.rr(env, seconds, udp=test == "udprr")["per_second"], None
     if test == "ping":
         p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
         return (float(p50) if p50 is not None else float("nan")), None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env as envmod
+from control.podgro import FLUSH_TIMEOUT_NS
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -48,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--settings", type=_csv, help="underlay settings, from: wire, offload (default: both)"
     )
-    p.add_argument("--tests", type=_csv, help="from: tcp1, tcp4, udp64, ping, rr (default: all)")
+    p.add_argument(
+        "--tests", type=_csv, help="from: tcp1, tcp4, udp64, ping, rr, udprr (default: all)"
+    )
     p.add_argument("--underlay-mtu", type=int, default=1500, help="underlay MTU (default 1500)")
     p.add_argument(
         "--jumbo", action="store_true", help="also run the wire setting with underlay MTU 9000"
@@ -88,7 +91,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["on", "off"],
         default="on",
         help="UDP GRO forwarding on the pods' node-side veths, every mode (default on: "
-        "ethtool -K gro on rx-udp-gro-forwarding on, gro_flush_timeout 20 µs)",
+        "ethtool -K gro on rx-udp-gro-forwarding on, and --pod-gro-flush-us)",
+    )
+    p.add_argument(
+        "--pod-gro-flush-us",
+        type=int,
+        default=FLUSH_TIMEOUT_NS // 1000,
+        metavar="US",
+        help="gro_flush_timeout of the pods' node-side veths with --pod-gro on, in µs "
+        f"(default {FLUSH_TIMEOUT_NS // 1000}, as `weft agent --pod-udp-gro`): a lone UDP "
+        "datagram may wait this long (the udprr test shows it)",
     )
     p.add_argument(
         "--profile",
@@ -153,6 +165,8 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
     repeat = args.repeat if args.repeat is not None else (1 if quick else 3)
     if seconds <= 0 or seconds > 60 or repeat < 1 or repeat > 20:
         raise ValueError("--seconds must be in (0, 60] and --repeat in 1..20")
+    if not 0 <= args.pod_gro_flush_us <= 10_000:
+        raise ValueError("--pod-gro-flush-us must be in 0..10000")
     budget = args.budget_min if args.budget_min is not None else (4.0 if quick else 20.0)
     return Params(
         seconds=seconds,
@@ -173,6 +187,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         weft_queues=args.weft_queues,
         weft_cpus=args.weft_cpus,
         pod_gro=args.pod_gro == "on",
+        pod_gro_flush_us=args.pod_gro_flush_us,
         command=command,
     )
 

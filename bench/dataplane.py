@@ -29,8 +29,9 @@ from bench.parse import cpuinfo_model
 from bench.progress import Progress
 from bench.sampling import delta, machine_cpu_seconds, pid_rss_kb, snapshot
 from bench.stats import per_unit, ratio, summarize
+from control.podgro import FLUSH_TIMEOUT_NS
 
-TESTS = ("tcp1", "tcp4", "udp64", "ping", "rr")
+TESTS = ("tcp1", "tcp4", "udp64", "ping", "rr", "udprr")
 REFERENCES = {"kernel-vxlan": "vs_kernel_vxlan", "plain": "vs_plain"}
 
 
@@ -56,6 +57,9 @@ class Params:
     #: GRO forwarding for UDP on the pods' node-side veths, in every mode (the lab's
     #: Lab.udp_gro_forwarding): a pod's small datagrams cross the node merged.
     pod_gro: bool = True
+    #: The pods' veths' gro_flush_timeout when pod_gro is on: how long a merged UDP
+    #: packet stays open, and so how long a lone datagram may wait (udprr measures it).
+    pod_gro_flush_us: int = FLUSH_TIMEOUT_NS // 1000
 
     def weft_extra(self) -> tuple[str, ...]:
         extra = ("--offload", self.weft_offload) if self.weft_offload else ()
@@ -204,10 +208,15 @@ def measure(env: Env, record: RunRecord, test: str, p: Params) -> str:
         record.add("ping_p99_ms", st["p99_ms"])
         record.add("ping_loss_pct", st["loss_pct"])
         return f"p50 {st['p50_ms']:.3f} ms, p99 {st['p99_ms']:.3f} ms"
-    if test == "rr":
-        res = probes.rr(env, p.rr_seconds)
-        record.add("rr_per_s", res["per_second"])
-        return f"{res['per_second']:.0f} trans/s"
+    if test in ("rr", "udprr"):
+        udp = test == "udprr"
+        res = probes.rr(env, p.rr_seconds, udp=udp)
+        key = "udp_rr" if udp else "rr"
+        record.add(f"{key}_per_s", res["per_second"])
+        record.add(f"{key}_p50_ms", res.get("p50_ms"))
+        p50 = res.get("p50_ms", float("nan"))
+        lost = f", {res['lost']:.0f} lost" if udp else ""
+        return f"{res['per_second']:.0f} trans/s, p50 {p50:.3f} ms{lost}"
     raise ValueError(f"unknown test {test!r}")
 
 
@@ -311,6 +320,7 @@ def run(
                             Path(sockdir),
                             p.weft_extra(),
                             pod_gro=p.pod_gro,
+                            pod_gro_flush_ns=p.pod_gro_flush_us * 1000,
                         )
                         progress.step(
                             f"{setting} mtu {mtu} {mode.key}: lab up (pod MTU {rec.pod_mtu})"

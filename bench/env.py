@@ -44,6 +44,7 @@ from control.lab.topology import (
     add_kernel_vxlan_peer,
     make_kernel_vxlan,
 )
+from control.podgro import FLUSH_TIMEOUT_NS
 
 NETWORK = "10.244.0.0/16"
 SUBNET1 = "10.244.1.0/24"
@@ -308,12 +309,15 @@ def build(
     weft_extra: tuple[str, ...] = (),
     *,
     pod_gro: bool = True,
+    pod_gro_flush_ns: int = FLUSH_TIMEOUT_NS,
 ) -> Env:
     """A fresh lab for ``mode``; closed again if anything in the setup fails.
     ``weft_extra`` is appended to every ``weft dataplane run`` (e.g. ``--offload off``);
-    ``pod_gro``: UDP GRO forwarding on the pods' node-side veths (Lab.udp_gro_forwarding)."""
+    ``pod_gro``: UDP GRO forwarding on the pods' node-side veths (Lab.udp_gro_forwarding),
+    with ``pod_gro_flush_ns`` as their gro_flush_timeout."""
+    flush_ns = pod_gro_flush_ns if pod_gro else None
     if mode.key == "weft-kernel":
-        return _build_cluster(mode, setting, underlay_mtu, workdir, sockdir, pod_gro)
+        return _build_cluster(mode, setting, underlay_mtu, workdir, sockdir, flush_ns)
     lab = Lab()
     try:
         lab.add_underlay(mtu=underlay_mtu)
@@ -325,9 +329,9 @@ def build(
         lab.add_cni(n1, SUBNET1, mtu=mtu)
         lab.add_cni(n2, SUBNET2, mtu=mtu)
         pod1, pod2 = lab.add_pod(n1), lab.add_pod(n2)
-        if pod_gro:
-            lab.udp_gro_forwarding(pod1)
-            lab.udp_gro_forwarding(pod2)
+        if flush_ns is not None:
+            lab.udp_gro_forwarding(pod1, flush_ns)
+            lab.udp_gro_forwarding(pod2, flush_ns)
         env = Env(mode, setting, underlay_mtu, lab, n1, n2, pod1, pod2, knobs, mtu)
         _program(env, workdir, sockdir, weft_extra)
         _finish(env, workdir)
@@ -355,7 +359,12 @@ def _finish(env: Env, workdir: Path) -> None:
 
 
 def _build_cluster(
-    mode: Mode, setting: str, underlay_mtu: int, workdir: Path, sockdir: Path, pod_gro: bool
+    mode: Mode,
+    setting: str,
+    underlay_mtu: int,
+    workdir: Path,
+    sockdir: Path,
+    pod_gro_flush_ns: int | None,
 ) -> Env:
     """weft-kernel: two ``weft agent --dataplane kernel`` nodes and etcd, via the lab's
     Cluster (which also turns tx checksum offload off on every node's eth0)."""
@@ -376,8 +385,8 @@ def _build_cluster(
         for cn in cns:
             cluster.wait_ready(cn)
             for pod in cluster.wire_pods(cn, 1):
-                if pod_gro:
-                    cluster.lab.udp_gro_forwarding(pod)
+                if pod_gro_flush_ns is not None:
+                    cluster.lab.udp_gro_forwarding(pod, pod_gro_flush_ns)
         for cn, other in ((cns[0], cns[1]), (cns[1], cns[0])):
             assert other.subnet is not None
             cluster.wait_peers(cn, [other.subnet])

@@ -200,7 +200,8 @@ def cpuinfo_model(text: str) -> str:
 
 
 def parse_rr(text: str) -> dict[str, float]:
-    """The JSON line bench/rr.py's client prints: transactions, seconds, per-second rate."""
+    """The JSON line bench/rr.py's client prints: transactions, seconds, per-second
+    rate, and where given the round trips' p50/p99 (ms) and lost requests (UDP)."""
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
@@ -211,9 +212,13 @@ def parse_rr(text: str) -> dict[str, float]:
             if "transactions" in data and "seconds" in data:
                 tx = int(data["transactions"])
                 secs = float(data["seconds"])
-                return {
+                out = {
                     "transactions": tx,
                     "seconds": secs,
                     "per_second": tx / secs if secs > 0 else 0.0,
                 }
+                for key in ("p50_ms", "p99_ms", "lost"):
+                    if key in data:
+                        out[key] = float(data[key])
+                return out
     raise ParseError(f"no rr result in {text[-200:]!r}")

@@ -98,18 +98,20 @@ def ping(env: Env, count: int, interval_s: float) -> dict[str, float | int | Non
     return stats
 
 
-def rr(env: Env, seconds: float) -> dict[str, float]:
-    """1-byte TCP ping-pong (Python on both ends) for ``seconds``: transactions/s."""
+def rr(env: Env, seconds: float, *, udp: bool = False) -> dict[str, float]:
+    """1-byte ping-pong (Python on both ends) for ``seconds``, over TCP or UDP:
+    transactions/s and the round trips' p50/p99 (and, for UDP, requests lost)."""
     host = str(env.pod2.ip)
+    server, client = ("udp-server", "udp-client") if udp else ("server", "client")
     srv = env.lab.spawn(
-        env.pod2, [sys.executable, str(RR_SCRIPT), "server", host, str(RR_PORT), str(seconds + 10)]
+        env.pod2, [sys.executable, str(RR_SCRIPT), server, host, str(RR_PORT), str(seconds + 10)]
     )
     try:
         cp = env.lab.run(
             env.pod1,
             sys.executable,
             str(RR_SCRIPT),
-            "client",
+            client,
             host,
             str(RR_PORT),
             str(seconds),

@@ -116,7 +116,7 @@ def markdown(doc: dict[str, Any], charts: list[str] | None = None) -> str:
         "- pods' node-side veths: "
         + (
             "UDP GRO forwarding (`ethtool -K gro on rx-udp-gro-forwarding on`, "
-            "gro_flush_timeout 20 µs)"
+            f"gro_flush_timeout {p.get('pod_gro_flush_us', 20)} µs)"
             if p.get("pod_gro", False)
             else "veth defaults (no GRO)"
         ),

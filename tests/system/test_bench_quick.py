@@ -1,4 +1,4 @@
-"""`python -m bench --quick`: the whole pipeline (labs, iperf3, ping, rr, JSON, markdown,
+"""`python -m bench --quick`: the whole pipeline (labs, iperf3, ping, rr, udprr, JSON, markdown,
 charts) runs and writes what it promises. No assertion on any speed."""
 
 from __future__ import annotations
@@ -38,7 +38,16 @@ def test_quick_bench_writes_json_markdown_and_charts(tmp_path: Path) -> None:
     assert {r["setting"] for r in runs} == {"wire", "offload"}
     for run in runs:
         assert {"summary", "ratios", "samples", "errors", "knobs", "pod_mtu"} <= set(run)
-        for metric in ("tcp1_gbps", "tcp4_gbps", "udp64_kpps", "ping_p50_ms", "rr_per_s"):
+        for metric in (
+            "tcp1_gbps",
+            "tcp4_gbps",
+            "udp64_kpps",
+            "ping_p50_ms",
+            "rr_per_s",
+            "rr_p50_ms",
+            "udp_rr_per_s",
+            "udp_rr_p50_ms",
+        ):
             assert metric in run["summary"], (run["mode"], metric, run["errors"])
             assert set(run["summary"][metric]) == {"min", "median", "max", "n"}
             assert set(run["ratios"][metric]) == {"vs_kernel_vxlan", "vs_plain"}

@@ -163,8 +163,27 @@ def test_rr_output() -> None:
         "seconds": 0.5,
         "per_second": 1000.0,
     }
+    udp = '{"transactions": 4000, "seconds": 2.0, "p50_ms": 0.41, "p99_ms": 1.2, "lost": 3}'
+    assert parse_rr(udp) == {
+        "transactions": 4000,
+        "seconds": 2.0,
+        "per_second": 2000.0,
+        "p50_ms": 0.41,
+        "p99_ms": 1.2,
+        "lost": 3.0,
+    }
     with pytest.raises(ParseError):
         parse_rr("Traceback: ConnectionRefusedError")
+
+
+def test_rr_result_takes_nearest_rank_percentiles() -> None:
+    from bench.rr import result
+
+    rtts = [i / 1e3 for i in range(100, 0, -1)]  # 100 round trips, 1..100 ms, unsorted
+    out = result(rtts, 2.0)
+    assert out["transactions"] == 100 and out["seconds"] == 2.0
+    assert out["p50_ms"] == pytest.approx(51.0) and out["p99_ms"] == pytest.approx(100.0)
+    assert "p50_ms" not in result([], 1.0)
 
 
 def test_pyspy_raw_leaf_shares() -> None:
