@@ -49,6 +49,11 @@ def parse_busy_poll(text: str) -> int:
     return _bounded_int(text, 0, 1_000_000, "microseconds", "µs")
 
 
+def parse_flush_us(text: str) -> int:
+    """--pod-udp-gro-flush-us USEC: how long a merged packet stays open, 1..10000 µs."""
+    return _bounded_int(text, 1, 10_000, "microseconds", "µs")
+
+
 def parse_queues(text: str) -> int:
     """--queues N: 1 (one process) to MAX_QUEUES (dataplane/io/queues.py)."""
     from dataplane.io.queues import MAX_QUEUES

@@ -16,11 +16,13 @@ from control.cli import (
     cpu_placement,
     parse_busy_poll,
     parse_cpus,
+    parse_flush_us,
     parse_ipv4,
     parse_queues,
     parse_source_ports,
     run_until_signal,
 )
+from control.podgro import FLUSH_TIMEOUT_NS
 from dataplane.io.sockets import SOURCE_PORTS
 
 log = logging.getLogger("weft.agent")
@@ -163,7 +165,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 from control.podgro import run_pod_gro
 
                 pod_gro = asyncio.get_running_loop().create_task(
-                    run_pod_gro(pod_gro_bridge, stop), name="pod-gro"
+                    run_pod_gro(pod_gro_bridge, stop, args.pod_udp_gro_flush_us * 1000),
+                    name="pod-gro",
                 )
             return await agent.run(stop)
         except (AgentError, ConfigError, StoreError) as exc:
@@ -317,7 +320,17 @@ def register(sub: Any) -> None:
         metavar="BRIDGE",
         help="userspace dataplane: turn on UDP GRO forwarding on the veths plugged into "
         "BRIDGE (default cni0), so that a pod's small UDP datagrams reach weft merged "
-        "(ethtool gro, rx-udp-gro-forwarding; gro_flush_timeout 20 µs). Off by default",
+        "(ethtool gro, rx-udp-gro-forwarding, gro_flush_timeout). Off by default",
+    )
+    p.add_argument(
+        "--pod-udp-gro-flush-us",
+        type=parse_flush_us,
+        default=env_default("--pod-udp-gro-flush-us", str(FLUSH_TIMEOUT_NS // 1000)),
+        metavar="USEC",
+        help="with --pod-udp-gro: the veths' gro_flush_timeout, how long a merged packet "
+        f"waits for more (default {FLUSH_TIMEOUT_NS // 1000}). Longer merges more and costs "
+        "weft less per datagram; a lone datagram waits up to it at each pod's veth "
+        "(docs/decisions.md §10)",
     )
     p.add_argument(
         "--lease-ttl",

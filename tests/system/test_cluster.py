@@ -304,12 +304,13 @@ def test_udp_and_host_gw_clusters(new_cluster, backend: str) -> None:
 @needs_paths("uso_read")  # its subject: the merged burst read whole
 def test_pod_udp_gro_tunes_the_pods_veths_and_small_udp_leaves_merged(new_cluster) -> None:
     """`weft agent --pod-udp-gro`: the veths the CNI plugs into cni0 get GRO, UDP GRO
-    forwarding and a flush timeout (pods made after the agent started, within a
-    scan or two), so a pod's UDP burst reaches weft merged (uso_read); an agent
-    without the flag leaves its pods' veths as they are."""
+    forwarding and the flush timeout asked for (pods made after the agent started,
+    within a scan or two), so a pod's UDP burst reaches weft merged (uso_read); an
+    agent without the flag leaves its pods' veths as they are. (The default timeout
+    is checked in test_weft_lab_up_exec_status_down.)"""
     cluster: Cluster = new_cluster()
     cluster.set_config("10.244.0.0/16", "vxlan")
-    on = cluster.start_weft_node("n1", extra_args=["--pod-udp-gro"])
+    on = cluster.start_weft_node("n1", extra_args=["--pod-udp-gro", "--pod-udp-gro-flush-us", "50"])
     off = cluster.start_weft_node("n2")
     for cn in (on, off):
         cluster.wait_ready(cn)
@@ -325,7 +326,7 @@ def test_pod_udp_gro_tunes_the_pods_veths_and_small_udp_leaves_merged(new_cluste
         ).stdout.strip()
         return fwd.split(":")[1].strip(), timeout
 
-    wait_for(lambda: knob(on) == ("on", "20000"), 10, "n1's pod veth tuned")
+    wait_for(lambda: knob(on) == ("on", "50000"), 10, "n1's pod veth tuned")
     assert knob(off) == ("off", "0")
     assert f"pod veth {on.pods[0].node_end}: UDP GRO forwarding on" in on.log_path.read_text()
     count = 2000

@@ -1,7 +1,12 @@
-"""control/podgro.py's choice of which bridge ports to tune (pure)."""
+"""control/podgro.py's choice of which bridge ports to tune (pure), and its option."""
 
 from __future__ import annotations
 
+import argparse
+
+import pytest
+
+from control.cli import parse_flush_us
 from control.podgro import ports_to_tune
 
 
@@ -19,3 +24,11 @@ def test_an_index_that_left_the_bridge_is_forgotten() -> None:
     assert ports_to_tune([(10, "veth2", "veth")], tuned) == []
     assert tuned == {10}
     assert ports_to_tune([(10, "veth2", "veth"), (7, "veth9", "veth")], tuned) == [(7, "veth9")]
+
+
+def test_flush_timeout_option_takes_1_to_10000_us() -> None:
+    assert parse_flush_us("20") == 20 and parse_flush_us("10000") == 10_000
+    for bad, why in (("0", "0: expected 1..10000 µs"), ("20000", "20000: expected 1..10000 µs"),
+                     ("20us", "expected microseconds, got '20us'")):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            parse_flush_us(bad)
