@@ -153,7 +153,22 @@ class MmsgReceiver:
         self._off_flags = _Msghdr.msg_flags.offset
         self._off_len = _Mmsghdr.msg_len.offset
         self._size_t = "Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I"
-        self._reset_template = bytes(self._msg_raw)  # namelen/controllen as set above
+        # One message's results, read straight from the raw arrays (ctypes attribute
+        # access makes an object per field): msg_controllen and msg_flags, msg_len;
+        # the peer's port and address.
+        self._hdr_fields = struct.Struct(f"={self._size_t}i")
+        assert self._off_flags == self._off_controllen + ctypes.sizeof(ctypes.c_size_t)
+        self._u32 = struct.Struct("=I")
+        self._name_fields = struct.Struct("!H4s")
+        self._names_raw = memoryview(self._names).cast("B")
+        self._name_size = ctypes.sizeof(_SockaddrIn)
+        self._reset_template = memoryview(bytes(self._msg_raw))  # namelen/controllen as set above
+        # The kernel writes back the in/out fields of the messages it fills only, so
+        # only those slots (and one more, for safety) are reset before the next call.
+        self._dirty = slots
+        self._slot0 = memoryview(self.buf)[self.offsets[0] : self.offsets[0] + slot_size - shift]
+        self._ancbufsize = socket.CMSG_SPACE(4)
+        self._native_int = struct.Struct("=i")
         self._addr_cache: dict[int | bytes, str] = {}
         self._control_raw = memoryview(self._control).cast("B")
         # numpy views over the ctypes arrays: one field of every message at once.
@@ -191,19 +206,26 @@ class MmsgReceiver:
         for i in range(self.slots):
             struct.pack_into("I", raw, i * stride + self._off_namelen, ctypes.sizeof(_SockaddrIn))
             struct.pack_into(self._size_t, raw, i * stride + self._off_controllen, _CMSG_SPACE_INT)
-        self._reset_template = bytes(raw)
+        self._reset_template = memoryview(bytes(raw))
 
     def receive(self, fd: int) -> int:
         """One recvmmsg; returns the number of messages (0 when none were queued).
 
-        Other errors (an ICMP error queued on the socket, ENOMEM) raise OSError."""
-        self._msg_raw[:] = self._reset_template
+        Other errors (an ICMP error queued on the socket, ENOMEM) raise OSError.
+        Fewer messages than slots means the socket's queue was empty when read."""
+        dirty = self._dirty
+        if dirty:
+            end = dirty * self._stride
+            self._msg_raw[:end] = self._reset_template[:end]
+            self._dirty = 0
         n = self._recvmmsg(fd, self._msgs_ptr, self.slots, MSG_DONTWAIT, None)
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return 0
+            self._dirty = 1
             raise OSError(err, os.strerror(err))
+        self._dirty = min(n + 1, self.slots)
         if n <= 4:
             self._parse_few(n)
             self.np_lengths = self.np_sizes = self.np_peers = None
@@ -240,11 +262,39 @@ class MmsgReceiver:
         self.sources = sources
         return n
 
+    def receive_one(self, sock: socket.socket) -> int:
+        """One message into slot 0 with Python's own recvmsg_into: 1, or 0 when none
+        was queued; the same fields as receive() fills. After an idle gap a ctypes
+        call runs cold (argument conversion, libffi) and costs a lone datagram more
+        than the system call does; this path is C all the way to the kernel."""
+        try:
+            n, ancdata, flags, addr = sock.recvmsg_into(
+                (self._slot0,), self._ancbufsize, MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return 0
+        gso = n
+        for level, ctype, data in ancdata:
+            if level == SOL_UDP and ctype == UDP_GRO and len(data) >= 4:
+                value = self._native_int.unpack_from(data)[0]
+                if value > 0:
+                    gso = value
+        self.lengths = [n]
+        self.segment_sizes = [gso]
+        self.sources = [addr[0]]
+        self.ports = [addr[1]]
+        self.truncated = [bool(flags & MSG_TRUNC)]
+        self.np_lengths = self.np_sizes = self.np_peers = None
+        return 1
+
     def _parse_few(self, n: int) -> None:
         """The results of a small batch, field by field (numpy's per-call cost would
         dominate: one datagram per wakeup is common when nothing is batched upstream)."""
-        msgs = self._msgs
-        names = self._names
+        raw, stride = self._msg_raw, self._stride
+        hdr_fields, u32 = self._hdr_fields.unpack_from, self._u32.unpack_from
+        names, name_size = self._names_raw, self._name_size
+        name_fields = self._name_fields.unpack_from
+        off_controllen, off_len = self._off_controllen, self._off_len
         control = self._control_raw
         cache = self._addr_cache
         lengths: list[int] = []
@@ -253,27 +303,26 @@ class MmsgReceiver:
         ports: list[int] = []
         truncated: list[bool] = []
         for i in range(n):
-            msg = msgs[i]
-            length = msg.msg_len
-            hdr = msg.msg_hdr
+            at = i * stride
+            (length,) = u32(raw, at + off_len)
+            controllen, flags = hdr_fields(raw, at + off_controllen)
             gso = length
-            if hdr.msg_controllen >= _CMSG_HDR + 4:
+            if controllen >= _CMSG_HDR + 4:
                 level, ctype, value = struct.unpack_from(
                     "iii", control, i * _CMSG_SPACE_INT + _CMSG_LEVEL_AT
                 )
                 if level == SOL_UDP and ctype == UDP_GRO and value > 0:
                     gso = value
-            name = names[i]
-            addr = bytes(name.sin_addr)
-            src = cache.get(addr)  # type: ignore[call-overload]
+            port, addr = name_fields(names, i * name_size + 2)
+            src = cache.get(addr)
             if src is None:
                 if len(cache) >= 4096:
                     cache.clear()
-                src = cache[addr] = socket.inet_ntoa(addr)  # type: ignore[index]
+                src = cache[addr] = socket.inet_ntoa(addr)
             lengths.append(length)
             sizes.append(gso)
             sources.append(src)
-            ports.append(socket.ntohs(name.sin_port))
-            truncated.append(bool(hdr.msg_flags & MSG_TRUNC))
+            ports.append(port)
+            truncated.append(bool(flags & MSG_TRUNC))
         self.lengths, self.segment_sizes, self.sources = lengths, sizes, sources
         self.ports, self.truncated = ports, truncated

@@ -93,6 +93,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -175,6 +176,19 @@ DATAGRAM_MIN_PAYLOAD = 64
 RX_ROUNDS = 4
 #: Segment shapes (size, header length) whose payload views _deliver_chain keeps.
 MAX_PAYLOAD_VIEW_SHAPES = 4
+#: A callback this long after the engine's last one ended (either side) treats its
+#: first packet as a lone one (a ping, a request: after an idle gap, most often),
+#: where every cold step costs more than the system calls: each side returns to the
+#: loop after it instead of a second read that finds nothing (readiness is
+#: level-triggered: a packet that came meanwhile brings it back), and when the last
+#: receive callback also took one lone datagram, the receive side reads it with one
+#: recvmsg_into (MmsgReceiver.receive_one) instead of a ctypes recvmmsg. (Not after
+#: GRO messages: a bulk flow at a moderate rate also leaves gaps, and reading its
+#: burst's first message alone would split a super-packet in two.) Under load one
+#: callback follows another and they batch as before; a long one on one side (a run
+#: of TAP writes) does not make the other side look idle. (A 1-byte request/response
+#: through weft here leaves gaps of ~0.3–0.5 ms.)
+IDLE_NS = 250_000
 TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
@@ -690,6 +704,10 @@ class FastEngine(Engine):
         self._payload_views: dict[tuple[int, int], list[list[memoryview]]] = {}
         self._gso_write_failed = False
         self._uso_write_failed = False
+        # monotonic ns when the last callback (device or network) ended, and whether
+        # the last receive callback took one lone datagram: IDLE_NS
+        self._busy_end = 0
+        self._rx_lone = False
         self._fc = paths.counters
         self.on_first_error: Callable[[str], None] | None = None
 
@@ -773,6 +791,7 @@ class FastEngine(Engine):
         # (but the last of a run waits for the next read: hence the first packet
         # of a drain is sent at once, see below).
         batching = self.paths.on["tx_batch"]
+        idle = time.monotonic_ns() - self._busy_end > IDLE_NS
         # Checksums the pod left to offload (NEEDS_CSUM) are completed for a whole
         # run at once when it is sent (segment.complete_checksums): `run_csum` is
         # the run's (start, offset), -1 when its datagrams need none. Not while
@@ -870,6 +889,8 @@ class FastEngine(Engine):
                         sendtos[idx](view[fwd.out_start : end], peer.sockaddr)  # type: ignore[union-attr]
                     except OSError:
                         drops[DropReason.SEND_FAILED] += 1
+                    if idle:
+                        break  # a lone packet after a gap (IDLE_NS)
                     continue
                 # The datagram is buf[pos:end]: encap wrote `headroom` bytes in front.
                 size = end - pos
@@ -910,6 +931,7 @@ class FastEngine(Engine):
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
+        self._busy_end = time.monotonic_ns()
 
     def _send_run(
         self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int
@@ -1138,10 +1160,12 @@ class FastEngine(Engine):
         uso = self._uso if tracer is None and not self._uso_write_failed else None
         fc = self._fc
         before = fc.rx_segments
+        idle = time.monotonic_ns() - self._busy_end > IDLE_NS
         try:
-            self._receive_batches(rx, sockfd, drops, coalescer, uso, tracer)
+            self._receive_batches(rx, sockfd, drops, coalescer, uso, tracer, idle)
         finally:
             self.count_batch(1, fc.rx_segments - before)
+            self._busy_end = time.monotonic_ns()
 
     def _receive_batches(
         self,
@@ -1151,14 +1175,21 @@ class FastEngine(Engine):
         coalescer: Coalescer | None,
         uso: UdpCoalescer | None,
         tracer: Tracer | None,
+        idle: bool = False,
     ) -> None:
         fc = self._fc
         buf = rx.buf
         u8 = self._rx_u8
         proto_at = self._ip_off + 9  # the inner IP protocol, from a datagram's start
+        first = idle and self._rx_lone
+        self._rx_lone = False
         for _ in range(RX_ROUNDS):
             try:
-                m = rx.receive(sockfd)
+                if first:
+                    first = False
+                    m = rx.receive_one(self.sock)  # type: ignore[arg-type]
+                else:
+                    m = rx.receive(sockfd)
             except OSError:
                 # ICMP errors queued on the socket (port unreachable from a peer).
                 continue
@@ -1170,6 +1201,9 @@ class FastEngine(Engine):
                 # One datagram (nothing queued behind it): no batch to plan.
                 fc.rx_segments += 1
                 self._deliver_one(rx.offsets[0], rx.lengths[0], 0, tracer)
+                if idle:
+                    self._rx_lone = True
+                    break  # a lone datagram after a gap (IDLE_NS)
                 continue
             if uso is not None and rx.np_lengths is not None and not rx.any_truncated:
                 offs = rx.np_offsets[:m]

@@ -556,6 +556,34 @@ def test_recvmmsg_with_udp_gro_on_a_socket(lab: Lab) -> None:
             off = receiver.offsets[2]
             assert bytes(receiver.buf[off : off + 2500]) == b"c" * 2500
             assert receiver.receive(rx_sock.fileno()) == 0
+            # One at a time: a plain datagram leaves its slot's control length at 0,
+            # which must be reset before the next call, or a GRO size goes missing.
+            for _ in range(2):
+                tx.setsockopt(batch.SOL_UDP, batch.UDP_SEGMENT, 0)
+                tx.sendto(b"d" * 100, dst)
+                time.sleep(0.05)
+                assert receiver.receive(rx_sock.fileno()) == 1
+                assert receiver.segment_sizes == [100] and receiver.lengths == [100]
+                tx.setsockopt(batch.SOL_UDP, batch.UDP_SEGMENT, 1000)
+                tx.sendto(b"e" * 2500, dst)
+                time.sleep(0.05)
+                assert receiver.receive(rx_sock.fileno()) == 1
+                assert receiver.segment_sizes == [1000] and receiver.lengths == [2500]
+            # receive_one (Python's recvmsg_into, into slot 0): the same fields.
+            tx.setsockopt(batch.SOL_UDP, batch.UDP_SEGMENT, 0)
+            tx.sendto(b"b" * 5000, dst)
+            tx.setsockopt(batch.SOL_UDP, batch.UDP_SEGMENT, 1000)
+            tx.sendto(b"c" * 2500, dst)
+            time.sleep(0.2)
+            assert receiver.receive_one(rx_sock) == 1
+            assert receiver.truncated == [True] and receiver.ports == [tx.getsockname()[1]]
+            assert receiver.receive_one(rx_sock) == 1
+            assert receiver.lengths == [2500] and receiver.segment_sizes == [1000]
+            assert receiver.sources == ["127.0.0.1"] and receiver.truncated == [False]
+            off = receiver.offsets[0]
+            assert bytes(receiver.buf[off : off + 2500]) == b"c" * 2500
+            assert receiver.receive_one(rx_sock) == 0
+            assert receiver.receive(rx_sock.fileno()) == 0
         finally:
             rx_sock.close()
             tx.close()
