@@ -20,7 +20,7 @@ the bench and the lab from this one:
 Prints one JSON line per probe and a summary (mean, ratio to kernel VXLAN, and
 the CPU time the weft processes took per GB moved or per million datagrams).
 Tests: tcp1, tcp4 (Gbit/s), udp64 (thousand datagrams/s received), rr and udprr
-(1-byte TCP or UDP transactions/s), ping (RTT median, ms: there the ratio is
+(1-byte TCP or 4-byte UDP transactions/s), ping (RTT median, ms: there the ratio is
 lower-is-better). And
 tcp1@RATE, tcp4@RATE, udp64@RATE: the same at a fixed offered rate (iperf3's -b,
 per stream: tcp1@1500M, udp64@60M), below what either variant can do, so that the
@@ -64,7 +64,7 @@ def known_test(test: str) -> bool:
 
 def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None]:
     """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
-    TCP (rr) or UDP (udprr) transactions a second, the ping RTT's median in ms for
+    TCP (rr) or 4-byte UDP (udprr) transactions a second, the ping RTT's median in ms for
     ping; and the CPU seconds the weft processes took per GB received (TCP) or per
     million datagrams received (udp64), None without weft or for rr, udprr and ping."""
     if test in ("rr", "udprr"):

@@ -27,7 +27,7 @@ METRICS: dict[str, Metric] = {
         Metric("ping_loss_pct", "ping loss", "%", False, "{:.1f}"),
         Metric("rr_per_s", "TCP 1-byte request/response", "trans/s", True, "{:.0f}"),
         Metric("rr_p50_ms", "TCP request/response RTT p50", "ms", False, "{:.3f}"),
-        Metric("udp_rr_per_s", "UDP 1-byte request/response", "trans/s", True, "{:.0f}"),
+        Metric("udp_rr_per_s", "UDP 4-byte request/response", "trans/s", True, "{:.0f}"),
         Metric("udp_rr_p50_ms", "UDP request/response RTT p50", "ms", False, "{:.3f}"),
         Metric("tcp1_weft_cpu_s_per_gb", "forwarder processes CPU per GB (TCP 1)", "s/GB", False),
         Metric("tcp1_machine_cpu_s_per_gb", "machine CPU per GB (TCP 1)", "s/GB", False),

@@ -3,7 +3,7 @@
     python rr.py server HOST PORT SECONDS      # TCP: echo one connection, exit by SECONDS
     python rr.py client HOST PORT SECONDS      # TCP: 1-byte ping-pong for SECONDS; prints JSON
     python rr.py udp-server HOST PORT SECONDS  # UDP: echo every datagram until SECONDS
-    python rr.py udp-client HOST PORT SECONDS  # UDP: 1-byte ping-pong; prints JSON
+    python rr.py udp-client HOST PORT SECONDS  # UDP: 4-byte ping-pong; prints JSON
 
 The client prints one JSON line: transactions, seconds, the round trips' p50 and
 p99 in ms, and (UDP) how many requests got no answer within UDP_WAIT_S. A lone UDP
@@ -95,7 +95,8 @@ def udp_server(host: str, port: int, seconds: float) -> int:
 
 
 def udp_client(host: str, port: int, seconds: float) -> int:
-    """One request in flight at a time; a request unanswered within UDP_WAIT_S counts
+    """Each request is its 4-byte sequence number, echoed back. One request in
+    flight at a time; a request unanswered within UDP_WAIT_S counts
     as lost and the next goes out. Each request carries a sequence number, so a late
     answer to a lost one is not taken for the current one. The clock starts at the
     server's first answer (it may still be starting, as TCP's connect waits for it)."""
@@ -111,6 +112,7 @@ def udp_client(host: str, port: int, seconds: float) -> int:
             except (TimeoutError, ConnectionRefusedError):
                 if time.monotonic() > give_up:
                     raise
+                time.sleep(0.01)  # refused comes back at once: do not spin
         sock.settimeout(UDP_WAIT_S)
         rtts: list[float] = []
         lost = 0
