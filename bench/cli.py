@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env as envmod
-from control.podgro import FLUSH_TIMEOUT_NS
+from control.podgro import FLUSH_TIMEOUT_US
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -96,10 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pod-gro-flush-us",
         type=int,
-        default=FLUSH_TIMEOUT_NS // 1000,
+        default=FLUSH_TIMEOUT_US,
         metavar="US",
         help="gro_flush_timeout of the pods' node-side veths with --pod-gro on, in µs "
-        f"(default {FLUSH_TIMEOUT_NS // 1000}, as `weft agent --pod-udp-gro`): a lone UDP "
+        f"(default {FLUSH_TIMEOUT_US}, as `weft agent --pod-udp-gro`): a lone UDP "
         "datagram may wait this long (the udprr test shows it)",
     )
     p.add_argument(

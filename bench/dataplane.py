@@ -29,7 +29,7 @@ from bench.parse import cpuinfo_model
 from bench.progress import Progress
 from bench.sampling import delta, machine_cpu_seconds, pid_rss_kb, snapshot
 from bench.stats import per_unit, ratio, summarize
-from control.podgro import FLUSH_TIMEOUT_NS
+from control.podgro import FLUSH_TIMEOUT_US
 
 TESTS = ("tcp1", "tcp4", "udp64", "ping", "rr", "udprr")
 REFERENCES = {"kernel-vxlan": "vs_kernel_vxlan", "plain": "vs_plain"}
@@ -59,7 +59,7 @@ class Params:
     pod_gro: bool = True
     #: The pods' veths' gro_flush_timeout when pod_gro is on: how long a merged UDP
     #: packet stays open, and so how long a lone datagram may wait (udprr measures it).
-    pod_gro_flush_us: int = FLUSH_TIMEOUT_NS // 1000
+    pod_gro_flush_us: int = FLUSH_TIMEOUT_US
 
     def weft_extra(self) -> tuple[str, ...]:
         extra = ("--offload", self.weft_offload) if self.weft_offload else ()

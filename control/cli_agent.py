@@ -22,7 +22,7 @@ from control.cli import (
     parse_source_ports,
     run_until_signal,
 )
-from control.podgro import FLUSH_TIMEOUT_NS
+from control.podgro import FLUSH_TIMEOUT_US
 from dataplane.io.sockets import SOURCE_PORTS
 
 log = logging.getLogger("weft.agent")
@@ -325,10 +325,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--pod-udp-gro-flush-us",
         type=parse_flush_us,
-        default=env_default("--pod-udp-gro-flush-us", str(FLUSH_TIMEOUT_NS // 1000)),
+        default=env_default("--pod-udp-gro-flush-us", str(FLUSH_TIMEOUT_US)),
         metavar="USEC",
         help="with --pod-udp-gro: the veths' gro_flush_timeout, how long a merged packet "
-        f"waits for more (default {FLUSH_TIMEOUT_NS // 1000}). Longer merges more and costs "
+        f"waits for more (default {FLUSH_TIMEOUT_US}). Longer merges more and costs "
         "weft less per datagram; a lone datagram waits up to it at each pod's veth "
         "(docs/decisions.md §10)",
     )

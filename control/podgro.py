@@ -22,7 +22,8 @@ log = logging.getLogger("weft.podgro")
 #: How long a merged packet stays open for more datagrams (20 µs, as the bench;
 #: `--pod-udp-gro-flush-us`). A request/response over UDP pays it at both pods'
 #: veths: 20 µs added ~0.02 ms to a round trip, 100 µs ~0.24 ms (decisions §10).
-FLUSH_TIMEOUT_NS = 20_000
+FLUSH_TIMEOUT_US = 20
+FLUSH_TIMEOUT_NS = FLUSH_TIMEOUT_US * 1000
 SCAN_INTERVAL_S = 2.0
 
 
