@@ -62,16 +62,18 @@ def known_test(test: str) -> bool:
     return test in TESTS or re.fullmatch(r"(tcp1|tcp4|udp64)@[1-9][0-9]*[KMG]?", test) is not None
 
 
-def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None]:
+def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None, float | None]:
     """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
     TCP (rr) or 4-byte UDP (udprr) transactions a second, the ping RTT's median in ms for
-    ping; and the CPU seconds the weft processes took per GB received (TCP) or per
-    million datagrams received (udp64), None without weft or for rr, udprr and ping."""
+    ping; then the CPU seconds the weft processes took and those the whole machine
+    took (every process and the kernel's own threads: work weft hands to a kernel
+    thread shows only here), per GB received (TCP) or per million datagrams received
+    (udp64); None for rr, udprr and ping, and weft's for modes without weft."""
     if test in ("rr", "udprr"):
-        return probes.rr(env, seconds, udp=test == "udprr")["per_second"], None
+        return probes.rr(env, seconds, udp=test == "udprr")["per_second"], None, None
     if test == "ping":
         p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
-        return (float(p50) if p50 is not None else float("nan")), None
+        return (float(p50) if p50 is not None else float("nan")), None, None
     before = snapshot(env.weft_pids, None)
     name, _, rate = test.partition("@")
     if name == "udp64":
@@ -80,8 +82,9 @@ def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | No
     else:
         tcp = probes.tcp(env, seconds, streams=4 if name == "tcp4" else 1, bitrate=rate or None)
         value, moved, scale = tcp.bits_per_second / 1e9, tcp.bytes, 1e9
-    used = delta(before, snapshot(env.weft_pids, None)).procs_cpu_s
-    return value, per_unit(used, moved, scale)
+    d = delta(before, snapshot(env.weft_pids, None))
+    weft = per_unit(d.procs_cpu_s, moved, scale) if env.weft_pids else None
+    return value, weft, per_unit(d.machine_cpu_s, moved, scale)
 
 
 @contextlib.contextmanager
@@ -125,11 +128,13 @@ def run(
                         )
                     try:
                         for test in tests:
-                            value, cpu = probe(env, test, seconds)
+                            value, cpu, machine = probe(env, test, seconds)
                             rec = {"round": r, "mode": mode, "variant": name, "test": test}
                             rec["value"] = round(value, 3)
                             if cpu is not None:
                                 rec["weft_cpu"] = round(cpu, 3)
+                            if machine is not None:
+                                rec["machine_cpu"] = round(machine, 3)
                             print(json.dumps(rec), flush=True)
                             out.append(rec)
                     finally:
@@ -140,11 +145,14 @@ def run(
 def summary(records: list[dict[str, Any]]) -> list[str]:
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    machine: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for rec in records:
         key = (rec["mode"], rec["variant"], rec["test"])
         values[key].append(rec["value"])
         if "weft_cpu" in rec:
             cpus[key].append(rec["weft_cpu"])
+        if "machine_cpu" in rec:
+            machine[key].append(rec["machine_cpu"])
     lines = []
     for (mode, variant, test), vs in sorted(values.items()):
         mean = statistics.mean(vs)
@@ -154,6 +162,8 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
         cpu = cpus.get((mode, variant, test))
         unit = "s/M datagrams" if test.startswith("udp64") else "s/GB"
         used = f", weft CPU {statistics.mean(cpu):.2f} {unit}" if cpu else ""
+        whole = machine.get((mode, variant, test))
+        used += f", machine CPU {statistics.mean(whole):.2f} {unit}" if whole else ""
         lines.append(f"{mode:<20} {variant:<3} {test:<6} {shown}  mean {mean:.2f}{ratio}{used}")
     return lines
 

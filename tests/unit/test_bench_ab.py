@@ -96,9 +96,10 @@ def test_the_fixed_rate_reaches_iperf3_and_counts_per_datagram(
     class Env:
         weft_pids = (os.getpid(),)
 
-    value, cpu = ab.probe(Env(), "udp64@60M", 1.0)  # type: ignore[arg-type]
+    value, cpu, machine = ab.probe(Env(), "udp64@60M", 1.0)  # type: ignore[arg-type]
     assert seen[-1][-2:] == ["-b", "60M"]
     assert value == pytest.approx(1.0) and cpu is not None and cpu >= 0
+    assert machine is not None and machine >= 0
     ab.probe(Env(), "udp64", 1.0)  # type: ignore[arg-type]
     assert seen[-1][-2:] == ["-b", "0"]
     lines = ab.summary(
@@ -123,9 +124,10 @@ def test_a_fixed_tcp_rate_reaches_iperf3_per_stream(monkeypatch: pytest.MonkeyPa
     class Env:
         weft_pids = (os.getpid(),)
 
-    value, cpu = ab.probe(Env(), "tcp4@1500M", 1.0)  # type: ignore[arg-type]
+    value, cpu, machine = ab.probe(Env(), "tcp4@1500M", 1.0)  # type: ignore[arg-type]
     assert seen[-1] == ["-P", "4", "-b", "1500M"]
     assert value == pytest.approx(1.0) and cpu is not None and cpu >= 0
+    assert machine is not None and machine >= 0
     ab.probe(Env(), "tcp1@800M", 1.0)  # type: ignore[arg-type]
     assert seen[-1] == ["-b", "800M"]
     ab.probe(Env(), "tcp1", 1.0)  # type: ignore[arg-type]
@@ -135,3 +137,18 @@ def test_a_fixed_tcp_rate_reaches_iperf3_per_stream(monkeypatch: pytest.MonkeyPa
           "weft_cpu": 2.5}]
     )  # fmt: skip
     assert lines[0].endswith("weft CPU 2.50 s/GB")
+
+
+def test_the_summary_gives_the_whole_machines_cpu_beside_wefts() -> None:
+    """Work weft hands to a kernel thread leaves weft's CPU figure: the machine's
+    is shown too, for kernel VXLAN (no weft) as well."""
+    lines = ab.summary(
+        [{"round": 0, "mode": "kernel-vxlan", "variant": "A", "test": "tcp1", "value": 2.0,
+          "machine_cpu": 5.5},
+         {"round": 0, "mode": "weft-vxlan", "variant": "A", "test": "tcp1", "value": 1.0,
+          "weft_cpu": 2.5, "machine_cpu": 6.0},
+         {"round": 1, "mode": "weft-vxlan", "variant": "A", "test": "tcp1", "value": 1.0,
+          "weft_cpu": 3.5, "machine_cpu": 7.0}]
+    )  # fmt: skip
+    assert lines[0].endswith("(1.00× kernel VXLAN), machine CPU 5.50 s/GB")
+    assert lines[1].endswith("weft CPU 3.00 s/GB, machine CPU 6.50 s/GB")
