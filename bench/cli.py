@@ -87,6 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "kernel's egress work on the others; both nodes get the same list)",
     )
     p.add_argument(
+        "--weft-egress-thread",
+        action="store_true",
+        help="pass --egress-thread to every `weft dataplane run` (a kernel thread "
+        "segments and sends what weft writes to its egress TAP)",
+    )
+    p.add_argument(
         "--pod-gro",
         choices=["on", "off"],
         default="on",
@@ -186,6 +192,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         weft_busy_poll=args.weft_busy_poll,
         weft_queues=args.weft_queues,
         weft_cpus=args.weft_cpus,
+        weft_egress_thread=args.weft_egress_thread,
         pod_gro=args.pod_gro == "on",
         pod_gro_flush_us=args.pod_gro_flush_us,
         command=command,

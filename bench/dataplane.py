@@ -54,6 +54,7 @@ class Params:
     weft_busy_poll: int | None = None  # passed as --busy-poll when set
     weft_queues: int | None = None  # passed as --queues when set
     weft_cpus: str | None = None  # passed as --cpus when set
+    weft_egress_thread: bool = False  # passed as --egress-thread when set
     #: GRO forwarding for UDP on the pods' node-side veths, in every mode (the lab's
     #: Lab.udp_gro_forwarding): a pod's small datagrams cross the node merged.
     pod_gro: bool = True
@@ -69,6 +70,8 @@ class Params:
             extra += ("--queues", str(self.weft_queues))
         if self.weft_cpus:
             extra += ("--cpus", self.weft_cpus)
+        if self.weft_egress_thread:
+            extra += ("--egress-thread",)
         return extra
 
     command: str = ""

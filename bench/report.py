@@ -205,4 +205,6 @@ def _weft_args(p: dict[str, Any]) -> list[str]:
         args.append(f"--queues {p['weft_queues']}")
     if p.get("weft_cpus"):
         args.append(f"--cpus {p['weft_cpus']}")
+    if p.get("weft_egress_thread"):
+        args.append("--egress-thread")
     return args

@@ -12,6 +12,7 @@ from typing import Any
 
 from control.cli import (
     CPUS_HELP,
+    EGRESS_THREAD_HELP,
     CliError,
     cpu_placement,
     parse_busy_poll,
@@ -141,6 +142,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             "busy_poll_us": args.busy_poll,
             "queues": args.queues,
             "source_ports": args.source_ports,
+            "egress_thread": args.egress_thread,
             **cpu_placement(args.cpus),
         }
 
@@ -189,7 +191,7 @@ def make_dataplane(agent: Any, **engine: Any) -> Any:
     """The userspace engine or the kernel, for the agent's config and lease;
     wrapped for vxlan DirectRouting (on-link peers get plain kernel routes).
     `engine`: the userspace engine's NodeSpec options (offload, busy_poll_us,
-    queues, source_ports)."""
+    queues, source_ports, egress_thread, cpus)."""
     dataplane = _make_dataplane(agent, engine)
     backend = agent.config.backend
     if backend.type == "vxlan" and backend.direct_routing:
@@ -302,6 +304,12 @@ def register(sub: Any) -> None:
         default=env_default("--cpus", ""),
         metavar="LIST",
         help="userspace dataplane: " + CPUS_HELP,
+    )
+    p.add_argument(
+        "--egress-thread",
+        action="store_true",
+        default=env_flag("--egress-thread"),
+        help="userspace dataplane: " + EGRESS_THREAD_HELP,
     )
     p.add_argument(
         "--source-ports",

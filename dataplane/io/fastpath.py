@@ -189,6 +189,13 @@ MAX_PAYLOAD_VIEW_SHAPES = 4
 #: of TAP writes) does not make the other side look idle. (A 1-byte request/response
 #: through weft here leaves gaps of ~0.3–0.5 ms.)
 IDLE_NS = 250_000
+#: --egress-thread: a TAP write returns before the kernel thread has sent the frame,
+#: while a datagram sent on a socket leaves inside the call. So a flow's packets that
+#: follow one of its super-packets within this long go through the TAP as well, behind
+#: it, instead of overtaking it (a reordered TCP segment costs the receiver its
+#: out-of-order queue and the sender duplicate ACKs, fast retransmits). Past it the
+#: thread has long sent what was queued (a 64 KB super-packet takes it ~50 µs here).
+EGRESS_ORDER_NS = 5_000_000
 TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
@@ -241,6 +248,7 @@ class FastCounters:
         "gso_writes",
         "gso_written_segments",
         "mixed_runs",
+        "ordered_sends",
         "rx_calls",
         "rx_messages",
         "rx_segments",
@@ -268,6 +276,8 @@ class FastCounters:
         self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
         self.batched_datagrams = 0  # tx_batch: small datagrams sent in those calls
         self.mixed_runs = 0  # tx_batch runs of several source ports: a send per port
+        self.ordered_sends = 0  # --egress-thread: datagrams sent through the TAP behind
+        # their flow's super-packets (EGRESS_ORDER_NS)
         self.uso_writes = 0  # UDP GSO packets written to the device
         self.uso_written_segments = 0  # … and the datagrams they carried
 
@@ -300,6 +310,8 @@ class FastPaths:
     why_off: dict[str, str] = field(default_factory=dict)
     egress: TunDevice | None = None
     egress_mac: bytes = b""
+    #: --egress-thread: the egress TAP's NAPI runs in a kernel thread (napi/gso-…)
+    egress_thread: bool = False
     forward_rule: str = ""  # the TAP whose FORWARD ACCEPT rule weft added
     counters: FastCounters = field(default_factory=FastCounters)
 
@@ -332,6 +344,7 @@ class FastPaths:
             "mode": self.mode,
             "on": [p for p in PATHS if self.on[p]],
             "off": dict(self.why_off),
+            "egress_thread": self.egress_thread,
             "counters": self.counters.as_dict(),
         }
 
@@ -479,13 +492,23 @@ def egress_name(device_name: str) -> str:
 
 
 def open_egress_tap(
-    paths: FastPaths, device_name: str, *, multi_queue: bool = False, attach: bool = False
+    paths: FastPaths,
+    device_name: str,
+    *,
+    multi_queue: bool = False,
+    attach: bool = False,
+    thread: bool = False,
 ) -> None:
     """The TAP weft writes tunnel-GSO frames into; on success paths.egress is set.
 
     With `attach` (a queue worker, dataplane/io/queues.py) the TAP exists already,
     made and configured by queue 0: this opens one more of its queues and leaves
-    its sysctls, link state and FORWARD rule to their owner."""
+    its sysctls, link state and FORWARD rule to their owner.
+
+    With `thread` (--egress-thread) the TAP is opened with IFF_NAPI and made
+    `threaded`: a write only queues the frame, and a kernel thread segments and
+    forwards it while weft reads on (decisions §20); paths.egress_thread says
+    whether that took."""
     name = egress_name(device_name)
     if not paths.wanted("tunnel_gso"):
         return
@@ -503,13 +526,15 @@ def open_egress_tap(
             "(the send fast path needs 0)",
         )
         return
-    tap = _open_egress_queue(paths, name, multi_queue or attach)
+    tap = _open_egress_queue(paths, name, multi_queue or attach, napi=thread)
     if tap is None:
         return
     try:
         if not attach:
             _configure_egress_tap(name)
         paths.egress_mac = netlink.link_mac(name)
+        if thread:
+            paths.egress_thread = _napi_threaded(name) if attach else _thread_napi(name)
     except OSError as exc:
         tap.close()
         paths.refuse("tunnel_gso", f"cannot configure TAP {name}: {_errtext(exc)}")
@@ -539,9 +564,38 @@ def _configure_egress_tap(name: str) -> None:
     netlink.set_link(name, up=True)
 
 
-def _open_egress_queue(paths: FastPaths, name: str, multi_queue: bool) -> TunDevice | None:
+def _thread_napi(name: str) -> bool:
+    """Have a kernel thread (`napi/<name>-N`) poll the TAP's NAPI, not weft's writes
+    (sysfs `threaded`, Linux 5.12+). False, said once, when the kernel refuses."""
+    path = f"/sys/class/net/{name}/threaded"
     try:
-        tap = open_tun(name, tap=True, vnet_hdr=True, multi_queue=multi_queue)
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as exc:
+        log.warning(
+            "--egress-thread: cannot write 1 to %s (%s): the kernel's work behind egress "
+            "writes stays inside them",
+            path,
+            _errtext(exc),
+        )
+        return False
+    return True
+
+
+def _napi_threaded(name: str) -> bool:
+    """Queue 0 made the TAP's NAPI threaded (a worker attaching to its queue)?"""
+    try:
+        with open(f"/sys/class/net/{name}/threaded") as f:
+            return f.read().strip() not in ("", "0")
+    except OSError:
+        return False
+
+
+def _open_egress_queue(
+    paths: FastPaths, name: str, multi_queue: bool, *, napi: bool = False
+) -> TunDevice | None:
+    try:
+        tap = open_tun(name, tap=True, vnet_hdr=True, multi_queue=multi_queue, napi=napi)
     except TunError as exc:
         paths.refuse("tunnel_gso", f"cannot open TAP {name}: {_errtext(exc)}")
         return None
@@ -660,6 +714,10 @@ class FastEngine(Engine):
         self._tx_iov = [self._tx_vnet, self._tx_view[head : head + BUFFER_SIZE]]
         self._iov_at = head
         self._egress_fd = paths.egress.fileno() if paths.egress is not None else -1
+        self._egress_thread = paths.egress_thread and self._egress_fd >= 0
+        # --egress-thread: per source port (a hash of the inner flow), when that port's
+        # last super-packet went to the TAP (EGRESS_ORDER_NS)
+        self._tap_at = [0]
         self._egress_mac = paths.egress_mac
         self._underlay_mac = underlay_mac
         self._src = socket.inet_aton(public_ip)
@@ -715,6 +773,7 @@ class FastEngine(Engine):
         super().use_source_ports(ports)
         # The egress TAP path writes the outer UDP header itself: the same port.
         self._source_port_numbers = list(ports.ports) if ports is not None else [self._port]
+        self._tap_at = [0] * len(self._source_port_numbers)
 
     def start(self, loop) -> None:  # type: ignore[no-untyped-def]
         super().start(loop)
@@ -791,7 +850,10 @@ class FastEngine(Engine):
         # (but the last of a run waits for the next read: hence the first packet
         # of a drain is sent at once, see below).
         batching = self.paths.on["tx_batch"]
-        idle = time.monotonic_ns() - self._busy_end > IDLE_NS
+        now = time.monotonic_ns()
+        idle = now - self._busy_end > IDLE_NS
+        ordered = self._egress_thread  # EGRESS_ORDER_NS
+        tap_at = self._tap_at
         # Checksums the pod left to offload (NEEDS_CSUM) are completed for a whole
         # run at once when it is sent (segment.complete_checksums): `run_csum` is
         # the run's (start, offset), -1 when its datagrams need none. Not while
@@ -846,6 +908,8 @@ class FastEngine(Engine):
                             self._send_gso(
                                 fwd, head, end, seg_end, gso_type, gso_size, csum_start, idx
                             )
+                            if ordered:
+                                tap_at[idx] = now
                         else:
                             self._send_split(
                                 fwd, head, end, seg_end, gso_type, gso_size, csum_start, idx
@@ -881,6 +945,17 @@ class FastEngine(Engine):
                 peer = fwd.out_peer
                 if ports is not None:
                     idx = ports.index(buf, head + ip_at, end)
+                if ordered and now - tap_at[idx] < EGRESS_ORDER_NS:
+                    # Behind its flow's super-packets, which the kernel thread may
+                    # not have sent yet.
+                    if run_count:
+                        self._send_run(base, pos, run_size, run_count, run_peer, run_csum)
+                        run_count = 0
+                        pos = base  # (the packet stays where it is: headers go in front)
+                    if csum >= 0:
+                        complete_checksum(view[head:end], csum >> 16, csum & 0xFFFF)
+                    self._send_tap_one(fwd, end, idx)
+                    continue
                 if not batching or got == 1:
                     # The first packet of a drain goes out at once: a lone packet
                     # (ping, a request) must not wait for the read that finds the
@@ -1001,6 +1076,55 @@ class FastEngine(Engine):
                     drops[DropReason.SEND_FAILED] += 1
         return 0
 
+    def _put_outer(self, fwd: Forwarder, end: int, idx: int, datagrams: int) -> int:
+        """Outer Ethernet, IPv4 and UDP headers in front of buf[out_start:end] for the
+        egress TAP, the UDP checksum field holding the pseudo-header sum (the kernel
+        completes it); `datagrams` IP IDs are used. Returns where the frame starts, -1
+        (counted) when it is too long for one IP packet."""
+        out_start = fwd.out_start
+        peer = fwd.out_peer
+        assert peer is not None
+        frame = out_start - OUTER_HLEN
+        ip_len = end - frame - 14
+        if ip_len > 0xFFFF:
+            fwd.counters.drops[DropReason.TOO_BIG] += 1
+            return -1
+        words, pseudo, dst = self._outer_for(*peer.sockaddr)
+        ip_id = self._ip_id
+        csum = words + ip_len + ip_id
+        csum = (csum & 0xFFFF) + (csum >> 16)
+        csum = (csum & 0xFFFF) + (csum >> 16)
+        udp_len = ip_len - 20
+        ucsum = pseudo + udp_len
+        ucsum = (ucsum & 0xFFFF) + (ucsum >> 16)
+        ucsum = (ucsum & 0xFFFF) + (ucsum >> 16)
+        _OUTER.pack_into(
+            self._tx_buf, frame,
+            self._egress_mac, self._underlay_mac, 0x0800,
+            0x45, 0, ip_len, ip_id, 0x4000, 65, 17, ~csum & 0xFFFF, self._src, dst,
+            self._source_port_numbers[idx], peer.sockaddr[1], udp_len, ucsum,
+        )  # fmt: skip
+        self._ip_id = (ip_id + datagrams) & 0xFFFF
+        return frame
+
+    def _send_tap_one(self, fwd: Forwarder, end: int, idx: int) -> None:
+        """One datagram through the egress TAP (--egress-thread: EGRESS_ORDER_NS), its
+        inner checksums complete, the outer UDP checksum left to the kernel."""
+        frame = self._put_outer(fwd, end, idx, 1)
+        if frame < 0:
+            return
+        VNET_TUNNEL_STRUCT.pack_into(
+            self._tx_buf, frame - VNET_HDR_TUNNEL_LEN,
+            _NEEDS_CSUM, _GSO_NONE, 0, 0, 14 + 20, 6, 0, 0, 0, 0, 0, 0,
+        )  # fmt: skip
+        try:
+            os.write(self._egress_fd, self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
+        except OSError as exc:
+            fwd.counters.drops[DropReason.SEND_FAILED] += 1
+            self._first_error(f"egress TAP write failed: {_errtext(exc)}")
+            return
+        self._fc.ordered_sends += 1
+
     def _send_gso(
         self,
         fwd: Forwarder,
@@ -1016,41 +1140,20 @@ class FastEngine(Engine):
         write. The outer source port is that of source socket `idx`, so that a flow's
         super-packets and its single datagrams leave from one port."""
         buf = self._tx_buf
-        out_start = fwd.out_start
-        peer = fwd.out_peer
-        assert peer is not None
-        frame = out_start - OUTER_HLEN
-        ip_len = end - frame - 14
-        if ip_len > 0xFFFF:
-            fwd.counters.drops[DropReason.TOO_BIG] += 1
-            return
-        words, pseudo, dst = self._outer_for(*peer.sockaddr)
-        ip_id = self._ip_id
-        csum = words + ip_len + ip_id
-        csum = (csum & 0xFFFF) + (csum >> 16)
-        csum = (csum & 0xFFFF) + (csum >> 16)
-        udp_len = ip_len - 20
-        ucsum = pseudo + udp_len
-        ucsum = (ucsum & 0xFFFF) + (ucsum >> 16)
-        ucsum = (ucsum & 0xFFFF) + (ucsum >> 16)
-        _OUTER.pack_into(
-            buf, frame,
-            self._egress_mac, self._underlay_mac, 0x0800,
-            0x45, 0, ip_len, ip_id, 0x4000, 65, 17, ~csum & 0xFFFF, self._src, dst,
-            self._source_port_numbers[idx], peer.sockaddr[1], udp_len, ucsum,
-        )  # fmt: skip
-        # Offsets in the frame: the inner packet's csum_start counted from `head`.
-        cs = csum_start + (head - frame)
         l4 = head + csum_start
         thl, check_at = gso_l4(buf, l4, gso_type)
         hdrs = l4 - head + thl  # inner headers per segment
         nsegs = -(-(end - head - hdrs) // gso_size)
+        frame = self._put_outer(fwd, end, idx, nsegs)
+        if frame < 0:
+            return
+        # Offsets in the frame: the inner packet's csum_start counted from `head`.
+        cs = csum_start + (head - frame)
         VNET_TUNNEL_STRUCT.pack_into(
             buf, frame - VNET_HDR_TUNNEL_LEN,
             _TUNNEL_CSUM_FLAGS, gso_type | GSO_UDP_TUNNEL_IPV4,
             cs + thl, gso_size, cs, check_at, 0, 0, 0, 0, 14 + 20, OUTER_HLEN + self._ip_off,
         )  # fmt: skip
-        self._ip_id = (ip_id + nsegs) & 0xFFFF
         try:
             os.write(self._egress_fd, self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
         except OSError as exc:

@@ -91,6 +91,9 @@ class NodeSpec:
     #: both to the scheduler. The CLI fills steer_cpus with the CPUs left over.
     cpus: tuple[int, ...] = ()
     steer_cpus: tuple[int, ...] = ()
+    #: --egress-thread: the egress TAP's NAPI in a kernel thread, so that the kernel
+    #: segments and sends super-packets beside weft, not inside its writes (§20)
+    egress_thread: bool = False
 
     def __post_init__(self) -> None:
         self.cpus, self.steer_cpus = tuple(self.cpus), tuple(self.steer_cpus)  # from JSON
@@ -313,7 +316,11 @@ class UserspaceDataplane:
             # datagram per call): either way weft asks the device for them.
             owner = self.queue == 0
             fastpath.open_egress_tap(
-                fast, spec.device_name, multi_queue=spec.queues > 1, attach=not owner
+                fast,
+                spec.device_name,
+                multi_queue=spec.queues > 1,
+                attach=not owner,
+                thread=spec.egress_thread,
             )
             fastpath.probe_uso_read(self.tun, fast)
             if fast.egress is not None and owner:

@@ -126,11 +126,18 @@ class TunDevice:
 
 
 def open_tun(
-    name: str, *, tap: bool = False, vnet_hdr: bool = False, multi_queue: bool = False
+    name: str,
+    *,
+    tap: bool = False,
+    vnet_hdr: bool = False,
+    multi_queue: bool = False,
+    napi: bool = False,
 ) -> TunDevice:
     """Create (or attach to) TUN/TAP device ``name`` in the calling thread's
     network namespace.  Flags: IFF_TUN or IFF_TAP, always IFF_NO_PI, plus
-    IFF_VNET_HDR / IFF_MULTI_QUEUE on request.  ``name`` may be a template
+    IFF_VNET_HDR / IFF_MULTI_QUEUE / IFF_NAPI on request (IFF_NAPI: what is
+    written is queued to the device's NAPI instance, which the kernel polls:
+    in its own thread once the device is ``threaded``).  ``name`` may be a template
     such as ``"weft%d"``; the kernel's chosen name is returned in ``.name``.
     With ``multi_queue`` each call on the same name opens another queue.
     The device is not brought up and has no address (use netlink)."""
@@ -142,6 +149,8 @@ def open_tun(
         flags |= IFF_VNET_HDR
     if multi_queue:
         flags |= IFF_MULTI_QUEUE
+    if napi:
+        flags |= IFF_NAPI
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:

@@ -100,15 +100,20 @@ def test_cli_defaults_full_and_quick() -> None:
 def test_weft_options_reach_every_weft_and_the_report() -> None:
     from bench.report import _weft_args
 
-    p = dataplane_params(
-        _args("--weft-queues", "2", "--weft-busy-poll", "50", "--weft-cpus", "0"), "x"
-    )
-    assert p.weft_extra() == ("--busy-poll", "50", "--queues", "2", "--cpus", "0")
-    assert _weft_args({"weft_queues": 2, "weft_busy_poll": 50, "weft_cpus": "0"}) == [
+    argv = ("--weft-queues", "2", "--weft-busy-poll", "50", "--weft-cpus", "0")
+    p = dataplane_params(_args(*argv, "--weft-egress-thread"), "x")
+    assert p.weft_extra() == (
+        "--busy-poll", "50", "--queues", "2", "--cpus", "0", "--egress-thread",
+    )  # fmt: skip
+    assert dataplane_params(_args(*argv), "x").weft_extra()[-1] == "0"
+    params = {"weft_queues": 2, "weft_busy_poll": 50, "weft_cpus": "0"}
+    assert _weft_args({**params, "weft_egress_thread": True}) == [
         "--busy-poll 50",
         "--queues 2",
         "--cpus 0",
+        "--egress-thread",
     ]
+    assert _weft_args({**params, "weft_egress_thread": False})[-1] == "--cpus 0"
 
 
 def test_cli_rejects_unknown_modes_and_silly_lengths() -> None:

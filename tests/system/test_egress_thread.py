@@ -1,0 +1,107 @@
+"""--egress-thread: a kernel thread sends what weft writes to its egress TAP, in order.
+
+weft vxlan → kernel VXLAN in a lab. The TAP's NAPI is threaded (sysfs, a `napi/gso-…`
+kernel thread, `weft status` says so), and a flow that sends a 64 KB super-packet and
+right after it a 100-byte segment, two hundred times, arrives whole and in order: the
+small segments go through the TAP behind their super-packets (counted), not through
+the socket, where they would overtake what the kernel thread has not sent yet
+(the receiving pod's TCP counts out-of-order segments: none).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from test_fastpath import (
+    SUBNET1,
+    SUBNET2,
+    WEFT_MAC,
+    kernel_vxlan_node,
+    nstat,
+    start,
+    two_node_pods,
+    vxlan_args,
+)
+from weft_helpers import WEFT, needs_paths, status
+
+from control.lab.topology import Lab
+from dataplane.io import fastpath
+
+PORT = 5301
+ROUNDS = 200
+BIG, SMALL = 65536, 100
+
+SINK = f"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {PORT}))
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    n += len(b)
+print("received", n, flush=True)
+"""
+
+# A super-packet, then at once a small segment of the same flow (TCP_NODELAY: it
+# leaves on its own, right behind the big one).
+SOURCE = f"""
+import socket, sys, time
+for _ in range(100):
+    try:
+        s = socket.create_connection((sys.argv[1], {PORT}), timeout=5)
+        break
+    except OSError:
+        time.sleep(0.05)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+big, small = bytes({BIG}), bytes({SMALL})
+for _ in range({ROUNDS}):
+    s.sendall(big)
+    s.sendall(small)
+    time.sleep(0.002)
+s.close()
+"""
+
+
+def napi_threads() -> list[str]:
+    names = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                names.append((entry / "comm").read_text().strip())
+            except OSError:
+                continue
+    return [n for n in names if n.startswith("napi/gso-weft")]
+
+
+@needs_paths("tunnel_gso")
+def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Path) -> None:
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = [*vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on"), "--egress-thread"]
+    _proc, sock = start(lab, n1, args, tmp_path, "n1")
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+
+    tap = fastpath.egress_name("weft.1")
+    assert lab.run(n1, "cat", f"/sys/class/net/{tap}/threaded").stdout.strip() == "1"
+    assert napi_threads(), "no napi/gso-weft… kernel thread"
+    assert status(sock)["offload"]["egress_thread"] is True
+    text = lab.run(n1, *WEFT, "status", "--api-socket", str(sock)).stdout
+    assert "egress: the TAP's NAPI runs in a kernel thread" in text
+
+    log = tmp_path / "sink.log"
+    sink = lab.spawn(pod2, [sys.executable, "-c", SINK], log=log)
+    before = nstat(lab, pod2, "TcpExtTCPOFOQueue", "TcpInCsumErrors")
+    lab.run(pod1, sys.executable, "-c", SOURCE, str(pod2.ip), timeout=60)
+    assert sink.wait(timeout=30) == 0
+    assert f"received {ROUNDS * (BIG + SMALL)}" in log.read_text()
+    assert nstat(lab, pod2, "TcpExtTCPOFOQueue", "TcpInCsumErrors") == before
+    fc = status(sock)["offload"]["counters"]
+    assert fc["gso_sends"] >= ROUNDS  # the big ones: super-packets through the TAP
+    assert fc["ordered_sends"] >= ROUNDS // 2  # the small ones: behind them
