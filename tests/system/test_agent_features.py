@@ -86,7 +86,7 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
 ) -> None:
     """--queues 2 (and FLANNELD_QUEUES): the peers the agent learns from etcd reach the
     worker process too, which then carries some of the flows. --source-ports (and
-    FLANNELD_SOURCE_PORTS) and --cpus reach the engine too."""
+    FLANNELD_SOURCE_PORTS), --cpus and FLANNELD_EGRESS_THREAD reach the engine too."""
     etcd.etcdctl("put", CONFIG_KEY, '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}')
     n1, n2 = node(lab, "n1"), node(lab, "n2")
     cpu = min(os.sched_getaffinity(0))
@@ -94,6 +94,7 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
     _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, args)
     monkeypatch.setenv("FLANNELD_QUEUES", "2")
     monkeypatch.setenv("FLANNELD_SOURCE_PORTS", "0")
+    monkeypatch.setenv("FLANNELD_EGRESS_THREAD", "1")
     _, d2 = start_agent(lab, n2, etcd.endpoint, tmp_path)
     p1 = add_pod_from_subnet_env(lab, n1, d1)
     p2 = add_pod_from_subnet_env(lab, n2, d2)
@@ -111,6 +112,9 @@ def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
     assert st["source_ports"] == []
     assert status(d1 / "weft.sock")["placement"].startswith(f"CPU {cpu}")
     assert f"cpus: CPU {cpu}" in text and "cpus" not in str(st.get("placement"))
+    # (only where there is an egress TAP: Linux 6.17+)
+    assert st["offload"]["egress_thread"] is ("tunnel_gso" in st["offload"]["on"])
+    assert status(d1 / "weft.sock")["offload"]["egress_thread"] is False
 
 
 def test_health_endpoints_and_sigterm_keeps_the_lease(
