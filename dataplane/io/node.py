@@ -233,6 +233,12 @@ class UserspaceDataplane:
                 self.tracer.source_ports = self.source_ports
             self.engine.tracer = self.tracer
             self.engine.busy_poll_ns = spec.busy_poll_us * 1000
+            if spec.egress_thread and owner and (self.fast is None or self.fast.egress is None):
+                why = self.fast.why_off.get("tunnel_gso") if self.fast else "--offload off"
+                log.warning(
+                    "--egress-thread does nothing here: weft writes to no egress TAP (%s)",
+                    why or "host-gw sends on the underlay",
+                )
             if spec.cpus:
                 self._place()
             self.engine.start(loop)

@@ -5,7 +5,8 @@ kernel thread, `weft status` says so), and a flow that sends a 64 KB super-packe
 right after it a 100-byte segment, two hundred times, arrives whole and in order: the
 small segments go through the TAP behind their super-packets (counted), not through
 the socket, where they would overtake what the kernel thread has not sent yet
-(the receiving pod's TCP counts out-of-order segments: none).
+(the receiving pod's TCP counts out-of-order segments: none). Without an egress TAP
+the option says it does nothing.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
     args = [*vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on"), "--egress-thread"]
-    _proc, sock = start(lab, n1, args, tmp_path, "n1")
+    proc, sock = start(lab, n1, args, tmp_path, "n1")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
 
     tap = fastpath.egress_name("weft.1")
@@ -105,3 +106,12 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     fc = status(sock)["offload"]["counters"]
     assert fc["gso_sends"] >= ROUNDS  # the big ones: super-packets through the TAP
     assert fc["ordered_sends"] >= ROUNDS // 2  # the small ones: behind them
+
+    # Without an egress TAP (here switched off, as on a kernel before 6.17) the
+    # option has nothing to do, and says so.
+    lab.stop(proc)
+    auto = [*args[: args.index("--offload") + 1], "auto", "--egress-thread"]
+    _, sock = start(lab, n1, auto, tmp_path, "n1-no-tap", {fastpath.DISABLE_ENV: "tunnel_gso"})
+    assert status(sock)["offload"]["egress_thread"] is False
+    assert "--egress-thread does nothing here" in (tmp_path / "n1-no-tap.log").read_text()
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
