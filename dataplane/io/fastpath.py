@@ -113,7 +113,7 @@ from dataplane.io.segment import (
     probe_udp_segment,
     segment_cmsg,
 )
-from dataplane.io.sockets import SourcePorts
+from dataplane.io.sockets import SOCKET_BUFFER, SourcePorts
 from dataplane.io.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -122,8 +122,10 @@ from dataplane.io.tun import (
     TUN_F_USO6,
     TunDevice,
     TunError,
+    get_sndbuf,
     open_tun,
     set_offload,
+    set_sndbuf,
     set_vnet_hdr_size,
 )
 from dataplane.io.uso import UdpCoalescer, merged_header
@@ -311,8 +313,10 @@ class FastPaths:
     why_off: dict[str, str] = field(default_factory=dict)
     egress: TunDevice | None = None
     egress_mac: bytes = b""
-    #: --egress-thread: the egress TAP's NAPI runs in a kernel thread (napi/gso-…)
+    #: --egress-thread: the egress TAP's NAPI runs in a kernel thread (napi/gso-…),
+    #: and what may wait for it on this queue (TUNGETSNDBUF; 0: no thread, no limit)
     egress_thread: bool = False
+    egress_queue_bytes: int = 0
     forward_rule: str = ""  # the TAP whose FORWARD ACCEPT rule weft added
     counters: FastCounters = field(default_factory=FastCounters)
 
@@ -346,6 +350,7 @@ class FastPaths:
             "on": [p for p in PATHS if self.on[p]],
             "off": dict(self.why_off),
             "egress_thread": self.egress_thread,
+            "egress_queue_bytes": self.egress_queue_bytes,
             "counters": self.counters.as_dict(),
         }
 
@@ -603,6 +608,12 @@ def _open_egress_queue(
     try:
         set_vnet_hdr_size(tap, VNET_HDR_TUNNEL_LEN)
         set_offload(tap, EGRESS_OFFLOADS)
+        if napi:
+            # What weft writes now waits in a queue for the kernel thread, and a TAP
+            # queue has no limit of its own: bound it as weft's sockets are (a full
+            # queue refuses the write, EAGAIN: counted as send_failed).
+            set_sndbuf(tap, SOCKET_BUFFER)
+            paths.egress_queue_bytes = get_sndbuf(tap)
     except TunError as exc:
         tap.close()
         paths.refuse(
@@ -1120,6 +1131,9 @@ class FastEngine(Engine):
         )  # fmt: skip
         try:
             os.write(self._egress_fd, self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
+        except BlockingIOError:  # --egress-thread: its queue is full
+            fwd.counters.drops[DropReason.SEND_FAILED] += 1
+            return
         except OSError as exc:
             fwd.counters.drops[DropReason.SEND_FAILED] += 1
             self._first_error(f"egress TAP write failed: {_errtext(exc)}")
@@ -1157,6 +1171,9 @@ class FastEngine(Engine):
         )  # fmt: skip
         try:
             os.write(self._egress_fd, self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
+        except BlockingIOError:  # --egress-thread: its queue is full
+            fwd.counters.drops[DropReason.SEND_FAILED] += 1
+            return
         except OSError as exc:
             fwd.counters.drops[DropReason.SEND_FAILED] += 1
             if gso_type == _GSO_UDP_L4 and exc.errno == errno.EINVAL:

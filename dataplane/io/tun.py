@@ -34,6 +34,8 @@ TUNSETOFFLOAD = 0x400454D0
 TUNGETFEATURES = 0x800454CF
 TUNSETQUEUE = 0x400454D9
 TUNSETVNETHDRSZ = 0x400454D8
+TUNGETSNDBUF = 0x800454D3
+TUNSETSNDBUF = 0x400454D4
 
 # ifr_flags
 IFF_TUN = 0x0001
@@ -173,6 +175,25 @@ def set_offload(fd: int | TunDevice, flags: int) -> None:
         fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
     except OSError as e:
         raise _error(e, f"TUNSETOFFLOAD {flags:#x}") from None
+
+
+def set_sndbuf(fd: int | TunDevice, size: int) -> None:
+    """TUNSETSNDBUF: how many bytes of this queue's writes the kernel may hold before
+    a write fails with EAGAIN (a TUN/TAP starts with no limit)."""
+    fd = fd.fileno() if isinstance(fd, TunDevice) else fd
+    try:
+        fcntl.ioctl(fd, TUNSETSNDBUF, struct.pack("i", size))
+    except OSError as e:
+        raise _error(e, f"TUNSETSNDBUF {size}") from None
+
+
+def get_sndbuf(fd: int | TunDevice) -> int:
+    fd = fd.fileno() if isinstance(fd, TunDevice) else fd
+    try:
+        raw = fcntl.ioctl(fd, TUNGETSNDBUF, struct.pack("i", 0))
+    except OSError as e:
+        raise _error(e, "TUNGETSNDBUF") from None
+    return int(struct.unpack("i", raw)[0])
 
 
 def set_vnet_hdr_size(fd: int | TunDevice, size: int) -> None:

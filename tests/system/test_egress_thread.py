@@ -93,6 +93,8 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     assert lab.run(n1, "cat", f"/sys/class/net/{tap}/threaded").stdout.strip() == "1"
     assert napi_threads(), "no napi/gso-weft… kernel thread"
     assert status(sock)["offload"]["egress_thread"] is True
+    # The queue in front of the thread is bounded as weft's sockets are (TUNGETSNDBUF).
+    assert status(sock)["offload"]["egress_queue_bytes"] == 4 << 20
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(sock)).stdout
     assert "egress: the TAP's NAPI runs in a kernel thread" in text
 
