@@ -132,10 +132,12 @@ def build(
     say: Callable[[str], None] = lambda _s: None,
     pod_udp_gro: bool = False,
     queues: int = 1,
+    egress_thread: bool = False,
 ) -> list[Any]:
     """Config, agents (started together), subnet.env → cni0 + pods, peers all seen.
     `pod_udp_gro`: userspace agents get --pod-udp-gro (their pods' veths merge UDP);
-    `queues`: and --queues (one weft process per device queue)."""
+    `queues`: and --queues (one weft process per device queue); `egress_thread`: and
+    --egress-thread."""
     from dataplane.io.queues import queues_error
 
     problem = queues_error(backend, queues)
@@ -144,6 +146,8 @@ def build(
     userspace_args = ["--pod-udp-gro"] if pod_udp_gro else []
     if queues > 1:
         userspace_args += ["--queues", str(queues)]
+    if egress_thread:
+        userspace_args.append("--egress-thread")
     for dp, dev in zip(dataplanes, devices, strict=True):
         if dp == "kernel" and backend == "udp":
             raise CliError("--dataplane kernel has no udp backend (flannel's udp is userspace)")
@@ -215,6 +219,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     pods=args.pods,
                     pod_udp_gro=args.pod_udp_gro,
                     queues=args.queues,
+                    egress_thread=args.egress_thread,
                 )
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -519,7 +524,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     cluster, nodes=args.nodes, backend=args.backend, network=args.network,
                     dataplanes=dataplanes, devices=devices, pods=1,
                     say=lambda s: print("  " + s), pod_udp_gro=args.pod_udp_gro,
-                    queues=args.queues,
+                    queues=args.queues, egress_thread=args.egress_thread,
                 )  # fmt: skip
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -612,6 +617,12 @@ def register(sub: Any) -> None:
             default=1,
             metavar="N",
             help="userspace agents run with --queues N: one weft process per device queue",
+        )
+        q.add_argument(
+            "--egress-thread",
+            action="store_true",
+            help="userspace agents run with --egress-thread: a kernel thread sends what "
+            "weft writes to its egress TAP (see docs/running.md)",
         )
 
     up = lsub.add_parser("up", help="build a lab and leave it running")

@@ -552,7 +552,7 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
     state_file = tmp_path / "labs" / f"{name}.json"
     try:
         up = weft("lab", "up", "--nodes", "2", "--dataplane", "userspace,kernel", "--name", name,
-                  "--pod-udp-gro", "--queues", "2", env=env)  # fmt: skip
+                  "--pod-udp-gro", "--queues", "2", "--egress-thread", env=env)  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads(state_file.read_text())
         tag, nodes = state["tag"], state["nodes"]
@@ -601,6 +601,10 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
         assert st_json["nodes"]["n1"]["queues"]["count"] == 2
         assert st_json["nodes"]["n1"]["queues"]["workers"][0]["running"]
         assert "queues" not in st_json["nodes"]["n2"]
+        # and --egress-thread too (where weft has an egress TAP: Linux 6.17+)
+        offload = st_json["nodes"]["n1"]["offload"]
+        assert offload["egress_thread"] is ("tunnel_gso" in offload["on"])
+        assert "offload" not in st_json["nodes"]["n2"]
         # down: every recorded process and namespace gone; a second down is a no-op
         down = weft("lab", "down", "--name", name, env=env)
         assert down.returncode == 0, down.stderr
