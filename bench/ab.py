@@ -82,9 +82,8 @@ def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | No
     else:
         tcp = probes.tcp(env, seconds, streams=4 if name == "tcp4" else 1, bitrate=rate or None)
         value, moved, scale = tcp.bits_per_second / 1e9, tcp.bytes, 1e9
-    d = delta(before, snapshot(env.weft_pids, None))
-    weft = per_unit(d.procs_cpu_s, moved, scale) if env.weft_pids else None
-    return value, weft, per_unit(d.machine_cpu_s, moved, scale)
+    d = delta(before, snapshot(env.weft_pids, None))  # procs_cpu_s None without weft
+    return value, per_unit(d.procs_cpu_s, moved, scale), per_unit(d.machine_cpu_s, moved, scale)
 
 
 @contextlib.contextmanager
