@@ -24,7 +24,7 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import WEFT, needs_paths, status
+from weft_helpers import WEFT, needs_paths, one_backlog, status
 
 from control.lab.topology import Lab
 from dataplane.io import fastpath
@@ -100,6 +100,7 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
 
     log = tmp_path / "sink.log"
     sink = lab.spawn(pod2, [sys.executable, "-c", SINK], log=log)
+    one_backlog(lab, pod1)  # the flow's order into weft is the pod's, not the lab's
     before = nstat(lab, pod2, "TcpExtTCPOFOQueue", "TcpInCsumErrors")
     lab.run(pod1, sys.executable, "-c", SOURCE, str(pod2.ip), timeout=60)
     assert sink.wait(timeout=30) == 0

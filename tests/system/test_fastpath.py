@@ -33,9 +33,12 @@ from weft_helpers import (
     WEFT,
     assert_paths_on,
     assert_super_packets_sent,
+    drop_counters,
+    drop_delta,
     iperf3_run,
     iperf3_transfer,
     needs_paths,
+    one_backlog,
     send_over_tcp,
     send_udp_datagrams,
     start_weft,
@@ -124,6 +127,33 @@ def kernel_vxlan_node(lab: Lab, node: Node, weft_node: Node, subnet: str = SUBNE
 def iperf3_bytes(lab: Lab, client: Pod, server: Pod, nbytes: str) -> dict[str, Any]:
     """One TCP iperf3 transfer of `nbytes` (e.g. "4M") from client to server."""
     return iperf3_run(lab, client, server, ["-n", nbytes], want="sum_received", timeout=60)
+
+
+# Why a sender retransmitted: a probe at the tail, a timeout, a loss inferred from
+# SACKs, or reordering seen; and whether the receiver saw segments out of order.
+SENDER_TCP = (
+    "TcpExtTCPLossProbes", "TcpExtTCPTimeouts", "TcpExtTCPSpuriousRTOs", "TcpExtTCPFastRetrans",
+    "TcpExtTCPSlowStartRetrans", "TcpExtTCPLostRetransmit", "TcpExtTCPDSACKRecv",
+    "TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPRenoReorder",
+)  # fmt: skip
+RECEIVER_TCP = ("TcpExtTCPOFOQueue", "TcpExtTCPDSACKOldSent", "TcpExtTCPDSACKOfoSent")
+
+
+def assert_no_retransmits(lab: Lab, client: Pod, server: Pod, nbytes: str) -> None:
+    """A TCP transfer with no segment sent twice (the client's sends in one backlog:
+    one_backlog); if one was, the message says which drop counters in the lab moved
+    meanwhile and what the two ends' TCP counted."""
+    one_backlog(lab, client)
+    before = drop_counters(lab), nstat(lab, client, *SENDER_TCP), nstat(lab, server, *RECEIVER_TCP)
+    end = iperf3_bytes(lab, client, server, nbytes)
+    retransmits = end["sum_sent"].get("retransmits", 0)
+    drops = drop_delta(before[0], drop_counters(lab))
+    sender = drop_delta(before[1], nstat(lab, client, *SENDER_TCP))
+    receiver = drop_delta(before[2], nstat(lab, server, *RECEIVER_TCP))
+    assert retransmits == 0, (
+        f"{retransmits} retransmits; drop counters that moved: {drops}; "
+        f"sender TCP: {sender}; receiver TCP: {receiver}"
+    )
 
 
 def nstat(lab: Lab, ns: Pod | Node, *names: str) -> dict[str, int]:
@@ -412,8 +442,7 @@ def test_a_forward_policy_of_drop_does_not_drop_the_gso_datagrams(lab: Lab, tmp_
     tap = fastpath.egress_name("weft.1")
     assert f"-A FORWARD -i {tap} -j ACCEPT" in lab.run(n1, "iptables", "-S", "FORWARD").stdout
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
-    end = iperf3_bytes(lab, pod1, pod2, "4M")
-    assert end["sum_sent"].get("retransmits", 0) == 0
+    assert_no_retransmits(lab, pod1, pod2, "4M")
     assert status(sock)["offload"]["counters"]["gso_sends"] > 0
     lab.stop(proc)
     assert tap not in lab.run(n1, "iptables", "-S", "FORWARD").stdout
@@ -434,8 +463,7 @@ def test_reverse_path_filtering_leaves_the_send_fast_path_off(
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
     proc, sock = start(lab, n1, args, tmp_path, "n1")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
-    end = iperf3_bytes(lab, pod1, pod2, "4M")
-    assert end["sum_sent"].get("retransmits", 0) == 0
+    assert_no_retransmits(lab, pod1, pod2, "4M")
     off = status(sock)["offload"]
     assert f"rp_filter={rp_filter}" in off["off"]["tunnel_gso"]
     assert off["on"] == [p for p in ALL_PATHS if p != "tunnel_gso"]

@@ -157,6 +157,50 @@ def iperf3_run(
         lab.stop(srv)
 
 
+def one_backlog(lab: Lab, pod: Pod) -> None:
+    """Steer what `pod` sends into one CPU's backlog (RPS on its veth's node end).
+
+    A pod's TCP transmits from two contexts: its application's send, and the ACK
+    processing wherever an ACK is delivered (inside weft's TUN write, say). A veth
+    hands each packet to the backlog of the CPU it was sent on, and when one CPU's
+    backlog waits (softirq deferred to ksoftirqd) the other's overtakes it: the
+    flow reaches weft reordered, the receiver sees holes, the sender retransmits.
+    Counted in the lab (a 4 MB transfer weft → kernel VXLAN, 300 times, the sender
+    pinned away from weft): 10 transfers with retransmits, every one with D-SACKs
+    (the originals arrived) and no drop counter moved; with this, none. Tests that
+    assert a flow's order through weft use it, so they measure weft's order alone."""
+    cpu = min(os.sched_getaffinity(0))
+    path = f"/sys/class/net/{pod.node_end}/queues/rx-0/rps_cpus"
+    lab.run(pod.node, "sh", "-c", f"echo {1 << cpu:x} > {path}")
+
+
+def drop_counters(lab: Lab) -> dict[str, int]:
+    """Every place a lab packet can be dropped without an error reaching anyone: the
+    machine's softnet backlog (/proc/net/softnet_stat, all CPUs), each link's rx/tx
+    drops in each of the lab's namespaces, and the UDP/IP drop counters there. Read
+    before and after a transfer, `drop_delta` names where a lost burst went."""
+    out: dict[str, int] = {}
+    # A line a CPU, hex columns: [1] dropped (backlog full), [2] time_squeeze.
+    cpus = [line.split() for line in Path("/proc/net/softnet_stat").read_text().splitlines()]
+    out["softnet.dropped"] = sum(int(c[1], 16) for c in cpus)
+    out["softnet.time_squeeze"] = sum(int(c[2], 16) for c in cpus)
+    for ns in lab.namespaces:
+        for link in json.loads(lab.run(ns, "ip", "-j", "-s", "link").stdout):
+            stats = link.get("stats64", {})
+            for way in ("rx", "tx"):
+                out[f"{ns}/{link['ifname']}.{way}_dropped"] = stats.get(way, {}).get("dropped", 0)
+        counters = json.loads(lab.run(ns, "nstat", "-a", "-z", "-j").stdout)
+        for name, value in next(iter(counters.values())).items():
+            if name.endswith(("RcvbufErrors", "SndbufErrors", "InErrors", "InDiscards")):
+                out[f"{ns}/{name}"] = int(value)
+    return out
+
+
+def drop_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters that moved between two `drop_counters` readings."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
 def iperf3_transfer(lab: Lab, client: Pod, server: Pod, seconds: int = 2) -> dict[str, Any]:
     """One TCP iperf3 run from client to server; returns iperf3's JSON end summary."""
     return iperf3_run(
