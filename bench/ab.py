@@ -42,7 +42,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench import env as envmod
 from bench import probes
@@ -62,28 +62,47 @@ def known_test(test: str) -> bool:
     return test in TESTS or re.fullmatch(r"(tcp1|tcp4|udp64)@[1-9][0-9]*[KMG]?", test) is not None
 
 
-def probe(env: envmod.Env, test: str, seconds: float) -> tuple[float, float | None, float | None]:
+class Reading(NamedTuple):
+    """One probe's result: `value` in the test's unit; the CPU seconds the weft
+    processes and the whole machine took per GB or per million datagrams (None
+    where they do not apply); the TCP sender's retransmits (None but for TCP)."""
+
+    value: float
+    weft_cpu: float | None = None
+    machine_cpu: float | None = None
+    retransmits: int | None = None
+
+
+def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
     """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
     TCP (rr) or 4-byte UDP (udprr) transactions a second, the ping RTT's median in ms for
     ping; then the CPU seconds the weft processes took and those the whole machine
     took (every process and the kernel's own threads: work weft hands to a kernel
     thread shows only here), per GB received (TCP) or per million datagrams received
-    (udp64); None for rr, udprr and ping, and weft's for modes without weft."""
+    (udp64); None for rr, udprr and ping, and weft's for modes without weft. TCP
+    also gives its retransmits: a variant's speed bought with losses shows there."""
     if test in ("rr", "udprr"):
-        return probes.rr(env, seconds, udp=test == "udprr")["per_second"], None, None
+        return Reading(probes.rr(env, seconds, udp=test == "udprr")["per_second"])
     if test == "ping":
         p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
-        return (float(p50) if p50 is not None else float("nan")), None, None
+        return Reading(float(p50) if p50 is not None else float("nan"))
     before = snapshot(env.weft_pids, None)
     name, _, rate = test.partition("@")
+    retransmits = None
     if name == "udp64":
         udp = probes.udp_small(env, seconds, bitrate=rate or "0")
         value, moved, scale = udp.received_pps / 1e3, udp.received_packets, 1e6
     else:
         tcp = probes.tcp(env, seconds, streams=4 if name == "tcp4" else 1, bitrate=rate or None)
         value, moved, scale = tcp.bits_per_second / 1e9, tcp.bytes, 1e9
+        retransmits = tcp.retransmits
     d = delta(before, snapshot(env.weft_pids, None))  # procs_cpu_s None without weft
-    return value, per_unit(d.procs_cpu_s, moved, scale), per_unit(d.machine_cpu_s, moved, scale)
+    return Reading(
+        value,
+        per_unit(d.procs_cpu_s, moved, scale),
+        per_unit(d.machine_cpu_s, moved, scale),
+        retransmits,
+    )
 
 
 @contextlib.contextmanager
@@ -127,13 +146,15 @@ def run(
                         )
                     try:
                         for test in tests:
-                            value, cpu, machine = probe(env, test, seconds)
+                            got = probe(env, test, seconds)
                             rec = {"round": r, "mode": mode, "variant": name, "test": test}
-                            rec["value"] = round(value, 3)
-                            if cpu is not None:
-                                rec["weft_cpu"] = round(cpu, 3)
-                            if machine is not None:
-                                rec["machine_cpu"] = round(machine, 3)
+                            rec["value"] = round(got.value, 3)
+                            if got.weft_cpu is not None:
+                                rec["weft_cpu"] = round(got.weft_cpu, 3)
+                            if got.machine_cpu is not None:
+                                rec["machine_cpu"] = round(got.machine_cpu, 3)
+                            if got.retransmits is not None:
+                                rec["retransmits"] = got.retransmits
                             print(json.dumps(rec), flush=True)
                             out.append(rec)
                     finally:
@@ -145,6 +166,7 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     machine: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    retransmits: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     for rec in records:
         key = (rec["mode"], rec["variant"], rec["test"])
         values[key].append(rec["value"])
@@ -152,6 +174,8 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
             cpus[key].append(rec["weft_cpu"])
         if "machine_cpu" in rec:
             machine[key].append(rec["machine_cpu"])
+        if "retransmits" in rec:
+            retransmits[key].append(rec["retransmits"])
     lines = []
     for (mode, variant, test), vs in sorted(values.items()):
         mean = statistics.mean(vs)
@@ -163,6 +187,8 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
         used = f", weft CPU {statistics.mean(cpu):.2f} {unit}" if cpu else ""
         whole = machine.get((mode, variant, test))
         used += f", machine CPU {statistics.mean(whole):.2f} {unit}" if whole else ""
+        retr = retransmits.get((mode, variant, test))
+        used += f", retransmits {' / '.join(map(str, retr))}" if retr else ""
         lines.append(f"{mode:<20} {variant:<3} {test:<6} {shown}  mean {mean:.2f}{ratio}{used}")
     return lines
 

@@ -89,6 +89,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import shutil
 import socket
 import struct
@@ -113,7 +114,7 @@ from dataplane.io.segment import (
     probe_udp_segment,
     segment_cmsg,
 )
-from dataplane.io.sockets import SOCKET_BUFFER, SourcePorts
+from dataplane.io.sockets import SourcePorts
 from dataplane.io.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -199,6 +200,16 @@ IDLE_NS = 250_000
 #: ~20 super-packets of 64 KB at 2 Gbit/s: far more than the thread's queue holds
 #: while it keeps up (decisions §20).
 EGRESS_ORDER_NS = 5_000_000
+#: --egress-thread: the TAP queue in front of the kernel thread holds two 64 KB
+#: super-packets (TUNSETSNDBUF; a TAP has no bound of its own). The thread takes
+#: up to 64 packets a poll and passes them all on before the CPU's backlog runs:
+#: with 4 MiB queued, one poll put ~60 super-packets, 2,600 frames once cut, into
+#: the next hop, and on the lab's veth underlay (a 1,000-packet backlog a CPU)
+#: thousands a second were dropped there (decisions §20).
+EGRESS_QUEUE_BYTES = 128 << 10
+#: --egress-thread: how long a write waits for room in a full TAP queue before the
+#: packet is dropped (send_failed).
+EGRESS_WAIT_MS = 20
 TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
@@ -245,6 +256,7 @@ class FastCounters:
     __slots__ = (
         "batch_plans",
         "batched_datagrams",
+        "egress_waits",
         "gso_datagram_writes",
         "gso_segments",
         "gso_sends",
@@ -281,6 +293,7 @@ class FastCounters:
         self.mixed_runs = 0  # tx_batch runs of several source ports: a send per port
         self.ordered_sends = 0  # --egress-thread: datagrams sent through the TAP behind
         # their flow's super-packets (EGRESS_ORDER_NS)
+        self.egress_waits = 0  # --egress-thread: writes that waited for room in its queue
         self.uso_writes = 0  # UDP GSO packets written to the device
         self.uso_written_segments = 0  # … and the datagrams they carried
 
@@ -610,9 +623,9 @@ def _open_egress_queue(
         set_offload(tap, EGRESS_OFFLOADS)
         if napi:
             # What weft writes now waits in a queue for the kernel thread, and a TAP
-            # queue has no limit of its own: bound it as weft's sockets are (a full
-            # queue refuses the write, EAGAIN: counted as send_failed).
-            set_sndbuf(tap, SOCKET_BUFFER)
+            # queue has no limit of its own: bound it (EGRESS_QUEUE_BYTES; a full
+            # queue refuses the write, EAGAIN, and weft waits for room).
+            set_sndbuf(tap, EGRESS_QUEUE_BYTES)
             paths.egress_queue_bytes = get_sndbuf(tap)
     except TunError as exc:
         tap.close()
@@ -727,6 +740,9 @@ class FastEngine(Engine):
         self._iov_at = head
         self._egress_fd = paths.egress.fileno() if paths.egress is not None else -1
         self._egress_thread = paths.egress_thread and self._egress_fd >= 0
+        self._egress_poll = select.poll()
+        if self._egress_thread:
+            self._egress_poll.register(self._egress_fd, select.POLLOUT)
         # --egress-thread: per source port (a hash of the inner flow), when that port's
         # last super-packet went to the TAP (EGRESS_ORDER_NS)
         self._tap_at = [0]
@@ -1119,6 +1135,19 @@ class FastEngine(Engine):
         self._ip_id = (ip_id + datagrams) & 0xFFFF
         return frame
 
+    def _write_egress(self, frame: memoryview) -> None:
+        """One frame to the egress TAP. With --egress-thread a full queue (EAGAIN:
+        the kernel thread is behind) is waited on, up to EGRESS_WAIT_MS, then the
+        write is tried once more: the wait holds weft's reads of the pod device
+        back, so the pods' TCP sees a slower path instead of a lost super-packet."""
+        try:
+            os.write(self._egress_fd, frame)
+        except BlockingIOError:
+            if not self._egress_thread or not self._egress_poll.poll(EGRESS_WAIT_MS):
+                raise
+            self._fc.egress_waits += 1
+            os.write(self._egress_fd, frame)
+
     def _send_tap_one(self, fwd: Forwarder, end: int, idx: int) -> None:
         """One datagram through the egress TAP (--egress-thread: EGRESS_ORDER_NS), its
         inner checksums complete, the outer UDP checksum left to the kernel."""
@@ -1130,13 +1159,11 @@ class FastEngine(Engine):
             _NEEDS_CSUM, _GSO_NONE, 0, 0, 14 + 20, 6, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
         try:
-            os.write(self._egress_fd, self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
-        except BlockingIOError:  # --egress-thread: its queue is full
-            fwd.counters.drops[DropReason.SEND_FAILED] += 1
-            return
+            self._write_egress(self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
         except OSError as exc:
             fwd.counters.drops[DropReason.SEND_FAILED] += 1
-            self._first_error(f"egress TAP write failed: {_errtext(exc)}")
+            if not isinstance(exc, BlockingIOError):
+                self._first_error(f"egress TAP write failed: {_errtext(exc)}")
             return
         self._fc.ordered_sends += 1
 
@@ -1170,8 +1197,8 @@ class FastEngine(Engine):
             cs + thl, gso_size, cs, check_at, 0, 0, 0, 0, 14 + 20, OUTER_HLEN + self._ip_off,
         )  # fmt: skip
         try:
-            os.write(self._egress_fd, self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
-        except BlockingIOError:  # --egress-thread: its queue is full
+            self._write_egress(self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
+        except BlockingIOError:  # --egress-thread: its queue stayed full
             fwd.counters.drops[DropReason.SEND_FAILED] += 1
             return
         except OSError as exc:

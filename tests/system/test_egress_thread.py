@@ -5,8 +5,9 @@ kernel thread, `weft status` says so), and a flow that sends a 64 KB super-packe
 right after it a 100-byte segment, two hundred times, arrives whole and in order: the
 small segments go through the TAP behind their super-packets (counted), not through
 the socket, where they would overtake what the kernel thread has not sent yet
-(the receiving pod's TCP counts out-of-order segments: none). Without an egress TAP
-the option says it does nothing.
+(the receiving pod's TCP counts out-of-order segments: none). A bulk transfer fills
+the thread's queue: weft waits for room rather than drop. Without an egress TAP the
+option says it does nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from test_fastpath import (
     SUBNET1,
     SUBNET2,
     WEFT_MAC,
+    iperf3_bytes,
     kernel_vxlan_node,
     nstat,
     start,
@@ -93,8 +95,8 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     assert lab.run(n1, "cat", f"/sys/class/net/{tap}/threaded").stdout.strip() == "1"
     assert napi_threads(), "no napi/gso-weft… kernel thread"
     assert status(sock)["offload"]["egress_thread"] is True
-    # The queue in front of the thread is bounded as weft's sockets are (TUNGETSNDBUF).
-    assert status(sock)["offload"]["egress_queue_bytes"] == 4 << 20
+    # The queue in front of the thread holds two super-packets (TUNGETSNDBUF).
+    assert status(sock)["offload"]["egress_queue_bytes"] == fastpath.EGRESS_QUEUE_BYTES
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(sock)).stdout
     assert "egress: the TAP's NAPI runs in a kernel thread" in text
 
@@ -109,6 +111,14 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     fc = status(sock)["offload"]["counters"]
     assert fc["gso_sends"] >= ROUNDS  # the big ones: super-packets through the TAP
     assert fc["ordered_sends"] >= ROUNDS // 2  # the small ones: behind them
+
+    # A bulk transfer fills the thread's small queue (EGRESS_QUEUE_BYTES): weft
+    # waits for room (counted) instead of dropping a super-packet.
+    failed = status(sock)["counters"]["drops"].get("send_failed", 0)
+    iperf3_bytes(lab, pod1, pod2, "40M")
+    st = status(sock)
+    assert st["offload"]["counters"]["egress_waits"] > 0
+    assert st["counters"]["drops"].get("send_failed", 0) == failed
 
     # Without an egress TAP (here switched off, as on a kernel before 6.17) the
     # option has nothing to do, and says so.

@@ -96,10 +96,11 @@ def test_the_fixed_rate_reaches_iperf3_and_counts_per_datagram(
     class Env:
         weft_pids = (os.getpid(),)
 
-    value, cpu, machine = ab.probe(Env(), "udp64@60M", 1.0)  # type: ignore[arg-type]
+    got = ab.probe(Env(), "udp64@60M", 1.0)  # type: ignore[arg-type]
     assert seen[-1][-2:] == ["-b", "60M"]
-    assert value == pytest.approx(1.0) and cpu is not None and cpu >= 0
-    assert machine is not None and machine >= 0
+    assert got.value == pytest.approx(1.0) and got.weft_cpu is not None and got.weft_cpu >= 0
+    assert got.machine_cpu is not None and got.machine_cpu >= 0
+    assert got.retransmits is None
     ab.probe(Env(), "udp64", 1.0)  # type: ignore[arg-type]
     assert seen[-1][-2:] == ["-b", "0"]
     lines = ab.summary(
@@ -117,26 +118,29 @@ def test_a_fixed_tcp_rate_reaches_iperf3_per_stream(monkeypatch: pytest.MonkeyPa
     def iperf3(env: object, args: list[str], seconds: float) -> str:
         seen.append(args)
         received = {"bytes": 125_000_000, "seconds": 1.0, "bits_per_second": 1e9}
-        return json.dumps({"end": {"sum_received": received, "sum_sent": {"retransmits": 0}}})
+        return json.dumps({"end": {"sum_received": received, "sum_sent": {"retransmits": 7}}})
 
     monkeypatch.setattr(ab.probes, "_iperf3", iperf3)
 
     class Env:
         weft_pids = (os.getpid(),)
 
-    value, cpu, machine = ab.probe(Env(), "tcp4@1500M", 1.0)  # type: ignore[arg-type]
+    got = ab.probe(Env(), "tcp4@1500M", 1.0)  # type: ignore[arg-type]
     assert seen[-1] == ["-P", "4", "-b", "1500M"]
-    assert value == pytest.approx(1.0) and cpu is not None and cpu >= 0
-    assert machine is not None and machine >= 0
+    assert got.value == pytest.approx(1.0) and got.weft_cpu is not None and got.weft_cpu >= 0
+    assert got.machine_cpu is not None and got.machine_cpu >= 0
+    assert got.retransmits == 7
     ab.probe(Env(), "tcp1@800M", 1.0)  # type: ignore[arg-type]
     assert seen[-1] == ["-b", "800M"]
     ab.probe(Env(), "tcp1", 1.0)  # type: ignore[arg-type]
     assert seen[-1] == []
     lines = ab.summary(
         [{"round": 0, "mode": "weft-vxlan", "variant": "A", "test": "tcp1@1500M", "value": 1.5,
-          "weft_cpu": 2.5}]
+          "weft_cpu": 2.5, "retransmits": 0},
+         {"round": 1, "mode": "weft-vxlan", "variant": "A", "test": "tcp1@1500M", "value": 1.5,
+          "weft_cpu": 2.5, "retransmits": 312}]
     )  # fmt: skip
-    assert lines[0].endswith("weft CPU 2.50 s/GB")
+    assert lines[0].endswith("weft CPU 2.50 s/GB, retransmits 0 / 312")
 
 
 def test_the_summary_gives_the_whole_machines_cpu_beside_wefts() -> None:
