@@ -257,6 +257,7 @@ class FastCounters:
         "batch_plans",
         "batched_datagrams",
         "egress_waits",
+        "gro_cuts",
         "gso_datagram_writes",
         "gso_segments",
         "gso_sends",
@@ -286,6 +287,7 @@ class FastCounters:
         self.gso_written_segments = 0  # … and the segments they carried
         self.gso_datagram_writes = 0  # … of them made of single datagrams (gso_datagrams)
         self.batch_plans = 0  # recvmmsg batches of GRO messages planned at once
+        self.gro_cuts = 0  # coalesced writes that began or ended inside a GRO message
         self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
         self.split_segments = 0  # … and the segments they made
         self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
@@ -1442,9 +1444,9 @@ class FastEngine(Engine):
         if runs is None:
             return False
         fc = self._fc
-        for first, count, hl, payload in runs:
+        for first, count, hl, payload, skip, upto in runs:
             if hl:
-                self._deliver_chain(first, count, hl, payload)
+                self._deliver_chain(first, count, hl, payload, skip, upto)
             else:
                 fc.rx_segments += 1
                 self._deliver_one(offsets[first], lengths[first], first, None)
@@ -1512,16 +1514,25 @@ class FastEngine(Engine):
         self._fc.gso_datagram_writes += 1
         self._write_gso(iov, s0, len0, hl, last, payload, count)
 
-    def _deliver_chain(self, first: int, count: int, hl: int, payload: int) -> None:
+    def _deliver_chain(
+        self, first: int, count: int, hl: int, payload: int, skip: int = 0, upto: int = 0
+    ) -> None:
         """Receiver messages first..first+count-1, GRO messages of one segment size that
-        make one run (gro.Coalescer.plan_whole or plan_batch), as one GSO write: the
-        payload of every segment, cut from the messages every `size` bytes."""
+        make one run (gro.Coalescer.plan_whole or plan_batch, a `gro.Run`: from segment
+        `skip` of the first message to segment `upto` of the last, 0: its end), as one
+        GSO write: the payload of every segment, cut from the messages every `size`
+        bytes. A run of one segment is written as it is."""
         rx = self._rx
         rxv = self._rx_view
         assert rx is not None and rxv is not None
         offsets, lengths = rx.offsets, rx.lengths
         size = rx.segment_sizes[first]
-        s0 = offsets[first]
+        s0 = offsets[first] + skip * size
+        end_k = first + count - 1
+        if count == 1 and (upto or (lengths[first] - 1) // size + 1) - skip == 1:
+            self._fc.rx_segments += 1
+            self._deliver_one(s0, min(size, offsets[first] + lengths[first] - s0), first, None)
+            return
         verdict = self.forwarder.from_network(rxv[s0 : s0 + size], size, rx.sources[first])  # type: ignore[arg-type]
         segments = 0
         iov: list[bytes | bytearray | memoryview] = [b"", b""]
@@ -1540,16 +1551,28 @@ class FastEngine(Engine):
         for k in range(first, first + count):
             o = offsets[k]
             full = (lengths[k] - 1) // size  # segments before the last
-            last = o + full * size
-            segments += full + 1
+            a = skip if k == first else 0
+            b = upto if k == end_k and upto else full + 1  # segments a..b-1 of this one
             if verdict == Verdict.DELIVER:
                 row = views[k]
                 if len(row) < full:
                     pay = size - hl
-                    row += [rxv[p : p + pay] for p in range(o + hl + len(row) * size, last, size)]
-                iov += row[:full]
-                iov.append(rxv[last + hl : o + lengths[k]])
+                    at = o + hl + len(row) * size
+                    row += [rxv[p : p + pay] for p in range(at, o + full * size, size)]
+            if b <= full:  # (a cut inside the message: its segments are full-size)
+                last = o + (b - 1) * size
+                segments += b - a
+                if verdict == Verdict.DELIVER:
+                    iov += row[a:b]
+            else:
+                last = o + full * size
+                segments += full + 1 - a
+                if verdict == Verdict.DELIVER:
+                    iov += row[a:full]
+                    iov.append(rxv[last + hl : o + lengths[k]])
         self._fc.rx_segments += segments
+        if skip or upto:
+            self._fc.gro_cuts += 1
         if verdict != Verdict.DELIVER:
             self.forwarder.counters.drops[self.forwarder.drop_reason] += segments - 1
             return

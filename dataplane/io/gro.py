@@ -53,6 +53,10 @@ from dataplane.packet.checksum import ones_complement_sum
 
 TCP_ACK = 0x10
 TCP_PSH = 0x08
+#: A run of plan_whole or plan_batch: (first message, messages, header length,
+#: payload bytes, segments skipped at the start of the first message, segments taken
+#: from the last message — 0: all of them). Header length 0: one single datagram.
+Run = tuple[int, int, int, int, int, int]
 MAX_SEGMENTS = 64
 #: Largest payload of one coalesced packet: IP total length ≤ 65535 with a 20-byte IP
 #: header and at most 60 bytes of TCP header.
@@ -284,7 +288,7 @@ class Coalescer:
                         unchecked.append(len(runs))
                     runs.append((first, count))
                     key = None
-                hl, segments, last = whole
+                hl, segments, last, _ = whole
                 seq0 = int.from_bytes(buf[off + ip + 24 : off + ip + 28], "big")
                 pay = n - segments * hl
                 if (
@@ -401,19 +405,22 @@ class Coalescer:
         sources: list[str],
         ports: list[int],
         m: int,
-    ) -> list[tuple[int, int, int, int]] | None:
+    ) -> list[Run] | None:
         """The common case without per-segment bookkeeping. Over the first `m`
         messages of a recvmmsg batch (offset, length, segment size — the length for a
-        single datagram — and peer address and port of each): runs as (first message,
-        messages, header length, payload bytes), when every message is either one
-        datagram (header length 0: delivered as it is) or a UDP GRO message that is one
-        valid run (see _whole_message); None as soon as one is neither — then `plan`
-        decides segment by segment.
+        single datagram — and peer address and port of each): runs (see `Run`), when
+        every message is either one datagram (header length 0: delivered as it is) or
+        a UDP GRO message of valid segments (see _whole_message); None as soon as one
+        is neither — then `plan` decides segment by segment.
 
-        A run joins consecutive GRO messages of one flow as `plan` does: same peer,
-        segment size and headers, contiguous sequence numbers, the earlier message's last
-        segment full-size without PSH, within `max_segments` and MAX_PAYLOAD."""
-        runs: list[tuple[int, int, int, int]] = []
+        A GRO message is cut after each inner segment with PSH and where the headers
+        change (the node's GRO cuts at its poll's packet quota, not where the sender's
+        super-packets end, so one message may hold the end of one and the start of
+        the next, with another timestamp). A run joins
+        consecutive pieces of one flow as `plan` does: same peer, segment size and
+        headers, contiguous sequence numbers, the earlier piece's last segment
+        full-size without PSH, within `max_segments` and MAX_PAYLOAD."""
+        runs: list[Run] = []
         buf = self.buf
         seq_at = self.ip_off + 24
         psh_at = self.ip_off + 33
@@ -425,45 +432,53 @@ class Coalescer:
         for i in range(m):
             off, n, size = offsets[i], lengths[i], sizes[i]
             if size >= n:
-                runs.append((i, 1, 0, n))  # one datagram
+                runs.append((i, 1, 0, n, 0, 0))  # one datagram
                 open_run = -1
                 continue
-            whole = self._whole_message(off, n, size)
+            whole = self._whole_message(off, n, size, pushes_ok=True)
             if whole is None:
                 return None
-            hl, segments, last = whole
-            pay = n - segments * hl
+            hl, segments, last, pushes = whole
+            seg_pay = size - hl
             seq0 = int.from_bytes(buf[off + seq_at : off + seq_at + 4], "big")
-            if open_run >= 0:
-                r_first, r_count, r_hl, r_pay = runs[open_run]
-                o0 = offsets[r_first]
-                if (
-                    r_hl == hl
-                    and sizes[r_first] == size
-                    and ports[r_first] == ports[i]
-                    and sources[r_first] == sources[i]
-                    and next_seq == seq0
-                    and segs + segments <= cap
-                    and r_pay + pay <= MAX_PAYLOAD
-                    and self._same_flow(o0, off, hl)
-                ):
-                    runs[open_run] = (r_first, r_count + 1, hl, r_pay + pay)
-                    segs += segments
+            begin = 0
+            for end in (*(p + 1 for p in pushes), segments) if pushes else (segments,):
+                # The piece: segments begin..end-1 of this message.
+                count = end - begin
+                pay = count * seg_pay if end < segments else n - segments * hl - begin * seg_pay
+                upto = end if end < segments else 0
+                if open_run >= 0 and begin == 0:
+                    r_first, r_count, r_hl, r_pay, r_skip, _ = runs[open_run]
+                    if (
+                        r_hl == hl
+                        and sizes[r_first] == size
+                        and ports[r_first] == ports[i]
+                        and sources[r_first] == sources[i]
+                        and next_seq == seq0
+                        and segs + count <= cap
+                        and r_pay + pay <= MAX_PAYLOAD
+                        and self._same_flow(offsets[r_first] + r_skip * size, off, hl)
+                    ):
+                        runs[open_run] = (r_first, r_count + 1, hl, r_pay + pay, r_skip, upto)
+                        segs += count
+                    else:
+                        open_run = -1
                 else:
                     open_run = -1
-            if open_run < 0:
-                open_run = len(runs)
-                runs.append((i, 1, hl, pay))
-                segs = segments
-            if last == size and not buf[off + n - last + psh_at] & TCP_PSH:
-                next_seq = (seq0 + n - segments * hl) & 0xFFFFFFFF
-            else:
-                open_run = -1
+                if open_run < 0:
+                    open_run = len(runs)
+                    runs.append((i, 1, hl, pay, begin, upto))
+                    segs = count
+                if end < segments or last != size or buf[off + n - last + psh_at] & TCP_PSH:
+                    open_run = -1  # ends with PSH, or short: the next piece starts anew
+                else:
+                    next_seq = (seq0 + segments * seg_pay) & 0xFFFFFFFF
+                begin = end
         return runs
 
     def plan_batch(
         self, base: int, stride: int, lengths: np.ndarray, sizes: np.ndarray, peers: np.ndarray
-    ) -> list[tuple[int, int, int, int]] | None:
+    ) -> list[Run] | None:
         """plan_whole for the common batch, decided for all its messages at once: m =
         len(lengths) UDP GRO messages of one segment size, message i at base + i *
         stride (the receiver's slots), `sizes` their GRO segment sizes, `peers` an
@@ -565,7 +580,7 @@ class Coalescer:
             & shape.full_before
             & ((last_flags & TCP_PSH) == 0)
         ).tolist()
-        runs: list[tuple[int, int, int, int]] = []
+        runs: list[Run] = []
         cap = self.max_segments
         seg_list, pay_list = shape.seg_list, shape.pay_list
         first, count, segments, payload = 0, 1, seg_list[0], pay_list[0]
@@ -576,14 +591,20 @@ class Coalescer:
                 segments += s
                 payload += p
                 continue
-            runs.append((first, count, hl, payload))
+            runs.append((first, count, hl, payload, 0, 0))
             first, count, segments, payload = i, 1, s, p
-        runs.append((first, count, hl, payload))
+        runs.append((first, count, hl, payload, 0, 0))
         return runs
 
-    def _whole_message(self, off: int, n: int, size: int) -> tuple[int, int, int] | None:
-        """(header length, segments, last segment's length) when the GRO message at
-        buf[off:off+n], cut every `size` bytes, is one valid run; else None.
+    def _whole_message(
+        self, off: int, n: int, size: int, pushes_ok: bool = False
+    ) -> tuple[int, int, int, tuple[int, ...]] | None:
+        """(header length, segments, last segment's length, cuts) when the GRO message
+        at buf[off:off+n], cut every `size` bytes, is one valid run — or with
+        `pushes_ok`, valid runs one after another (contiguous sequence numbers, one
+        TCP header length), each ending at a segment with PSH or where the next has
+        other headers: `cuts` are the segments that end one (the last aside); else
+        None.
 
         Per-segment fields are read for all segments at once: byte slices with a
         step of `size` (flags, total length) and numpy views with a row stride of
@@ -608,10 +629,17 @@ class Coalescer:
             return None
         stop = off + n
         full = segments - 1
-        # Flags: ACK on all, PSH allowed on the last.
+        # Flags: ACK on all, PSH allowed on the last (with pushes_ok, on any).
         flags = buf[off + ip + 33 : stop : size]
-        if flags[:-1] != _ACKS[:full] or flags[-1] & ~TCP_PSH != TCP_ACK:
+        if flags[-1] & ~TCP_PSH != TCP_ACK:
             return None
+        pushes: tuple[int, ...] = ()
+        if flags[:-1] != _ACKS[:full]:
+            if not pushes_ok:
+                return None
+            pushes = tuple(i for i in range(full) if flags[i] != TCP_ACK)
+            if any(flags[i] != TCP_ACK | TCP_PSH for i in pushes):
+                return None
         # IP total lengths: the datagram's, less what comes before the IP header.
         tot = size - ip
         if (
@@ -632,7 +660,23 @@ class Coalescer:
             keep = self._keep[hl] = np.flatnonzero(~self._may_differ[:hl])
         fixed = np.ndarray((segments, hl), np.uint8, buf, off, (size, 1)).take(keep, axis=1)
         if fixed.tobytes() != fixed[0].tobytes() * segments:
-            return None
+            if not pushes_ok:
+                return None
+            # Pieces with TCP headers of their own (another super-packet of the flow:
+            # another timestamp, ACK number or window), cut where they change; each
+            # piece's first IP header is the one its write keeps, so it is checked
+            # as the message's first is.
+            if buf[off + ip + 32 : stop : size] != bytes((buf[off + ip + 32],)) * segments:
+                return None  # another TCP header length
+            differ = fixed[1:] != fixed[:-1]
+            if differ[:, keep < ip + 28].any():
+                return None  # not only the ACK number, window or options: decline
+            changes = np.flatnonzero(differ.any(axis=1)).tolist()
+            for i in changes:
+                at = off + (i + 1) * size + ip
+                if ones_complement_sum(buf[at : at + 20]) != 0xFFFF:
+                    return None
+            pushes = tuple(sorted({*pushes, *changes}))
         seq = np.ndarray((segments,), ">u4", buf, off + ip + 24, (size,)).tolist()
         pay = size - hl
         if seq[0] + full * pay < 1 << 32:
@@ -642,7 +686,7 @@ class Coalescer:
             return None  # (the sequence numbers wrap inside this message)
         if not self._tcp_sums_ok(off, n, size, full, last):
             return None
-        return hl, segments, last
+        return hl, segments, last, pushes
 
     def _same_flow(self, a: int, b: int, hl: int) -> bool:
         """Do the segments at buf[a:] and buf[b:] (headers of length hl) belong in one

@@ -324,11 +324,31 @@ def whole_runs(rx: Rx) -> list[tuple[int, int]] | None:
     if runs is None:
         return None
     segments = [-(-n // s) if s < n else 1 for (_, n, _, _), s in zip(msgs, sizes, strict=True)]
+    return segment_runs(msgs, segments, runs)
+
+
+def segment_runs(
+    msgs: list[tuple[int, int, int, int]], segments: list[int], runs: list[tuple[int, ...]]
+) -> list[tuple[int, int]]:
+    """gro.Run tuples as plan's (first segment, count), each run's payload checked
+    against the segments it takes."""
     out = []
-    for first, count, hl, payload in runs:
-        hls = sum(segments[first : first + count]) * hl if hl else 0
-        assert payload == sum(n for _, n, _, _ in msgs[first : first + count]) - hls
-        out.append((sum(segments[:first]), sum(segments[first : first + count])))
+    for first, count, hl, payload, skip, upto in runs:
+        last = first + count - 1
+        taken = sum(segments[first : first + count]) - skip
+        if upto:
+            taken -= segments[last] - upto
+        if hl:
+            # The run's payload: its segments' bytes less their headers.
+            pay = 0
+            for k in range(first, last + 1):
+                n, size = msgs[k][1], msgs[k][2]
+                lens = [size] * (segments[k] - 1) + [n - (segments[k] - 1) * size]
+                pay += sum(lens[skip if k == first else 0 : upto if k == last and upto else None])
+            assert payload == pay - taken * hl
+        else:
+            assert payload == msgs[first][1]
+        out.append((sum(segments[:first]) + skip, taken))
     return out
 
 
@@ -568,14 +588,9 @@ def batch_runs(rx: Rx) -> list[tuple[int, int]] | None:
     if runs is None:
         return None
     segments = [-(-n // s) for _, n, s, _ in msgs]
-    out = []
-    for first, count, hl, payload in runs:
-        assert hl == rx.coalescer.ip_off + 20 + 32
-        assert payload == sum(n for _, n, _, _ in msgs[first : first + count]) - hl * sum(
-            segments[first : first + count]
-        )
-        out.append((sum(segments[:first]), sum(segments[first : first + count])))
-    return out
+    for _, _, hl, _, skip, upto in runs:
+        assert hl == rx.coalescer.ip_off + 20 + 32 and skip == upto == 0
+    return segment_runs(msgs, segments, runs)
 
 
 def gro_batch(messages: list[list[bytes]], *, shift: int = 2, ip_off: int = 22,
@@ -706,11 +721,50 @@ def declining_segments(case: str, *, odd_one: bool = True) -> list[bytes]:
 @pytest.mark.parametrize("shift", [0, 2])
 def test_batch_declines_what_plan_whole_declines(case: str, shift: int) -> None:
     """One segment of the second message is not what the run needs: plan_batch
-    declines the batch as plan_whole does (plan then cuts it segment by segment)."""
+    declines the batch as plan_whole does (plan then cuts it segment by segment) —
+    but for a PSH inside a message, or a segment whose ACK number, window or TCP
+    options differ, where plan_whole cuts the message there (CUTS)."""
     segs = declining_segments(case)
     rx = gro_batch([segs[:5], segs[5:]], shift=shift)
-    assert whole_runs(rx) is None
+    assert whole_runs(rx) == CUTS.get(case)
     assert batch_runs(rx) is None
+
+
+#: declining_segments' cases that plan_whole cuts rather than declines, and its runs:
+#: a PSH inside the second message (at segment 8 or 13 of 15) ends a run there; a
+#: segment with another ACK number, window or timestamp (segment 8) is a run of its
+#: own, the segments after it another.
+CUTS = {
+    "psh": [(0, 9), (9, 6)],
+    "first_psh": [(0, 14), (14, 1)],
+    **{case: [(0, 8), (8, 1), (9, 6)] for case in ("ack", "window", "options")},
+}
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_a_psh_inside_a_gro_message_cuts_it(shift: int) -> None:
+    """A node's GRO cuts at its poll's packet quota, not at the sender's pushes, so
+    one GRO message can hold the end of one super-packet (PSH) and the start of the
+    next: [44, 20, 28] for two super-packets of 46 back to back. plan_whole cuts the
+    message after the PSH and joins each piece to its neighbour; plan_batch leaves
+    such batches to it; plan, segment by segment, makes four runs of them."""
+    segs = stream(92)
+    segs[45] = segment(1000 + 45 * 1398, bytes([45]) * 1398, "PA")
+    rx = gro_batch([segs[:44], segs[44:64], segs[64:]], shift=shift)
+    assert whole_runs(rx) == [(0, 46), (46, 46)]
+    assert batch_runs(rx) is None
+    assert rx.coalescer.plan(rx.messages).runs == [(0, 44), (44, 2), (46, 18), (64, 28)]
+    # Without the push, but the second super-packet with its own timestamp, as a
+    # sender's TCP gives each: cut where it changes.
+    ts2 = [("NOP", None), ("NOP", None), ("Timestamp", (2, 1))]
+    later = [segment(1000 + i * 1398, bytes([i]) * 1398, options=ts2) for i in range(46, 92)]
+    rx = gro_batch([segs[:44], [*stream(46)[44:], *later[:18]], later[18:]], shift=shift)
+    assert whole_runs(rx) == [(0, 46), (46, 46)]
+    # Two pushes in one message, and a one-segment piece between them.
+    segs[50] = segment(1000 + 50 * 1398, bytes([50]) * 1398, "PA")
+    segs[51] = segment(1000 + 51 * 1398, bytes([51]) * 1398, "PA")
+    rx = gro_batch([segs[:44], segs[44:64], segs[64:]], shift=shift)
+    assert whole_runs(rx) == [(0, 46), (46, 5), (51, 1), (52, 40)]
 
 
 @pytest.mark.parametrize("case", DECLINE_CASES)
@@ -751,13 +805,15 @@ def test_batch_rows_past_a_message_count_for_nothing(case: str | None, split: tu
     msgs = [segs[a:b] for a, b in itertools.pairwise(cuts)]
     clean = gro_batch(msgs)
     expected = whole_runs(clean)
-    assert batch_runs(clean) == expected
+    cut = case in CUTS and expected is not None  # plan_whole's alone
+    assert batch_runs(clean) == (None if cut else expected)
     if case is None:
         assert expected == [(0, 15)]
     for seed in range(3):
         rx = gro_batch(msgs)
         fill_stale(rx, seed)
-        assert batch_runs(rx) == whole_runs(rx) == expected
+        assert whole_runs(rx) == expected
+        assert batch_runs(rx) == (None if cut else expected)
 
 
 def test_batch_shapes_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
