@@ -7,11 +7,13 @@ small segments go through the TAP behind their super-packets (counted), not thro
 the socket, where they would overtake what the kernel thread has not sent yet
 (the receiving pod's TCP counts out-of-order segments: none). A bulk transfer fills
 the thread's queue: weft waits for room rather than drop. Without an egress TAP the
-option says it does nothing.
+option says it does nothing. And weft ↔ weft, the receiver cuts the GRO messages that
+the sender's back-to-back super-packets make.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from test_fastpath import (
     SUBNET1,
     SUBNET2,
     WEFT_MAC,
+    WEFT_MAC2,
     iperf3_bytes,
     kernel_vxlan_node,
     nstat,
@@ -26,7 +29,7 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import WEFT, needs_paths, one_backlog, status
+from weft_helpers import WEFT, needs_paths, one_backlog, send_over_tcp, status
 
 from control.lab.topology import Lab
 from dataplane.io import fastpath
@@ -128,3 +131,28 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     assert status(sock)["offload"]["egress_thread"] is False
     assert "--egress-thread does nothing here" in (tmp_path / "n1-no-tap.log").read_text()
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+
+
+@needs_paths("tunnel_gso")
+def test_a_receiver_cuts_gro_messages_between_super_packets(lab: Lab, tmp_path: Path) -> None:
+    """weft ↔ weft, the sender with the thread: its super-packets reach the other
+    node back to back, and that node's GRO cuts at its poll's packet quota, so one
+    GRO message holds the end of one super-packet (PSH, its timestamp) and the start
+    of the next. The receiving weft cuts such a message there (`gro_cuts`: writes
+    that begin or end inside a message) and every byte arrives, in order."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
+    a1 = [*vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, WEFT_MAC2, "on"), "--egress-thread"]
+    a2 = vxlan_args(n2, SUBNET2, n1, SUBNET1, WEFT_MAC2, WEFT_MAC, "on")
+    start(lab, n1, a1, tmp_path, "n1")
+    _, sock2 = start(lab, n2, a2, tmp_path, "n2")
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    data = os.urandom(32 << 20)
+    # A write that took the wrong segments would not match its own headers: the
+    # node's IP drops it (counted) and TCP sends the bytes again, so they still arrive.
+    bad = ("IpExtInTruncatedPkts", "IpInHdrErrors", "IpInDiscards", "TcpInCsumErrors")
+    before = nstat(lab, n2, *bad), nstat(lab, pod2, *bad)
+    assert send_over_tcp(pod1, pod2, data) == data
+    assert (nstat(lab, n2, *bad), nstat(lab, pod2, *bad)) == before
+    fc = status(sock2)["offload"]["counters"]
+    assert fc["gro_cuts"] > 0
+    assert fc["gso_written_segments"] > 30 * fc["gso_writes"]  # nearly 64 KB a write
