@@ -35,11 +35,13 @@ one `add.reduceat` over its big-endian 16-bit words. Summing 1.4 KB with
 `int.from_bytes(...) % 0xFFFF` costs ~6 µs a segment; the batch sum costs
 well under 1 µs a segment.
 
-`Coalescer.plan_whole` decides batches of whole GRO messages with numpy views over
-each message, `Coalescer.plan_batch` the same for all messages of a larger batch at
-once (fewer numpy calls from about six messages on); `DatagramPlanner` applies the
-same rules to single datagrams (no GRO upstream) in consecutive recvmmsg slots, with
-numpy views over the slots.
+`Coalescer.plan_whole` decides batches of GRO messages with numpy views over each
+message, cutting a message where a run must end inside it (a PSH; another ACK
+number, window or timestamp: the next super-packet of the flow, which the node's GRO
+put in the same message); `Coalescer.plan_batch` the same for all messages of a
+larger batch at once when no message needs a cut (fewer numpy calls from about six
+messages on); `DatagramPlanner` applies the same rules to single datagrams (no GRO
+upstream) in consecutive recvmmsg slots, with numpy views over the slots.
 """
 
 from __future__ import annotations
