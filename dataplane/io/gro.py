@@ -665,20 +665,20 @@ class Coalescer:
             if not pushes_ok:
                 return None
             # Pieces with TCP headers of their own (another super-packet of the flow:
-            # another timestamp, ACK number or window), cut where they change; each
-            # piece's first IP header is the one its write keeps, so it is checked
-            # as the message's first is.
+            # another timestamp, ACK number or window), cut where they change.
             if buf[off + ip + 32 : stop : size] != bytes((buf[off + ip + 32],)) * segments:
                 return None  # another TCP header length
             differ = fixed[1:] != fixed[:-1]
             if differ[:, keep < ip + 28].any():
                 return None  # not only the ACK number, window or options: decline
             changes = np.flatnonzero(differ.any(axis=1)).tolist()
-            for i in changes:
-                at = off + (i + 1) * size + ip
-                if ones_complement_sum(buf[at : at + 20]) != 0xFFFF:
-                    return None
             pushes = tuple(sorted({*pushes, *changes}))
+        # Each piece's first IP header is the one its write keeps (its ID with it): it
+        # is checked as the message's first is.
+        for i in pushes:
+            at = off + (i + 1) * size + ip
+            if ones_complement_sum(buf[at : at + 20]) != 0xFFFF:
+                return None
         seq = np.ndarray((segments,), ">u4", buf, off + ip + 24, (size,)).tolist()
         pay = size - hl
         if seq[0] + full * pay < 1 << 32:

@@ -754,6 +754,12 @@ def test_a_psh_inside_a_gro_message_cuts_it(shift: int) -> None:
     assert whole_runs(rx) == [(0, 46), (46, 46)]
     assert batch_runs(rx) is None
     assert rx.coalescer.plan(rx.messages).runs == [(0, 44), (44, 2), (46, 18), (64, 28)]
+    # The piece after the push keeps its first segment's IP header: checked as a
+    # message's first is, a bad one declines the batch.
+    bad = bytearray(segs[46])
+    bad[22 + 10] ^= 0x01
+    rx = gro_batch([segs[:44], [*segs[44:46], bytes(bad), *segs[47:64]], segs[64:]], shift=shift)
+    assert whole_runs(rx) is None
     # Without the push, but the second super-packet with its own timestamp, as a
     # sender's TCP gives each: cut where it changes.
     ts2 = [("NOP", None), ("NOP", None), ("Timestamp", (2, 1))]
