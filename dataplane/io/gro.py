@@ -418,10 +418,10 @@ class Coalescer:
         A GRO message is cut after each inner segment with PSH and where the headers
         change (the node's GRO cuts at its poll's packet quota, not where the sender's
         super-packets end, so one message may hold the end of one and the start of
-        the next, with another timestamp). A run joins
-        consecutive pieces of one flow as `plan` does: same peer, segment size and
-        headers, contiguous sequence numbers, the earlier piece's last segment
-        full-size without PSH, within `max_segments` and MAX_PAYLOAD."""
+        the next, with another timestamp). A run joins consecutive pieces of one flow
+        as `plan` does: same peer, segment size and headers, contiguous sequence
+        numbers, the earlier piece's last segment full-size without PSH, within
+        `max_segments` and MAX_PAYLOAD."""
         runs: list[Run] = []
         buf = self.buf
         seq_at = self.ip_off + 24
