@@ -421,7 +421,9 @@ class Coalescer:
         the next, with another timestamp). A run joins consecutive pieces of one flow
         as `plan` does: same peer, segment size and headers, contiguous sequence
         numbers, the earlier piece's last segment full-size without PSH, within
-        `max_segments` and MAX_PAYLOAD."""
+        `max_segments` and MAX_PAYLOAD; a piece that does not fit whole gives the run
+        what fits and starts the next with the rest (so that writes carry 64 KiB
+        where the node's GRO cut elsewhere; `plan` cuts only between messages)."""
         runs: list[Run] = []
         buf = self.buf
         seq_at = self.ip_off + 24
@@ -457,12 +459,20 @@ class Coalescer:
                         and ports[r_first] == ports[i]
                         and sources[r_first] == sources[i]
                         and next_seq == seq0
-                        and segs + count <= cap
-                        and r_pay + pay <= MAX_PAYLOAD
                         and self._same_flow(offsets[r_first] + r_skip * size, off, hl)
                     ):
-                        runs[open_run] = (r_first, r_count + 1, hl, r_pay + pay, r_skip, upto)
-                        segs += count
+                        if segs + count <= cap and r_pay + pay <= MAX_PAYLOAD:
+                            runs[open_run] = (r_first, r_count + 1, hl, r_pay + pay, r_skip, upto)
+                            segs += count
+                        else:
+                            # Full: the run takes what fits of this piece (full-size
+                            # segments), the rest starts the next run.
+                            take = min(count - 1, cap - segs, (MAX_PAYLOAD - r_pay) // seg_pay)
+                            if take > 0:
+                                runs[open_run] = (r_first, r_count + 1, hl, r_pay + take * seg_pay,
+                                                  r_skip, take)  # fmt: skip
+                                begin, count, pay = take, count - take, pay - take * seg_pay
+                            open_run = -1
                     else:
                         open_run = -1
                 else:
@@ -586,13 +596,17 @@ class Coalescer:
         cap = self.max_segments
         seg_list, pay_list = shape.seg_list, shape.pay_list
         first, count, segments, payload = 0, 1, seg_list[0], pay_list[0]
+        seg_pay = size - hl
         for i in range(1, m):
             s, p = seg_list[i], pay_list[i]
-            if joins[i - 1] and segments + s <= cap and payload + p <= MAX_PAYLOAD:
-                count += 1
-                segments += s
-                payload += p
-                continue
+            if joins[i - 1]:
+                if segments + s <= cap and payload + p <= MAX_PAYLOAD:
+                    count += 1
+                    segments += s
+                    payload += p
+                    continue
+                if min(s - 1, cap - segments, (MAX_PAYLOAD - payload) // seg_pay) > 0:
+                    return None  # part of message i fits the run: plan_whole cuts it
             runs.append((first, count, hl, payload, 0, 0))
             first, count, segments, payload = i, 1, s, p
         runs.append((first, count, hl, payload, 0, 0))

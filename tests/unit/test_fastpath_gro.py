@@ -373,7 +373,10 @@ def test_whole_message_batches_respect_the_segment_cap() -> None:
     for _ in range(3):
         rx.gro(stream(40, start=seq))
         seq += 40 * 1398
-    assert whole_runs(rx) == rx.coalescer.plan(rx.messages).runs == [(0, 40), (40, 40), (80, 40)]
+    # plan cuts between messages only; plan_whole gives a run what fits of the next
+    # message (46 segments of 1,398 bytes: 64 KiB) and starts the next run with the rest.
+    assert rx.coalescer.plan(rx.messages).runs == [(0, 40), (40, 40), (80, 40)]
+    assert whole_runs(rx) == [(0, 46), (46, 46), (92, 28)]
 
 
 def test_a_batch_with_a_corrupt_segment_is_left_to_plan() -> None:
@@ -638,16 +641,36 @@ def test_batch_udp_backend() -> None:
 
 @pytest.mark.parametrize(
     ("size", "count", "expected"),
-    [(500, 30, [(0, 60), (60, 30)]),  # 64 segments at most
-     (1398, 15, [(0, 45), (45, 45)])],  # 64 KiB at most
+    [(500, 30, [(0, 64), (64, 26)]),  # 64 segments at most
+     (1398, 15, [(0, 46), (46, 44)])],  # 64 KiB at most
 )  # fmt: skip
 def test_batch_respects_the_caps(size: int, count: int, expected: list) -> None:
+    """A message that only partly fits the run before it: plan_whole cuts it there,
+    plan_batch leaves the batch to it."""
     seq, msgs = 1000, []
     for _ in range(6 if size == 1398 else 3):
         msgs.append(stream(count, size=size, start=seq))
         seq += count * size
     rx = gro_batch(msgs)
-    assert batch_runs(rx) == whole_runs(rx) == expected
+    assert whole_runs(rx) == expected
+    assert batch_runs(rx) is None
+
+
+def test_batch_of_super_packets_that_fill_their_runs() -> None:
+    """[44, 2] per super-packet of 46 segments (64 KiB), the common batch: every run
+    is full where the next message begins, so plan_batch plans it, as plan_whole."""
+    msgs, seq = [], 1000
+    for _ in range(3):
+        msgs += [stream(44, start=seq), stream(2, start=seq + 44 * 1398)]
+        seq += 46 * 1398
+    rx = gro_batch(msgs)
+    assert batch_runs(rx) == whole_runs(rx) == [(0, 46), (46, 46), (92, 46)]
+    # Two of them back to back, cut [44, 20, 28] by the node's GRO, nothing to cut at
+    # inside (one timestamp, no push): two runs of 46, not three writes.
+    segs = stream(92)
+    rx = gro_batch([segs[:44], segs[44:64], segs[64:]])
+    assert whole_runs(rx) == [(0, 46), (46, 46)]
+    assert batch_runs(rx) is None
 
 
 def test_batch_sequence_numbers_that_wrap() -> None:
