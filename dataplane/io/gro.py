@@ -39,9 +39,10 @@ well under 1 µs a segment.
 message, cutting a message where a run must end inside it (a PSH; another ACK
 number, window or timestamp: the next super-packet of the flow, which the node's GRO
 put in the same message); `Coalescer.plan_batch` the same for all messages of a
-larger batch at once when no message needs a cut (fewer numpy calls from about six
-messages on); `DatagramPlanner` applies the same rules to single datagrams (no GRO
-upstream) in consecutive recvmmsg slots, with numpy views over the slots.
+larger batch at once when no message needs a cut at a PSH or a header change (fewer
+numpy calls from about six messages on); `DatagramPlanner` applies the same rules
+to single datagrams (no GRO upstream) in consecutive recvmmsg slots, with numpy
+views over the slots.
 """
 
 from __future__ import annotations
@@ -423,7 +424,8 @@ class Coalescer:
         numbers, the earlier piece's last segment full-size without PSH, within
         `max_segments` and MAX_PAYLOAD; a piece that does not fit whole gives the run
         what fits and starts the next with the rest (so that writes carry 64 KiB
-        where the node's GRO cut elsewhere; `plan` cuts only between messages)."""
+        where the node's GRO cut elsewhere; `plan_batch` does the same, `plan` cuts
+        only between messages)."""
         runs: list[Run] = []
         buf = self.buf
         seq_at = self.ip_off + 24
@@ -595,7 +597,9 @@ class Coalescer:
         runs: list[Run] = []
         cap = self.max_segments
         seg_list, pay_list = shape.seg_list, shape.pay_list
-        first, count, segments, payload = 0, 1, seg_list[0], pay_list[0]
+        # The open run: first message, messages, segments, payload, segments of its
+        # first message left to the run before (a message cut as plan_whole cuts it).
+        first, count, segments, payload, skip = 0, 1, seg_list[0], pay_list[0], 0
         seg_pay = size - hl
         for i in range(1, m):
             s, p = seg_list[i], pay_list[i]
@@ -605,11 +609,14 @@ class Coalescer:
                     segments += s
                     payload += p
                     continue
-                if min(s - 1, cap - segments, (MAX_PAYLOAD - payload) // seg_pay) > 0:
-                    return None  # part of message i fits the run: plan_whole cuts it
-            runs.append((first, count, hl, payload, 0, 0))
-            first, count, segments, payload = i, 1, s, p
-        runs.append((first, count, hl, payload, 0, 0))
+                take = min(s - 1, cap - segments, (MAX_PAYLOAD - payload) // seg_pay)
+                if take > 0:
+                    runs.append((first, count + 1, hl, payload + take * seg_pay, skip, take))
+                    first, count, segments, payload, skip = i, 1, s - take, p - take * seg_pay, take
+                    continue
+            runs.append((first, count, hl, payload, skip, 0))
+            first, count, segments, payload, skip = i, 1, s, p, 0
+        runs.append((first, count, hl, payload, skip, 0))
         return runs
 
     def _whole_message(

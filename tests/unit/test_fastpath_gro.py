@@ -591,8 +591,8 @@ def batch_runs(rx: Rx) -> list[tuple[int, int]] | None:
     if runs is None:
         return None
     segments = [-(-n // s) for _, n, s, _ in msgs]
-    for _, _, hl, _, skip, upto in runs:
-        assert hl == rx.coalescer.ip_off + 20 + 32 and skip == upto == 0
+    for _, _, hl, *_ in runs:
+        assert hl == rx.coalescer.ip_off + 20 + 32
     return segment_runs(msgs, segments, runs)
 
 
@@ -645,20 +645,19 @@ def test_batch_udp_backend() -> None:
      (1398, 15, [(0, 46), (46, 44)])],  # 64 KiB at most
 )  # fmt: skip
 def test_batch_respects_the_caps(size: int, count: int, expected: list) -> None:
-    """A message that only partly fits the run before it: plan_whole cuts it there,
-    plan_batch leaves the batch to it."""
+    """A message that only partly fits the run before it: plan_whole and plan_batch
+    cut it there."""
     seq, msgs = 1000, []
     for _ in range(6 if size == 1398 else 3):
         msgs.append(stream(count, size=size, start=seq))
         seq += count * size
     rx = gro_batch(msgs)
-    assert whole_runs(rx) == expected
-    assert batch_runs(rx) is None
+    assert batch_runs(rx) == whole_runs(rx) == expected
 
 
 def test_batch_of_super_packets_that_fill_their_runs() -> None:
     """[44, 2] per super-packet of 46 segments (64 KiB), the common batch: every run
-    is full where the next message begins, so plan_batch plans it, as plan_whole."""
+    is full where the next message begins."""
     msgs, seq = [], 1000
     for _ in range(3):
         msgs += [stream(44, start=seq), stream(2, start=seq + 44 * 1398)]
@@ -669,8 +668,7 @@ def test_batch_of_super_packets_that_fill_their_runs() -> None:
     # inside (one timestamp, no push): two runs of 46, not three writes.
     segs = stream(92)
     rx = gro_batch([segs[:44], segs[44:64], segs[64:]])
-    assert whole_runs(rx) == [(0, 46), (46, 46)]
-    assert batch_runs(rx) is None
+    assert batch_runs(rx) == whole_runs(rx) == [(0, 46), (46, 46)]
 
 
 def test_batch_sequence_numbers_that_wrap() -> None:
