@@ -1162,10 +1162,12 @@ class FastEngine(Engine):
         )  # fmt: skip
         try:
             self._write_egress(self._tx_view[frame - VNET_HDR_TUNNEL_LEN : end])
+        except BlockingIOError:  # --egress-thread: its queue stayed full
+            fwd.counters.drops[DropReason.SEND_FAILED] += 1
+            return
         except OSError as exc:
             fwd.counters.drops[DropReason.SEND_FAILED] += 1
-            if not isinstance(exc, BlockingIOError):
-                self._first_error(f"egress TAP write failed: {_errtext(exc)}")
+            self._first_error(f"egress TAP write failed: {_errtext(exc)}")
             return
         self._fc.ordered_sends += 1
 

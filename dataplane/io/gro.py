@@ -65,6 +65,15 @@ MAX_SEGMENTS = 64
 #: header and at most 60 bytes of TCP header.
 MAX_PAYLOAD = 65535 - 20 - 60
 
+
+def _room(segments: int, run_segments: int, run_payload: int, seg_pay: int, cap: int) -> int:
+    """How many of the next `segments` (full-size, `seg_pay` bytes of payload each,
+    the last of them left out: it may be short) a run of `run_segments` and
+    `run_payload` bytes can still take within `cap` segments and MAX_PAYLOAD: where
+    plan_whole and plan_batch cut a message that does not fit whole."""
+    return min(segments - 1, cap - run_segments, (MAX_PAYLOAD - run_payload) // seg_pay)
+
+
 _ONES = np.uint64(0xFFFF)
 _ACKS = bytes((TCP_ACK,)) * MAX_SEGMENTS
 
@@ -469,7 +478,7 @@ class Coalescer:
                         else:
                             # Full: the run takes what fits of this piece (full-size
                             # segments), the rest starts the next run.
-                            take = min(count - 1, cap - segs, (MAX_PAYLOAD - r_pay) // seg_pay)
+                            take = _room(count, segs, r_pay, seg_pay, cap)
                             if take > 0:
                                 runs[open_run] = (r_first, r_count + 1, hl, r_pay + take * seg_pay,
                                                   r_skip, take)  # fmt: skip
@@ -609,7 +618,7 @@ class Coalescer:
                     segments += s
                     payload += p
                     continue
-                take = min(s - 1, cap - segments, (MAX_PAYLOAD - payload) // seg_pay)
+                take = _room(s, segments, payload, seg_pay, cap)
                 if take > 0:
                     runs.append((first, count + 1, hl, payload + take * seg_pay, skip, take))
                     first, count, segments, payload, skip = i, 1, s - take, p - take * seg_pay, take

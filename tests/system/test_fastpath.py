@@ -38,6 +38,7 @@ from weft_helpers import (
     iperf3_run,
     iperf3_transfer,
     needs_paths,
+    nstat,
     one_backlog,
     send_over_tcp,
     send_udp_datagrams,
@@ -154,12 +155,6 @@ def assert_no_retransmits(lab: Lab, client: Pod, server: Pod, nbytes: str) -> No
         f"{retransmits} retransmits; drop counters that moved: {drops}; "
         f"sender TCP: {sender}; receiver TCP: {receiver}"
     )
-
-
-def nstat(lab: Lab, ns: Pod | Node, *names: str) -> dict[str, int]:
-    out = lab.run(ns, "nstat", "-a", "-z", "-j").stdout
-    counters = next(iter(json.loads(out).values()))
-    return {n: int(counters.get(n, 0)) for n in names}
 
 
 # -- the kernel-interop scenario, fast paths on and off -----------------------------

@@ -174,6 +174,18 @@ def one_backlog(lab: Lab, pod: Pod) -> None:
     lab.run(pod.node, "sh", "-c", f"echo {1 << cpu:x} > {path}")
 
 
+def nstat_all(lab: Lab, ns: str | Node | Pod) -> dict[str, int]:
+    """Every SNMP counter of a namespace (`nstat -a -z -j`), by name."""
+    counters = json.loads(lab.run(ns, "nstat", "-a", "-z", "-j").stdout)
+    return {name: int(value) for name, value in next(iter(counters.values())).items()}
+
+
+def nstat(lab: Lab, ns: str | Node | Pod, *names: str) -> dict[str, int]:
+    """The named SNMP counters of a namespace (0 for one the kernel does not show)."""
+    counters = nstat_all(lab, ns)
+    return {n: counters.get(n, 0) for n in names}
+
+
 def drop_counters(lab: Lab) -> dict[str, int]:
     """Every place a lab packet can be dropped without an error reaching anyone: the
     machine's softnet backlog (/proc/net/softnet_stat, all CPUs), each link's rx/tx
@@ -189,10 +201,9 @@ def drop_counters(lab: Lab) -> dict[str, int]:
             stats = link.get("stats64", {})
             for way in ("rx", "tx"):
                 out[f"{ns}/{link['ifname']}.{way}_dropped"] = stats.get(way, {}).get("dropped", 0)
-        counters = json.loads(lab.run(ns, "nstat", "-a", "-z", "-j").stdout)
-        for name, value in next(iter(counters.values())).items():
+        for name, value in nstat_all(lab, ns).items():
             if name.endswith(("RcvbufErrors", "SndbufErrors", "InErrors", "InDiscards")):
-                out[f"{ns}/{name}"] = int(value)
+                out[f"{ns}/{name}"] = value
     return out
 
 
