@@ -46,6 +46,10 @@ from control.lab.netns import (
 from control.podgro import FLUSH_TIMEOUT_NS
 
 VXLAN_OVERHEAD = 50
+#: br_netfilter's per-namespace switches, set to 0 in the hub (add_underlay).
+HUB_BRIDGE_NETFILTER = tuple(
+    f"net.bridge.bridge-nf-call-{t}" for t in ("iptables", "ip6tables", "arptables")
+)
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,20 @@ class Lab:
         self.ip(hub, "link", "add", "br0", "mtu", str(mtu), "type", "bridge",
                 "forward_delay", "0", "stp_state", "0")  # fmt: skip
         self.ip(hub, "link", "set", "br0", "up")
+        # The hub stands for a switch. Where the host has br_netfilter (built in, or
+        # loaded for Docker or Kubernetes), a new namespace's bridges pass every
+        # frame through iptables: CPU a switch does not take from the nodes, and
+        # that only some hosts spend (decisions §22). The nodes' own bridges keep it.
+        self.run(hub, "sysctl", "-q", "-w", *(f"{k}=0" for k in HUB_BRIDGE_NETFILTER), check=False)
         return hub
+
+    def hub_bridge_netfilter(self) -> dict[str, int]:
+        """The hub's bridge-netfilter switches (empty without br_netfilter)."""
+        if self.hub is None:
+            raise LabError("add_underlay() first")
+        out = self.run(self.hub, "sysctl", *HUB_BRIDGE_NETFILTER, check=False).stdout
+        pairs = (line.split("=", 1) for line in out.splitlines() if "=" in line)
+        return {k.strip(): int(v) for k, v in pairs}
 
     def add_node(self, name: str, *, mtu: int | None = None) -> Node:
         """A namespace with ``eth0`` (veth) on the hub bridge at ``.10+i``."""

@@ -41,6 +41,7 @@ from weft_helpers import (
     SLOWDOWN,
     SO_RCVBUFFORCE,
     needs_paths,
+    one_backlog,
     send_over_tcp,
     status,
 )
@@ -100,6 +101,7 @@ def test_a_udp_burst_arrives_intact_and_in_order(lab: Lab, tmp_path: Path, peer:
     args1 = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, peer_mac, OFFLOAD_ON)
     _, sock1 = start(lab, n1, args1, tmp_path, "n1")
     assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
+    one_backlog(lab, pod2)  # the order seen is weft's, not the pod veth's (one_backlog)
     rx, tx = udp_socket(pod1, bind=True), udp_socket(pod2, bind=False)
     try:
         before = nstat(lab, pod1, "UdpInCsumErrors", "UdpInErrors")
@@ -133,6 +135,7 @@ def test_uso_write_switched_off(lab: Lab, tmp_path: Path) -> None:
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, OFFLOAD_ON)
     _, sock = start(lab, n1, args, tmp_path, "n1", env=env)
     assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
+    one_backlog(lab, pod2)
     rx, tx = udp_socket(pod1, bind=True), udp_socket(pod2, bind=False)
     try:
         payloads = [i.to_bytes(4, "big") + bytes(60) for i in range(300)]

@@ -34,6 +34,7 @@ from weft_helpers import (
     UDP_SEGMENT_NEEDS_TX_CSUM,
     assert_udp_segment_refused,
     iperf3_run,
+    one_backlog,
     send_over_tcp,
     status,
 )
@@ -163,6 +164,7 @@ def test_small_datagrams_leave_in_runs(lab: Lab, tmp_path: Path) -> None:
     _, sock = start(lab, n1, args, tmp_path, "n1")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     assert lab.ping(pod1, pod2.ip, count=3)  # one packet per drain: a run of one
+    one_backlog(lab, pod1)  # the order seen is weft's, not the pod veth's (one_backlog)
     pcap = tmp_path / "outer.pcap"
     cap = lab.capture(n2, "eth0", pcap, f"udp port 8472 and src host {n1.underlay_ip}")
     end = iperf3_udp(lab, pod1, pod2, 64)

@@ -14,6 +14,7 @@ import pytest
 
 from control.lab.netns import LabError, RunState, _members, list_netns, pid_alive
 from control.lab.topology import (
+    HUB_BRIDGE_NETFILTER,
     Lab,
     add_kernel_hostgw_route,
     add_kernel_vxlan_peer,
@@ -38,6 +39,18 @@ def test_nodes_ping_each_other_on_the_underlay(lab: Lab, two_nodes) -> None:
     assert [r["dst"] for r in routes] == ["192.168.77.0/24"]
     assert lab.link_mac(n1, "eth0") == n1.mac
     assert lab.ip_json(n1, "link", "show", "eth0")[0]["mtu"] == 1500
+
+
+def test_the_hub_bridges_without_netfilter(lab: Lab, two_nodes) -> None:
+    """The hub is the lab's switch: no iptables for its bridged frames (where the host
+    has br_netfilter), while a node's namespace keeps the host's default, as a
+    Kubernetes node's cni0 needs it."""
+    hub = lab.hub_bridge_netfilter()
+    if not hub:
+        pytest.skip("no br_netfilter on this host: nothing to switch off")
+    assert hub == dict.fromkeys(HUB_BRIDGE_NETFILTER, 0)
+    out = lab.run(two_nodes[0], "sysctl", "-n", HUB_BRIDGE_NETFILTER[0]).stdout
+    assert out.strip() == "1"
 
 
 def test_underlay_mtu_and_node_names(lab: Lab) -> None:
