@@ -104,8 +104,23 @@ CPUS_HELP = (
 EGRESS_THREAD_HELP = (
     "a kernel thread segments and sends the super-packets weft writes to its egress TAP "
     "(threaded NAPI), while weft reads on: faster where a core is free, dearer where "
-    "every core is busy; default off"
+    "every core is busy. auto (the default): on while weft is busy all the time and the "
+    "machine has idle CPU, off otherwise (one queue only); on (the flag alone): always; "
+    "off: never"
 )
+
+
+def parse_egress_thread(text: str) -> str:
+    """--egress-thread's value: auto, on or off (1/true/yes and 0/false/no too, as
+    FLANNELD_EGRESS_THREAD was a plain flag)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return "on"
+    if value in ("0", "false", "no"):
+        return "off"
+    if value not in ("auto", "on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, on or off")
+    return value
 
 
 def parse_ipv4_network(text: str) -> IPv4Network:
@@ -271,7 +286,13 @@ def render_status(status: dict[str, Any]) -> str:
             reasons.setdefault(str(why), []).append(path)
         for why, paths in reasons.items():
             out(f"  {', '.join(paths)} off: {why}")
-        if offload.get("egress_thread"):
+        mode = offload.get("egress_thread_mode")
+        now = "runs" if offload.get("egress_thread") else "does not run"
+        if mode == "auto":
+            switches = (offload.get("counters") or {}).get("egress_thread_switches", 0)
+            out(f"  egress: the TAP's NAPI {now} in a kernel thread now "
+                f"(--egress-thread auto, {switches} switches)")  # fmt: skip
+        elif offload.get("egress_thread"):
             out("  egress: the TAP's NAPI runs in a kernel thread (--egress-thread)")
     if status.get("busy_poll_us"):
         out(f"busy polling: {status['busy_poll_us']} µs after the last packet")
@@ -343,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the listening port)",
     )  # fmt: skip
     run.add_argument("--cpus", type=parse_cpus, default=(), metavar="LIST", help=CPUS_HELP)
-    run.add_argument("--egress-thread", action="store_true", help=EGRESS_THREAD_HELP)
+    run.add_argument(
+        "--egress-thread", nargs="?", type=parse_egress_thread, const="on", default="auto",
+        metavar="{auto,on,off}", help=EGRESS_THREAD_HELP,
+    )  # fmt: skip
     run.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
     run.set_defaults(func=cmd_dataplane_run)
 

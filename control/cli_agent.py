@@ -17,6 +17,7 @@ from control.cli import (
     cpu_placement,
     parse_busy_poll,
     parse_cpus,
+    parse_egress_thread,
     parse_flush_us,
     parse_ipv4,
     parse_queues,
@@ -307,8 +308,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--egress-thread",
-        action="store_true",
-        default=env_flag("--egress-thread"),
+        nargs="?",
+        type=parse_egress_thread,
+        const="on",
+        default=env_default("--egress-thread", "auto"),
+        metavar="{auto,on,off}",
         help="userspace dataplane: " + EGRESS_THREAD_HELP,
     )
     p.add_argument(

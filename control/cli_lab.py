@@ -29,7 +29,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from control.cli import CliError, parse_queues
+from control.cli import CliError, parse_egress_thread, parse_queues
 
 DEFAULT_LAB_DIR = "/run/weft/lab"
 BACKENDS = ("vxlan", "udp", "host-gw")
@@ -132,12 +132,12 @@ def build(
     say: Callable[[str], None] = lambda _s: None,
     pod_udp_gro: bool = False,
     queues: int = 1,
-    egress_thread: bool = False,
+    egress_thread: str = "auto",
 ) -> list[Any]:
     """Config, agents (started together), subnet.env → cni0 + pods, peers all seen.
     `pod_udp_gro`: userspace agents get --pod-udp-gro (their pods' veths merge UDP);
     `queues`: and --queues (one weft process per device queue); `egress_thread`: and
-    --egress-thread."""
+    --egress-thread with that value (auto, their default, passes nothing)."""
     from dataplane.io.queues import queues_error
 
     problem = queues_error(backend, queues)
@@ -146,8 +146,8 @@ def build(
     userspace_args = ["--pod-udp-gro"] if pod_udp_gro else []
     if queues > 1:
         userspace_args += ["--queues", str(queues)]
-    if egress_thread:
-        userspace_args.append("--egress-thread")
+    if egress_thread != "auto":
+        userspace_args += ["--egress-thread", egress_thread]
     for dp, dev in zip(dataplanes, devices, strict=True):
         if dp == "kernel" and backend == "udp":
             raise CliError("--dataplane kernel has no udp backend (flannel's udp is userspace)")
@@ -620,9 +620,13 @@ def register(sub: Any) -> None:
         )
         q.add_argument(
             "--egress-thread",
-            action="store_true",
-            help="userspace agents run with --egress-thread: a kernel thread sends what "
-            "weft writes to its egress TAP (see docs/running.md)",
+            nargs="?",
+            type=parse_egress_thread,
+            const="on",
+            default="auto",
+            metavar="{auto,on,off}",
+            help="userspace agents run with --egress-thread VALUE: whether a kernel thread "
+            "sends what weft writes to its egress TAP (see docs/running.md; default auto)",
         )
 
     up = lsub.add_parser("up", help="build a lab and leave it running")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,3 +121,38 @@ class RpsSetting:
             with contextlib.suppress(OSError):  # the device may be gone already
                 self.path.write_text(self.before + "\n")
             self.before = None
+
+
+def machine_idle_ticks(stat: str) -> int:
+    """Idle and iowait time of all CPUs, in clock ticks, from /proc/stat's text."""
+    fields = stat.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 6:
+        raise ValueError("/proc/stat: no cpu line")
+    return int(fields[4]) + int(fields[5])
+
+
+class CpuMeter:
+    """This process's CPU time and the machine's idle time since the last `sample`
+    (dataplane/egress_thread.py decides from them). The thin adapter: a monotonic
+    clock, `time.process_time` (every thread of this process) and /proc/stat."""
+
+    def __init__(self, stat_path: str = "/proc/stat") -> None:
+        self._path = stat_path
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float, int]:
+        with open(self._path) as f:
+            idle = machine_idle_ticks(f.read())
+        return time.monotonic(), time.process_time(), idle
+
+    def sample(self) -> tuple[float, float]:
+        """(this process's busy share of one CPU, the machine's idle CPUs) since the
+        last call."""
+        now = self._read()
+        (t0, p0, i0), (t1, p1, i1) = self._last, now
+        self._last = now
+        wall = t1 - t0
+        if wall <= 0:
+            return 0.0, 0.0
+        return (p1 - p0) / wall, (i1 - i0) / self._tick / wall

@@ -200,6 +200,9 @@ IDLE_NS = 250_000
 #: ~20 super-packets of 64 KB at 2 Gbit/s: far more than the thread's queue holds
 #: while it keeps up (decisions §20).
 EGRESS_ORDER_NS = 5_000_000
+#: --egress-thread auto: after the thread is switched on or off, every flow's packets
+#: go through the TAP for this long (FastEngine.egress_thread_switched).
+EGRESS_SWITCH_NS = 20_000_000
 #: --egress-thread: the TAP queue in front of the kernel thread holds two 64 KB
 #: super-packets (TUNSETSNDBUF; a TAP has no bound of its own). The thread takes
 #: up to 64 packets a poll and passes them all on before the CPU's backlog runs:
@@ -256,6 +259,7 @@ class FastCounters:
     __slots__ = (
         "batch_plans",
         "batched_datagrams",
+        "egress_thread_switches",
         "egress_waits",
         "gro_cuts",
         "gso_datagram_writes",
@@ -296,6 +300,7 @@ class FastCounters:
         self.ordered_sends = 0  # --egress-thread: datagrams sent through the TAP behind
         # their flow's super-packets (EGRESS_ORDER_NS)
         self.egress_waits = 0  # --egress-thread: writes that waited for room in its queue
+        self.egress_thread_switches = 0  # --egress-thread auto: the thread on or off
         self.uso_writes = 0  # UDP GSO packets written to the device
         self.uso_written_segments = 0  # … and the datagrams they carried
 
@@ -328,9 +333,12 @@ class FastPaths:
     why_off: dict[str, str] = field(default_factory=dict)
     egress: TunDevice | None = None
     egress_mac: bytes = b""
-    #: --egress-thread: the egress TAP's NAPI runs in a kernel thread (napi/gso-…),
-    #: and what may wait for it on this queue (TUNGETSNDBUF; 0: no thread, no limit)
+    #: --egress-thread: the egress TAP's NAPI runs in a kernel thread (napi/gso-…)
+    #: now, and what may wait for it on this queue (TUNGETSNDBUF; 0: no thread, no
+    #: limit). egress_thread_mode: "on", "auto" (the thread comes and goes:
+    #: dataplane/egress_thread.py) or "off".
     egress_thread: bool = False
+    egress_thread_mode: str = "off"
     egress_queue_bytes: int = 0
     forward_rule: str = ""  # the TAP whose FORWARD ACCEPT rule weft added
     counters: FastCounters = field(default_factory=FastCounters)
@@ -365,6 +373,7 @@ class FastPaths:
             "on": [p for p in PATHS if self.on[p]],
             "off": dict(self.why_off),
             "egress_thread": self.egress_thread,
+            "egress_thread_mode": self.egress_thread_mode,
             "egress_queue_bytes": self.egress_queue_bytes,
             "counters": self.counters.as_dict(),
         }
@@ -518,7 +527,7 @@ def open_egress_tap(
     *,
     multi_queue: bool = False,
     attach: bool = False,
-    thread: bool = False,
+    thread: str = "off",
 ) -> None:
     """The TAP weft writes tunnel-GSO frames into; on success paths.egress is set.
 
@@ -526,10 +535,14 @@ def open_egress_tap(
     made and configured by queue 0: this opens one more of its queues and leaves
     its sysctls, link state and FORWARD rule to their owner.
 
-    With `thread` (--egress-thread) the TAP is opened with IFF_NAPI and made
+    With `thread` "on" (--egress-thread) the TAP is opened with IFF_NAPI and made
     `threaded`: a write only queues the frame, and a kernel thread segments and
     forwards it while weft reads on (decisions §20); paths.egress_thread says
-    whether that took."""
+    whether that took. With "auto" (one queue only) it is opened with IFF_NAPI and
+    left unthreaded, for the owner to switch (switch_egress_thread, §23); until
+    then the kernel's NAPI poll runs inside each write, as without IFF_NAPI."""
+    if thread == "auto" and (multi_queue or attach):
+        thread = "off"  # one switch for the whole device: not decided per queue
     name = egress_name(device_name)
     if not paths.wanted("tunnel_gso"):
         return
@@ -547,15 +560,18 @@ def open_egress_tap(
             "(the send fast path needs 0)",
         )
         return
-    tap = _open_egress_queue(paths, name, multi_queue or attach, napi=thread)
+    tap = _open_egress_queue(paths, name, multi_queue or attach, napi=thread != "off")
     if tap is None:
         return
     try:
         if not attach:
             _configure_egress_tap(name)
         paths.egress_mac = netlink.link_mac(name)
-        if thread:
+        if thread == "on":
             paths.egress_thread = _napi_threaded(name) if attach else _thread_napi(name)
+            paths.egress_thread_mode = "on" if paths.egress_thread else "off"
+        elif thread == "auto":
+            paths.egress_thread_mode = "auto"
     except OSError as exc:
         tap.close()
         paths.refuse("tunnel_gso", f"cannot configure TAP {name}: {_errtext(exc)}")
@@ -600,6 +616,28 @@ def _thread_napi(name: str) -> bool:
             _errtext(exc),
         )
         return False
+    return True
+
+
+def switch_egress_thread(paths: FastPaths, name: str, on: bool) -> bool:
+    """--egress-thread auto: the TAP's NAPI into its kernel thread (on) or back into
+    weft's writes. False, said once and auto given up, when the kernel refuses."""
+    path = f"/sys/class/net/{name}/threaded"
+    try:
+        with open(path, "w") as f:
+            f.write("1" if on else "0")
+    except OSError as exc:
+        log.warning(
+            "--egress-thread auto: cannot write %d to %s (%s): the thread stays %s",
+            on,
+            path,
+            _errtext(exc),
+            "on" if paths.egress_thread else "off",
+        )
+        paths.egress_thread_mode = "on" if paths.egress_thread else "off"
+        return False
+    paths.egress_thread = on
+    paths.counters.egress_thread_switches += 1
     return True
 
 
@@ -741,9 +779,15 @@ class FastEngine(Engine):
         self._tx_iov = [self._tx_vnet, self._tx_view[head : head + BUFFER_SIZE]]
         self._iov_at = head
         self._egress_fd = paths.egress.fileno() if paths.egress is not None else -1
+        # While the kernel thread sends, writes wait in the TAP's queue for it: a
+        # flow's lone packets follow its super-packets through the TAP
+        # (EGRESS_ORDER_NS), and a full queue is waited on. (--egress-thread auto
+        # switches it: egress_thread_switched; meanwhile the TAP's NAPI runs inside
+        # each write, nothing waits, and nothing can be overtaken.)
         self._egress_thread = paths.egress_thread and self._egress_fd >= 0
+        self._ordered_until = 0  # … and for a while after a switch, whatever it was
         self._egress_poll = select.poll()
-        if self._egress_thread:
+        if self._egress_fd >= 0 and (paths.egress_thread or paths.egress_thread_mode == "auto"):
             self._egress_poll.register(self._egress_fd, select.POLLOUT)
         # --egress-thread: per source port (a hash of the inner flow), when that port's
         # last super-packet went to the TAP (EGRESS_ORDER_NS)
@@ -804,6 +848,16 @@ class FastEngine(Engine):
         # The egress TAP path writes the outer UDP header itself: the same port.
         self._source_port_numbers = list(ports.ports) if ports is not None else [self._port]
         self._tap_at = [0] * len(self._source_port_numbers)
+
+    def egress_thread_switched(self, on: bool) -> None:
+        """The TAP's NAPI just moved into (`on`) or out of its kernel thread
+        (--egress-thread auto): for EGRESS_SWITCH_NS every flow's packets go through
+        the TAP, behind whatever the switch left queued (a thread just started may be
+        slow to run, and one stopping hands its last packets back)."""
+        now = time.monotonic_ns()
+        self._egress_thread = on and self._egress_fd >= 0
+        self._ordered_until = now + EGRESS_SWITCH_NS
+        self._tap_at = [now + EGRESS_SWITCH_NS - EGRESS_ORDER_NS] * len(self._tap_at)
 
     def start(self, loop) -> None:  # type: ignore[no-untyped-def]
         super().start(loop)
@@ -882,7 +936,7 @@ class FastEngine(Engine):
         batching = self.paths.on["tx_batch"]
         now = time.monotonic_ns()
         idle = now - self._busy_end > IDLE_NS
-        ordered = self._egress_thread  # EGRESS_ORDER_NS
+        ordered = self._egress_thread or now < self._ordered_until  # EGRESS_ORDER_NS
         tap_at = self._tap_at
         # Checksums the pod left to offload (NEEDS_CSUM) are completed for a whole
         # run at once when it is sent (segment.complete_checksums): `run_csum` is
@@ -1145,7 +1199,10 @@ class FastEngine(Engine):
         try:
             os.write(self._egress_fd, frame)
         except BlockingIOError:
-            if not self._egress_thread or not self._egress_poll.poll(EGRESS_WAIT_MS):
+            # (without the thread the TAP's queue empties inside each write, but the
+            # last of the thread's may still be there right after a switch)
+            queued = self._egress_thread or time.monotonic_ns() < self._ordered_until
+            if not queued or not self._egress_poll.poll(EGRESS_WAIT_MS):
                 raise
             self._fc.egress_waits += 1
             os.write(self._egress_fd, frame)

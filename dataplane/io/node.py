@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Literal
 
+from dataplane import egress_thread
 from dataplane.backends.base import Backend
 from dataplane.backends.hostgw import HostGwBackend
 from dataplane.backends.udp import UdpBackend
 from dataplane.backends.vxlan import VxlanBackend
+from dataplane.egress_thread import EgressThreadPolicy
 from dataplane.forwarder import Forwarder
 from dataplane.io import cpus, fastpath, netlink, packet_gso
 from dataplane.io.fastpath import FastPaths
@@ -92,8 +95,9 @@ class NodeSpec:
     cpus: tuple[int, ...] = ()
     steer_cpus: tuple[int, ...] = ()
     #: --egress-thread: the egress TAP's NAPI in a kernel thread, so that the kernel
-    #: segments and sends super-packets beside weft, not inside its writes (§20)
-    egress_thread: bool = False
+    #: segments and sends super-packets beside weft, not inside its writes (§20):
+    #: "on", "off", or "auto" (on while weft is the limit and a CPU is idle: §23)
+    egress_thread: str = "auto"
 
     def __post_init__(self) -> None:
         self.cpus, self.steer_cpus = tuple(self.cpus), tuple(self.steer_cpus)  # from JSON
@@ -110,6 +114,25 @@ class NodeSpec:
         problem = queues_error(self.backend, self.queues)
         if problem:
             raise ValueError(problem)
+        if isinstance(self.egress_thread, bool):  # (a spec from before "auto")
+            self.egress_thread = "on" if self.egress_thread else "off"
+        if self.egress_thread not in ("auto", "on", "off"):
+            raise ValueError(f"--egress-thread {self.egress_thread!r}: expected auto, on or off")
+
+
+#: The auto policy's thresholds instead of its defaults (for tests and experiments):
+#: on_busy,on_idle,off_idle,off_busy (dataplane/egress_thread.py).
+EGRESS_POLICY_ENV = "WEFT_EGRESS_POLICY"
+
+
+def egress_policy() -> EgressThreadPolicy:
+    text = os.environ.get(EGRESS_POLICY_ENV)
+    if not text:
+        return EgressThreadPolicy()
+    try:
+        return EgressThreadPolicy.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{EGRESS_POLICY_ENV}: {exc}") from None
 
 
 def make_backend(spec: NodeSpec, underlay_mac: bytes) -> Backend:
@@ -150,6 +173,7 @@ class UserspaceDataplane:
         self._resolver: asyncio.Task[None] | None = None
         self._want_resolve = asyncio.Event()
         self.fast: FastPaths | None = None
+        self._egress_policy: asyncio.Task[None] | None = None
         self._rps: cpus.RpsSetting | None = None
         self.placement = ""  # where this process and the kernel's egress work run
 
@@ -159,6 +183,7 @@ class UserspaceDataplane:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         spec = self.spec
+        policy = egress_policy()
         underlay_mac = netlink.link_mac(spec.underlay_iface)
         self.backend = backend = make_backend(spec, underlay_mac)
         self.forwarder = Forwarder(
@@ -233,7 +258,11 @@ class UserspaceDataplane:
                 self.tracer.source_ports = self.source_ports
             self.engine.tracer = self.tracer
             self.engine.busy_poll_ns = spec.busy_poll_us * 1000
-            if spec.egress_thread and owner and (self.fast is None or self.fast.egress is None):
+            if (
+                spec.egress_thread == "on"
+                and owner
+                and (self.fast is None or self.fast.egress is None)
+            ):
                 why = self.fast.why_off.get("tunnel_gso") if self.fast else "--offload off"
                 log.warning(
                     "--egress-thread does nothing here: weft writes to no egress TAP (%s)",
@@ -243,6 +272,8 @@ class UserspaceDataplane:
                 self._place()
             self.engine.start(loop)
             self._loop = loop
+            if self.fast is not None and self.fast.egress_thread_mode == "auto" and owner:
+                self._egress_policy = loop.create_task(self._egress_policy_loop(policy))
             if owner and multi_queue:
                 self.workers = QueueWorkers(spec, loop)
                 self.workers.start()
@@ -260,6 +291,46 @@ class UserspaceDataplane:
             spec.public_ip,
             f", {self.placement}" if self.placement else "",
         )
+
+    async def _egress_policy_loop(self, policy: EgressThreadPolicy) -> None:
+        """--egress-thread auto: each window, this process's CPU and the machine's
+        idle CPU decide whether the kernel thread sends (dataplane/egress_thread.py)."""
+        fast, fwd = self.fast, self.forwarder
+        assert fast is not None and fwd is not None
+        name = fastpath.egress_name(self.spec.device_name)
+        sent = fwd.counters
+        try:
+            meter = cpus.CpuMeter()
+            last, at = (sent.tx_bytes, sent.tx_packets), time.monotonic()
+            while True:
+                await asyncio.sleep(egress_thread.WINDOW_S)
+                busy, idle = meter.sample()
+                now, t = (sent.tx_bytes, sent.tx_packets), time.monotonic()
+                nbytes, packets = now[0] - last[0], now[1] - last[1]
+                last, wall, at = now, t - at, t
+                window = egress_thread.Window(
+                    busy, idle, nbytes / wall if wall > 0 else 0.0, nbytes / max(packets, 1)
+                )
+                want = policy.observe(window)
+                log.debug("egress thread %s: %s", policy.state, window)
+                if want is None:
+                    continue
+                log.info(
+                    "--egress-thread auto: the kernel thread %s (weft %.0f %% of a CPU, "
+                    "%.1f CPUs idle, %.2f Gbit/s)",
+                    "tried" if want else "off",
+                    100 * window.busy,
+                    window.idle,
+                    window.rate * 8e-9,
+                )
+                if not fastpath.switch_egress_thread(fast, name, want):
+                    return
+                if isinstance(self.engine, fastpath.FastEngine):
+                    self.engine.egress_thread_switched(want)
+        except (OSError, ValueError) as exc:
+            log.warning("--egress-thread auto: cannot measure CPU time (%s): the thread "
+                        "stays %s", exc, "on" if fast.egress_thread else "off")  # fmt: skip
+            fast.egress_thread_mode = "on" if fast.egress_thread else "off"
 
     def _place(self) -> None:
         """This process on its CPU; with the egress TAP (tunnel GSO), RPS on its queue
@@ -554,6 +625,9 @@ class UserspaceDataplane:
         if self._resolver is not None:
             self._resolver.cancel()
             self._resolver = None
+        if self._egress_policy is not None:
+            self._egress_policy.cancel()
+            self._egress_policy = None
         if self.arp_sock is not None:
             if loop is not None:
                 loop.remove_reader(self.arp_sock.fileno())

@@ -31,8 +31,9 @@ from test_fastpath import (
 )
 from weft_helpers import WEFT, needs_paths, one_backlog, send_over_tcp, status
 
-from control.lab.topology import Lab
+from control.lab.topology import Lab, Pod
 from dataplane.io import fastpath
+from dataplane.io.node import EGRESS_POLICY_ENV
 
 PORT = 5301
 ROUNDS = 200
@@ -86,6 +87,17 @@ def napi_threads() -> list[str]:
     return [n for n in names if n.startswith("napi/gso-weft")]
 
 
+def big_then_small(lab: Lab, pod1: Pod, pod2: Pod, log: Path) -> None:
+    """SOURCE in pod1 to SINK in pod2: every byte arrives, and the receiving pod's
+    TCP saw no segment out of order and no bad checksum."""
+    sink = lab.spawn(pod2, [sys.executable, "-c", SINK], log=log)
+    before = nstat(lab, pod2, "TcpExtTCPOFOQueue", "TcpInCsumErrors")
+    lab.run(pod1, sys.executable, "-c", SOURCE, str(pod2.ip), timeout=60)
+    assert sink.wait(timeout=30) == 0
+    assert f"received {ROUNDS * (BIG + SMALL)}" in log.read_text()
+    assert nstat(lab, pod2, "TcpExtTCPOFOQueue", "TcpInCsumErrors") == before
+
+
 @needs_paths("tunnel_gso")
 def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Path) -> None:
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
@@ -103,14 +115,8 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(sock)).stdout
     assert "egress: the TAP's NAPI runs in a kernel thread" in text
 
-    log = tmp_path / "sink.log"
-    sink = lab.spawn(pod2, [sys.executable, "-c", SINK], log=log)
     one_backlog(lab, pod1)  # the flow's order into weft is the pod's, not the lab's
-    before = nstat(lab, pod2, "TcpExtTCPOFOQueue", "TcpInCsumErrors")
-    lab.run(pod1, sys.executable, "-c", SOURCE, str(pod2.ip), timeout=60)
-    assert sink.wait(timeout=30) == 0
-    assert f"received {ROUNDS * (BIG + SMALL)}" in log.read_text()
-    assert nstat(lab, pod2, "TcpExtTCPOFOQueue", "TcpInCsumErrors") == before
+    big_then_small(lab, pod1, pod2, tmp_path / "sink.log")
     fc = status(sock)["offload"]["counters"]
     assert fc["gso_sends"] >= ROUNDS  # the big ones: super-packets through the TAP
     assert fc["ordered_sends"] >= ROUNDS // 2  # the small ones: behind them
@@ -156,3 +162,48 @@ def test_a_receiver_cuts_gro_messages_between_super_packets(lab: Lab, tmp_path: 
     fc = status(sock2)["offload"]["counters"]
     assert fc["gro_cuts"] > 0
     assert fc["gso_written_segments"] > 30 * fc["gso_writes"]  # nearly 64 KB a write
+
+
+@needs_paths("tunnel_gso")
+def test_auto_switches_the_thread_and_keeps_order(lab: Lab, tmp_path: Path) -> None:
+    """--egress-thread auto, the default: weft itself switches the TAP's NAPI into its
+    kernel thread and back as its policy says (dataplane/egress_thread.py; here
+    thresholds every window meets, so the thread comes and goes every second), and a
+    flow's packets keep their order across the switches."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    _, sock = start(lab, n1, args, tmp_path, "n1", {EGRESS_POLICY_ENV: "0,0,-1,1e9,0,0,0"})
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    off = status(sock)["offload"]
+    assert off["egress_thread_mode"] == "auto"
+    assert off["egress_queue_bytes"] == fastpath.EGRESS_QUEUE_BYTES
+    one_backlog(lab, pod1)
+    tap = f"/sys/class/net/{fastpath.egress_name('weft.1')}/threaded"
+    seen = set()
+    for i in range(20):
+        big_then_small(lab, pod1, pod2, tmp_path / f"sink{i}.log")
+        seen.add(lab.run(n1, "cat", tap).stdout.strip())
+        if status(sock)["offload"]["counters"]["egress_thread_switches"] >= 4 and len(seen) == 2:
+            break
+    off = status(sock)["offload"]
+    assert off["counters"]["egress_thread_switches"] >= 4 and seen == {"0", "1"}, (off, seen)
+    assert off["counters"]["ordered_sends"] > 0
+    text = lab.run(n1, *WEFT, "status", "--api-socket", str(sock)).stdout
+    assert "(--egress-thread auto, " in text, text
+
+
+@needs_paths("tunnel_gso")
+def test_auto_is_off_with_queues_and_bad_thresholds_are_refused(lab: Lab, tmp_path: Path) -> None:
+    """With --queues 2 the one switch of the device is not left to one queue: auto is
+    off there. A bad WEFT_EGRESS_POLICY stops weft with a one-line error."""
+    n1, n2, _, _ = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
+    proc, sock = start(lab, n1, [*args, "--queues", "2"], tmp_path, "n1")
+    off = status(sock)["offload"]
+    assert (off["egress_thread_mode"], off["egress_thread"]) == ("off", False)
+    lab.stop(proc)
+    bad = lab.run(n1, "env", f"{EGRESS_POLICY_ENV}=fast", *WEFT, *args, check=False, timeout=20)
+    assert bad.returncode != 0
+    assert "WEFT_EGRESS_POLICY" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

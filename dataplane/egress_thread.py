@@ -1,0 +1,145 @@
+"""When the egress TAP's kernel work should run in a kernel thread (`--egress-thread auto`).
+
+weft writes each super-packet to its egress TAP, and without a thread the kernel's
+whole send path (tunnel GSO, checksums, forwarding, on one machine the receiver's
+softirq too) runs inside that write: weft reads the pod's next super-packet only
+when the kernel is done with the last. Where weft's one thread is the limit and a
+CPU sits idle, a kernel thread (threaded NAPI) takes that work beside weft: weft →
+kernel VXLAN moved ~30 % more here (decisions §20, §23). Elsewhere it costs: every
+CPU busy (weft ↔ weft on one 2-CPU machine lost 20 %), small packets (a wake-up of
+the thread per write), a rate the sender caps (the same bytes for ~30 % more CPU).
+
+So the thread is tried, and kept only where it pays:
+
+- off → trial: weft busy all the time (`on_busy` of a CPU), `on_idle` CPUs idle,
+  and bulk traffic (datagrams of `bulk_bytes` on average) — `windows` in a row;
+- trial → on: the next `windows` windows move at least `gain` times the bytes a
+  second of the windows before (as much: a gain of a tenth was within a second's
+  noise here, and where weft is the limit the thread also costs the machine less
+  CPU per byte); else off, held off (below);
+- on → off: the machine out of idle CPU (`off_idle`; held off), the traffic no
+  longer bulk, nearly stopped (`off_busy`), or the rate fallen below `drop` of what
+  it was (the sender slowed: see whether weft is still the limit without it).
+
+After a trial that did not pay or a switch for want of CPU, the thread may not
+come on for a while, doubled at each such switch, so that a machine on the edge
+does not see it come and go every second.
+
+Pure: fed one measurement window at a time (the node measures: dataplane/io/cpus.
+CpuMeter and the forwarder's counters); the caller writes the kernel's switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+#: How long one measurement window lasts.
+WINDOW_S = 0.5
+#: Windows the thread stays off after the first trial that did not pay (or a switch
+#: for want of CPU), doubled at each such switch up to MAX_HOLD.
+FIRST_HOLD = 4
+MAX_HOLD = 120
+
+
+class Window(NamedTuple):
+    """One measurement window."""
+
+    busy: float  # weft's CPU time as a share of one CPU (its thread is the limit near 1)
+    idle: float  # the machine's idle time, in CPUs (0.5: half a CPU to spare)
+    rate: float  # bytes weft sent to the network a second
+    datagram: float  # … and their mean size (MTU-sized for bulk TCP, ~100 for small UDP)
+
+
+@dataclass
+class EgressThreadPolicy:
+    """The state machine above; `observe` one Window at a time."""
+
+    on_busy: float = 0.9
+    on_idle: float = 0.4
+    off_idle: float = 0.1
+    off_busy: float = 0.1
+    bulk_bytes: float = 1000.0
+    gain: float = 1.0
+    drop: float = 0.7
+    windows: int = 2
+    state: str = "off"  # off | trial | on
+    switches: int = 0
+    _streak: int = 0
+    _rates: tuple[float, ...] = ()  # the windows that asked for a switch
+    _base: float = 0.0  # off: the rate before the trial; on: a moving mean of the rate
+    _hold: int = 0
+    _next_hold: int = FIRST_HOLD
+
+    @property
+    def threaded(self) -> bool:
+        return self.state != "off"
+
+    def observe(self, w: Window) -> bool | None:
+        """One window's measurement. The new setting of the thread when it should
+        switch (True: on), else None."""
+        if self._hold > 0:
+            self._hold -= 1
+            return None
+        bulk = w.datagram >= self.bulk_bytes
+        if self.state == "off":
+            want = w.busy >= self.on_busy and w.idle >= self.on_idle and bulk
+            if self._count(want, w.rate):
+                self._base = sum(self._rates) / len(self._rates)
+                return self._switch("trial")
+            return None
+        if self.state == "trial":
+            self._rates += (w.rate,)
+            if len(self._rates) < self.windows:
+                return None
+            rate = sum(self._rates) / len(self._rates)
+            self._rates = ()
+            if rate >= self._base * self.gain and w.idle >= self.off_idle:
+                self._base = rate
+                self.state = "on"  # (the thread is on already: nothing to write)
+                return None
+            return self._switch("off", hold=True)
+        starved = w.idle < self.off_idle
+        fallen = w.rate < self._base * self.drop
+        want = starved or fallen or not bulk or w.busy < self.off_busy
+        if not want:
+            self._base = 0.8 * self._base + 0.2 * w.rate
+        if self._count(want, w.rate):
+            return self._switch("off", hold=starved)
+        return None
+
+    def _count(self, want: bool, rate: float) -> bool:
+        """Another window asking for a switch: enough in a row?"""
+        if not want:
+            self._streak, self._rates = 0, ()
+            return False
+        self._streak += 1
+        self._rates += (rate,)
+        if self._streak < self.windows:
+            return False
+        self._streak = 0
+        return True
+
+    def _switch(self, state: str, hold: bool = False) -> bool:
+        self._rates = ()
+        self._streak = 0
+        self.switches += 1
+        self.state = state
+        if hold:
+            self._hold = self._next_hold
+            self._next_hold = min(self._next_hold * 2, MAX_HOLD)
+        elif state == "off":
+            self._next_hold = FIRST_HOLD  # the traffic changed: start afresh
+        return state != "off"
+
+    @classmethod
+    def parse(cls, text: str) -> EgressThreadPolicy:
+        """`on_busy,on_idle,off_idle,off_busy[,bulk_bytes,gain,drop]`
+        (WEFT_EGRESS_POLICY, for tests and experiments), else ValueError."""
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) not in (4, 7):
+            raise ValueError(
+                f"expected on_busy,on_idle,off_idle,off_busy[,bulk_bytes,gain,drop], got {text!r}"
+            )
+        names = ("on_busy", "on_idle", "off_idle", "off_busy", "bulk_bytes", "gain", "drop")
+        return cls(**{n: float(p) for n, p in zip(names, parts, strict=False)})  # type: ignore[arg-type]
