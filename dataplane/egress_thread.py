@@ -13,10 +13,11 @@ So the thread is tried, and kept only where it pays:
 
 - off → trial: weft busy all the time (`on_busy` of a CPU), `on_idle` CPUs idle,
   and bulk traffic (datagrams of `bulk_bytes` on average) — `windows` in a row;
-- trial → on: the next `windows` windows move at least `gain` times the bytes a
-  second of the windows before (as much: a gain of a tenth was within a second's
-  noise here, and where weft is the limit the thread also costs the machine less
-  CPU per byte); else off, held off (below);
+- trial → on: the `windows` windows after the next move `gain` times the bytes a
+  second of the windows before, or nearly as many (`keep`) for no more of the
+  machine's CPU a byte (where weft is the limit, the thread costs the machine less
+  CPU a byte, so a gain lost in a second's noise still shows; where the sender caps
+  the rate it costs more); else off, held off (below);
 - on → off: the machine out of idle CPU (`off_idle`; held off), the traffic no
   longer bulk, nearly stopped (`off_busy`), or the rate fallen below `drop` of what
   it was (the sender slowed: see whether weft is still the limit without it).
@@ -36,9 +37,14 @@ from typing import NamedTuple
 
 #: How long one measurement window lasts.
 WINDOW_S = 0.5
+#: A trial is measured against this many windows before it (a single stream's rate
+#: varies by a tenth or more from one second to the next) …
+BASE_WINDOWS = 4
+#: … and its CPU a byte may come out this much higher and still count as no more.
+COST_NOISE = 1.05
 #: Windows the thread stays off after the first trial that did not pay (or a switch
 #: for want of CPU), doubled at each such switch up to MAX_HOLD.
-FIRST_HOLD = 4
+FIRST_HOLD = 2
 MAX_HOLD = 120
 
 
@@ -49,6 +55,7 @@ class Window(NamedTuple):
     idle: float  # the machine's idle time, in CPUs (0.5: half a CPU to spare)
     rate: float  # bytes weft sent to the network a second
     datagram: float  # … and their mean size (MTU-sized for bulk TCP, ~100 for small UDP)
+    machine: float = 0.0  # the machine's busy time, in CPUs (every process, the kernel)
 
 
 @dataclass
@@ -60,14 +67,17 @@ class EgressThreadPolicy:
     off_idle: float = 0.1
     off_busy: float = 0.1
     bulk_bytes: float = 1000.0
-    gain: float = 1.0
+    gain: float = 1.1
+    keep: float = 0.9
     drop: float = 0.7
     windows: int = 2
     state: str = "off"  # off | trial | on
     switches: int = 0
     _streak: int = 0
-    _rates: tuple[float, ...] = ()  # the windows that asked for a switch
+    _seen: tuple[Window, ...] = ()  # the windows that asked for a switch, or the trial's
     _base: float = 0.0  # off: the rate before the trial; on: a moving mean of the rate
+    _base_machine: float = 0.0  # the machine's busy CPUs before the trial
+    _recent: tuple[Window, ...] = ()  # off: the last BASE_WINDOWS windows
     _hold: int = 0
     _next_hold: int = FIRST_HOLD
 
@@ -83,18 +93,23 @@ class EgressThreadPolicy:
             return None
         bulk = w.datagram >= self.bulk_bytes
         if self.state == "off":
+            self._recent = (*self._recent[1 - BASE_WINDOWS :], w)
             want = w.busy >= self.on_busy and w.idle >= self.on_idle and bulk
-            if self._count(want, w.rate):
-                self._base = sum(self._rates) / len(self._rates)
+            if self._count(want, w):
+                self._base, self._base_machine = _means(self._recent)
                 return self._switch("trial")
             return None
         if self.state == "trial":
-            self._rates += (w.rate,)
-            if len(self._rates) < self.windows:
+            self._seen += (w,)
+            if len(self._seen) <= self.windows:
                 return None
-            rate = sum(self._rates) / len(self._rates)
-            self._rates = ()
-            if rate >= self._base * self.gain and w.idle >= self.off_idle:
+            rate, machine = _means(self._seen[1:])  # (the first saw the switch itself)
+            self._seen = ()
+            faster = rate >= self._base * self.gain
+            cheaper = rate >= self._base * self.keep and (
+                machine * self._base <= self._base_machine * rate * COST_NOISE
+            )
+            if (faster or cheaper) and w.idle >= self.off_idle:
                 self._base = rate
                 self.state = "on"  # (the thread is on already: nothing to write)
                 return None
@@ -104,24 +119,24 @@ class EgressThreadPolicy:
         want = starved or fallen or not bulk or w.busy < self.off_busy
         if not want:
             self._base = 0.8 * self._base + 0.2 * w.rate
-        if self._count(want, w.rate):
+        if self._count(want, w):
             return self._switch("off", hold=starved)
         return None
 
-    def _count(self, want: bool, rate: float) -> bool:
+    def _count(self, want: bool, w: Window) -> bool:
         """Another window asking for a switch: enough in a row?"""
         if not want:
-            self._streak, self._rates = 0, ()
+            self._streak, self._seen = 0, ()
             return False
         self._streak += 1
-        self._rates += (rate,)
+        self._seen += (w,)
         if self._streak < self.windows:
             return False
         self._streak = 0
         return True
 
     def _switch(self, state: str, hold: bool = False) -> bool:
-        self._rates = ()
+        self._seen = self._recent = ()
         self._streak = 0
         self.switches += 1
         self.state = state
@@ -134,12 +149,20 @@ class EgressThreadPolicy:
 
     @classmethod
     def parse(cls, text: str) -> EgressThreadPolicy:
-        """`on_busy,on_idle,off_idle,off_busy[,bulk_bytes,gain,drop]`
+        """`on_busy,on_idle,off_idle,off_busy[,bulk_bytes,gain,keep,drop]`
         (WEFT_EGRESS_POLICY, for tests and experiments), else ValueError."""
         parts = [p.strip() for p in text.split(",")]
-        if len(parts) not in (4, 7):
+        if len(parts) not in (4, 8):
             raise ValueError(
-                f"expected on_busy,on_idle,off_idle,off_busy[,bulk_bytes,gain,drop], got {text!r}"
+                "expected on_busy,on_idle,off_idle,off_busy[,bulk_bytes,gain,keep,drop], "
+                f"got {text!r}"
             )
-        names = ("on_busy", "on_idle", "off_idle", "off_busy", "bulk_bytes", "gain", "drop")
+        names = ("on_busy", "on_idle", "off_idle", "off_busy", "bulk_bytes", "gain", "keep",
+                 "drop")  # fmt: skip
         return cls(**{n: float(p) for n, p in zip(names, parts, strict=False)})  # type: ignore[arg-type]
+
+
+def _means(windows: tuple[Window, ...]) -> tuple[float, float]:
+    """The mean rate and the mean busy CPUs of the machine over some windows."""
+    n = len(windows)
+    return sum(w.rate for w in windows) / n, sum(w.machine for w in windows) / n

@@ -123,12 +123,13 @@ class RpsSetting:
             self.before = None
 
 
-def machine_idle_ticks(stat: str) -> int:
-    """Idle and iowait time of all CPUs, in clock ticks, from /proc/stat's text."""
+def machine_ticks(stat: str) -> tuple[int, int]:
+    """(all, idle and iowait) time of all CPUs, in clock ticks, from /proc/stat's text."""
     fields = stat.split("\n", 1)[0].split()
     if not fields or fields[0] != "cpu" or len(fields) < 6:
         raise ValueError("/proc/stat: no cpu line")
-    return int(fields[4]) + int(fields[5])
+    ticks = [int(f) for f in fields[1:9]]  # user … steal (guest time is inside user)
+    return sum(ticks), ticks[3] + ticks[4]
 
 
 class CpuMeter:
@@ -141,18 +142,19 @@ class CpuMeter:
         self._tick = os.sysconf("SC_CLK_TCK")
         self._last = self._read()
 
-    def _read(self) -> tuple[float, float, int]:
+    def _read(self) -> tuple[float, float, int, int]:
         with open(self._path) as f:
-            idle = machine_idle_ticks(f.read())
-        return time.monotonic(), time.process_time(), idle
+            total, idle = machine_ticks(f.read())
+        return time.monotonic(), time.process_time(), total, idle
 
-    def sample(self) -> tuple[float, float]:
-        """(this process's busy share of one CPU, the machine's idle CPUs) since the
-        last call."""
+    def sample(self) -> tuple[float, float, float]:
+        """(this process's busy share of one CPU, the machine's idle CPUs, the
+        machine's busy CPUs) since the last call."""
         now = self._read()
-        (t0, p0, i0), (t1, p1, i1) = self._last, now
+        (t0, p0, a0, i0), (t1, p1, a1, i1) = self._last, now
         self._last = now
         wall = t1 - t0
         if wall <= 0:
-            return 0.0, 0.0
-        return (p1 - p0) / wall, (i1 - i0) / self._tick / wall
+            return 0.0, 0.0, 0.0
+        idle = (i1 - i0) / self._tick / wall
+        return (p1 - p0) / wall, idle, (a1 - a0 - (i1 - i0)) / self._tick / wall

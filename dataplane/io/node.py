@@ -304,27 +304,29 @@ class UserspaceDataplane:
             last, at = (sent.tx_bytes, sent.tx_packets), time.monotonic()
             while True:
                 await asyncio.sleep(egress_thread.WINDOW_S)
-                busy, idle = meter.sample()
+                busy, idle, machine = meter.sample()
                 now, t = (sent.tx_bytes, sent.tx_packets), time.monotonic()
                 nbytes, packets = now[0] - last[0], now[1] - last[1]
                 last, wall, at = now, t - at, t
-                window = egress_thread.Window(
-                    busy, idle, nbytes / wall if wall > 0 else 0.0, nbytes / max(packets, 1)
-                )
+                rate = nbytes / wall if wall > 0 else 0.0
+                window = egress_thread.Window(busy, idle, rate, nbytes / max(packets, 1), machine)
                 want = policy.observe(window)
                 log.debug("egress thread %s: %s", policy.state, window)
                 if want is None:
                     continue
+                began = time.monotonic()
+                if not fastpath.switch_egress_thread(fast, name, want):
+                    return
+                # (the switch blocks this loop: the kernel may wait for its thread)
                 log.info(
                     "--egress-thread auto: the kernel thread %s (weft %.0f %% of a CPU, "
-                    "%.1f CPUs idle, %.2f Gbit/s)",
+                    "%.1f CPUs idle, %.2f Gbit/s; switched in %.1f ms)",
                     "tried" if want else "off",
                     100 * window.busy,
                     window.idle,
                     window.rate * 8e-9,
+                    1e3 * (time.monotonic() - began),
                 )
-                if not fastpath.switch_egress_thread(fast, name, want):
-                    return
                 if isinstance(self.engine, fastpath.FastEngine):
                     self.engine.egress_thread_switched(want)
         except (OSError, ValueError) as exc:

@@ -173,7 +173,7 @@ def test_auto_switches_the_thread_and_keeps_order(lab: Lab, tmp_path: Path) -> N
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
-    _, sock = start(lab, n1, args, tmp_path, "n1", {EGRESS_POLICY_ENV: "0,0,-1,1e9,0,0,0"})
+    _, sock = start(lab, n1, args, tmp_path, "n1", {EGRESS_POLICY_ENV: "0,0,-1,1e9,0,0,0,0"})
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     off = status(sock)["offload"]
     assert off["egress_thread_mode"] == "auto"
