@@ -89,8 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weft-egress-thread",
         action="store_true",
-        help="pass --egress-thread to every `weft dataplane run` (a kernel thread "
-        "segments and sends what weft writes to its egress TAP)",
+        help="pass --egress-thread (on) to every `weft dataplane run`: a kernel thread "
+        "always segments and sends what weft writes to its egress TAP (weft's default, "
+        "auto, uses it only where it pays)",
     )
     p.add_argument(
         "--pod-gro",

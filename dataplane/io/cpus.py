@@ -12,7 +12,9 @@ the write only queues the packet to another CPU's backlog and returns: weft read
 the next super-packet while the kernel segments the last one.
 
 The pure part (`parse_cpu_list`, `plan`, `rps_mask`) decides; `pin` and `RpsSetting`
-are the thin adapters (sched_setaffinity on every thread, a sysfs file).
+are the thin adapters (sched_setaffinity on every thread, a sysfs file). `CpuMeter`
+measures this process's and the machine's CPU for `--egress-thread auto`
+(dataplane/egress_thread.py).
 """
 
 from __future__ import annotations
