@@ -110,6 +110,15 @@ EGRESS_THREAD_HELP = (
 )
 
 
+def egress_thread_argument(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+    """--egress-thread [{auto,on,off}] (the flag alone: on), for `weft dataplane run`,
+    `weft agent` and `weft lab`."""
+    parser.add_argument(
+        "--egress-thread", nargs="?", type=parse_egress_thread, const="on", default=default,
+        metavar="{auto,on,off}", help=help,
+    )  # fmt: skip
+
+
 def parse_egress_thread(text: str) -> str:
     """--egress-thread's value: auto, on or off (1/true/yes and 0/false/no too, as
     FLANNELD_EGRESS_THREAD was a plain flag)."""
@@ -364,10 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the listening port)",
     )  # fmt: skip
     run.add_argument("--cpus", type=parse_cpus, default=(), metavar="LIST", help=CPUS_HELP)
-    run.add_argument(
-        "--egress-thread", nargs="?", type=parse_egress_thread, const="on", default="auto",
-        metavar="{auto,on,off}", help=EGRESS_THREAD_HELP,
-    )  # fmt: skip
+    egress_thread_argument(run, "auto", EGRESS_THREAD_HELP)
     run.add_argument("--api-socket", default=DEFAULT_API_SOCKET)
     run.set_defaults(func=cmd_dataplane_run)
 

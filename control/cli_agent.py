@@ -15,9 +15,9 @@ from control.cli import (
     EGRESS_THREAD_HELP,
     CliError,
     cpu_placement,
+    egress_thread_argument,
     parse_busy_poll,
     parse_cpus,
-    parse_egress_thread,
     parse_flush_us,
     parse_ipv4,
     parse_queues,
@@ -306,14 +306,8 @@ def register(sub: Any) -> None:
         metavar="LIST",
         help="userspace dataplane: " + CPUS_HELP,
     )
-    p.add_argument(
-        "--egress-thread",
-        nargs="?",
-        type=parse_egress_thread,
-        const="on",
-        default=env_default("--egress-thread", "auto"),
-        metavar="{auto,on,off}",
-        help="userspace dataplane: " + EGRESS_THREAD_HELP,
+    egress_thread_argument(
+        p, env_default("--egress-thread", "auto"), "userspace dataplane: " + EGRESS_THREAD_HELP
     )
     p.add_argument(
         "--source-ports",

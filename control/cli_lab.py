@@ -29,7 +29,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from control.cli import CliError, parse_egress_thread, parse_queues
+from control.cli import CliError, egress_thread_argument, parse_queues
 
 DEFAULT_LAB_DIR = "/run/weft/lab"
 BACKENDS = ("vxlan", "udp", "host-gw")
@@ -618,15 +618,11 @@ def register(sub: Any) -> None:
             metavar="N",
             help="userspace agents run with --queues N: one weft process per device queue",
         )
-        q.add_argument(
-            "--egress-thread",
-            nargs="?",
-            type=parse_egress_thread,
-            const="on",
-            default="auto",
-            metavar="{auto,on,off}",
-            help="userspace agents run with --egress-thread VALUE: whether a kernel thread "
-            "sends what weft writes to its egress TAP (see docs/running.md; default auto)",
+        egress_thread_argument(
+            q,
+            "auto",
+            "userspace agents run with --egress-thread VALUE: whether a kernel thread sends "
+            "what weft writes to its egress TAP (see docs/running.md; default auto)",
         )
 
     up = lsub.add_parser("up", help="build a lab and leave it running")

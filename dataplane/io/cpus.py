@@ -135,7 +135,7 @@ def machine_ticks(stat: str) -> tuple[int, int]:
 
 
 class CpuMeter:
-    """This process's CPU time and the machine's idle time since the last `sample`
+    """This process's CPU time and the machine's idle and busy time since the last `sample`
     (dataplane/egress_thread.py decides from them). The thin adapter: a monotonic
     clock, `time.process_time` (every thread of this process) and /proc/stat."""
 

@@ -601,18 +601,25 @@ def _configure_egress_tap(name: str) -> None:
     netlink.set_link(name, up=True)
 
 
-def _thread_napi(name: str) -> bool:
-    """Have a kernel thread (`napi/<name>-N`) poll the TAP's NAPI, not weft's writes
-    (sysfs `threaded`, Linux 5.12+). False, said once, when the kernel refuses."""
+def _write_threaded(name: str, on: bool) -> str:
+    """The TAP's NAPI polled by a kernel thread (`napi/<name>-N`; on) or inside
+    weft's writes: sysfs `threaded`, Linux 5.12+. Its path; OSError when refused."""
     path = f"/sys/class/net/{name}/threaded"
+    with open(path, "w") as f:
+        f.write("1" if on else "0")
+    return path
+
+
+def _thread_napi(name: str) -> bool:
+    """Have a kernel thread poll the TAP's NAPI, not weft's writes. False, said once,
+    when the kernel refuses."""
     try:
-        with open(path, "w") as f:
-            f.write("1")
+        _write_threaded(name, True)
     except OSError as exc:
         log.warning(
-            "--egress-thread: cannot write 1 to %s (%s): the kernel's work behind egress "
-            "writes stays inside them",
-            path,
+            "--egress-thread: cannot write 1 to /sys/class/net/%s/threaded (%s): the "
+            "kernel's work behind egress writes stays inside them",
+            name,
             _errtext(exc),
         )
         return False
@@ -622,15 +629,14 @@ def _thread_napi(name: str) -> bool:
 def switch_egress_thread(paths: FastPaths, name: str, on: bool) -> bool:
     """--egress-thread auto: the TAP's NAPI into its kernel thread (on) or back into
     weft's writes. False, said once and auto given up, when the kernel refuses."""
-    path = f"/sys/class/net/{name}/threaded"
     try:
-        with open(path, "w") as f:
-            f.write("1" if on else "0")
+        _write_threaded(name, on)
     except OSError as exc:
         log.warning(
-            "--egress-thread auto: cannot write %d to %s (%s): the thread stays %s",
+            "--egress-thread auto: cannot write %d to /sys/class/net/%s/threaded (%s): "
+            "the thread stays %s",
             on,
-            path,
+            name,
             _errtext(exc),
             "on" if paths.egress_thread else "off",
         )
@@ -787,7 +793,7 @@ class FastEngine(Engine):
         self._egress_thread = paths.egress_thread and self._egress_fd >= 0
         self._ordered_until = 0  # … and for a while after a switch, whatever it was
         self._egress_poll = select.poll()
-        if self._egress_fd >= 0 and (paths.egress_thread or paths.egress_thread_mode == "auto"):
+        if self._egress_fd >= 0 and paths.egress_thread_mode != "off":
             self._egress_poll.register(self._egress_fd, select.POLLOUT)
         # --egress-thread: per source port (a hash of the inner flow), when that port's
         # last super-packet went to the TAP (EGRESS_ORDER_NS)
@@ -858,6 +864,11 @@ class FastEngine(Engine):
         self._egress_thread = on and self._egress_fd >= 0
         self._ordered_until = now + EGRESS_SWITCH_NS
         self._tap_at = [now + EGRESS_SWITCH_NS - EGRESS_ORDER_NS] * len(self._tap_at)
+
+    def _tap_queues(self, now: int) -> bool:
+        """May what weft writes to the TAP wait in its queue (a thread sends it), so
+        that a flow's packets must follow their super-packets there?"""
+        return self._egress_thread or now < self._ordered_until
 
     def start(self, loop) -> None:  # type: ignore[no-untyped-def]
         super().start(loop)
@@ -936,7 +947,7 @@ class FastEngine(Engine):
         batching = self.paths.on["tx_batch"]
         now = time.monotonic_ns()
         idle = now - self._busy_end > IDLE_NS
-        ordered = self._egress_thread or now < self._ordered_until  # EGRESS_ORDER_NS
+        ordered = self._tap_queues(now)  # EGRESS_ORDER_NS
         tap_at = self._tap_at
         # Checksums the pod left to offload (NEEDS_CSUM) are completed for a whole
         # run at once when it is sent (segment.complete_checksums): `run_csum` is
@@ -1201,7 +1212,7 @@ class FastEngine(Engine):
         except BlockingIOError:
             # (without the thread the TAP's queue empties inside each write, but the
             # last of the thread's may still be there right after a switch)
-            queued = self._egress_thread or time.monotonic_ns() < self._ordered_until
+            queued = self._tap_queues(time.monotonic_ns())
             if not queued or not self._egress_poll.poll(EGRESS_WAIT_MS):
                 raise
             self._fc.egress_waits += 1

@@ -121,7 +121,8 @@ class NodeSpec:
 
 
 #: The auto policy's thresholds instead of its defaults (for tests and experiments):
-#: on_busy,on_idle,off_idle,off_busy (dataplane/egress_thread.py).
+#: on_busy,on_idle,off_idle,off_busy[,bulk_bytes,gain,keep,drop]
+#: (dataplane/egress_thread.py).
 EGRESS_POLICY_ENV = "WEFT_EGRESS_POLICY"
 
 
