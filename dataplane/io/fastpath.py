@@ -165,7 +165,7 @@ RX_SLOTS = 128
 RX_SLOT_SIZE = batch.SLOT_SIZE + 9216
 #: Batches of at least this many GRO messages are planned for all messages at once
 #: (gro.Coalescer.plan_batch); below it, message by message costs less (plan_whole).
-BATCH_PLAN_MIN = 6
+BATCH_PLAN_MIN = 2
 #: A batch of single datagrams is planned for coalescing (gro.DatagramPlanner, some
 #: 60–120 µs of numpy) only when it has at least this many datagrams longer than
 #: DATAGRAM_MIN_PAYLOAD + all headers whose length equals the one before: a stream's
@@ -257,6 +257,7 @@ class FastCounters:
     """How much went through each fast path (counted per batch or per write, not per packet)."""
 
     __slots__ = (
+        "batch_plan_declines",
         "batch_plans",
         "batched_datagrams",
         "egress_thread_switches",
@@ -291,6 +292,7 @@ class FastCounters:
         self.gso_written_segments = 0  # … and the segments they carried
         self.gso_datagram_writes = 0  # … of them made of single datagrams (gso_datagrams)
         self.batch_plans = 0  # recvmmsg batches of GRO messages planned at once
+        self.batch_plan_declines = 0  # … and batches it left to message-by-message planning
         self.gro_cuts = 0  # coalesced writes that began or ended inside a GRO message
         self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
         self.split_segments = 0  # … and the segments they made
@@ -1509,6 +1511,8 @@ class FastEngine(Engine):
             )
             if runs is not None:
                 self._fc.batch_plans += 1
+            else:
+                self._fc.batch_plan_declines += 1
         if runs is None:
             runs = coalescer.plan_whole(offsets, lengths, sizes, rx.sources, rx.ports, m)
         if runs is None:

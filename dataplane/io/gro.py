@@ -160,15 +160,18 @@ class _BatchShape:
     """What Coalescer.plan_batch needs that follows from a batch's shape alone: the
     message lengths and GRO segment sizes, where the messages sit, the header
     length. Which rows of the (message, segment) grid are segments, each segment's
-    message and place in it, the IP total length and TCP length each must have,
-    where each message's padding goes. Worked out once per shape: a bulk flow's
-    batches repeat a few shapes (a sender's 46-segment TSO packets arrive as GRO
-    messages of 44 and 2 segments, batch after batch)."""
+    message and place in it, the header bits each must have (the fixed ones, its IP
+    total length, no PSH but on a message's last), the sequence number step from
+    its message's first, the pseudo-header part of its TCP sum, where each
+    message's padding goes. Worked out once per shape: a bulk flow's batches
+    repeat a few shapes (a sender's 46-segment TSO packets arrive as GRO messages
+    of 44 and 2 segments, batch after batch)."""
 
     __slots__ = (
-        "dense", "firsts", "full_before", "heads", "ii", "inner_i", "inner_j", "jj", "keep",
-        "keep_row", "mask", "n", "not_last", "pads", "pay_list", "pays", "prev_i", "prev_last",
-        "rows", "seg_list", "seq_steps", "size", "sum_fix", "tot", "unit", "value", "w", "width",
+        "check_mask", "check_value", "checks", "dense", "firsts", "full_before", "heads",
+        "ii", "jj", "keep", "keep_row", "lead_fixed", "n", "not_last", "pads", "pay_list",
+        "psh_at", "rows", "run_on", "seg_list", "seq_steps", "size", "sum_fix", "unit", "w",
+        "width",
     )  # fmt: skip
 
     @staticmethod
@@ -195,8 +198,8 @@ class _BatchShape:
             return _DECLINE
         sh = _BatchShape()
         sh.rows, sh.size = rows, size
-        ends = (base + np.arange(m) * stride + lengths).tolist()
-        sh.pads = list(zip(ends, (size + 2 - last).tolist(), strict=True))
+        starts = base + np.arange(m) * stride
+        sh.pads = list(zip((starts + lengths).tolist(), (size + 2 - last).tolist(), strict=True))
         # The segments: (message, row) of each, in order.
         col = np.arange(rows)
         ii, jj = np.nonzero(col < segs[:, None])
@@ -204,28 +207,65 @@ class _BatchShape:
         sh.dense = n * 4 >= m * rows * 3  # sum the whole grid: at most a quarter wasted
         is_last = jj == full[ii]
         sh.ii, sh.jj = ii, jj
-        sh.inner_i, sh.inner_j = ii[~is_last], jj[~is_last]
         keep, mask, value = _tiled_masks(ip, hl)
         w = sh.w = len(keep) // MAX_ROWS
         sh.keep = keep[: n * w].reshape(n, w)
-        sh.mask = mask[: n * w].reshape(n, w)
-        sh.value = value[: n * w].reshape(n, w)
         sh.keep_row = keep[:w]
+        # The bits every segment must have: header_masks' fixed ones, and per row its
+        # IP total length and, but on a message's last segment, no PSH.
+        check_mask = mask[: n * w].reshape(n, w).copy()
+        check_value = value[: n * w].reshape(n, w).copy()
+        mask_bytes = check_mask.view(np.uint8)
+        value_bytes = check_value.view(np.uint8)
+        tot = np.where(is_last, last[ii] - ip, size - ip)
+        mask_bytes[:, ip + 2 : ip + 4] = 0xFF
+        value_bytes[:, ip + 2] = tot >> 8
+        value_bytes[:, ip + 3] = tot & 0xFF
+        mask_bytes[~is_last, ip + 33] = 0xFF
         heads = sh.heads = np.cumsum(segs) - segs  # each message's first segment, gathered
         sh.firsts = np.repeat(heads, segs)  # … for every segment
-        sh.tot = np.where(is_last, last[ii] - ip, size - ip)
-        sh.seq_steps = jj * (size - hl)
+        sh.seq_steps = (jj * (size - hl)).astype(np.uint32)
         start = ip + 12
         sh.unit = 4 if (base + start) & 3 == 0 and size & 3 == 0 else 2
         sh.width = -(-(size - start) // sh.unit)
         tcp_len = np.where(is_last, last[ii], size) - (ip + 20)
         sh.sum_fix = ((tcp_len + 6) << 8).astype(np.uint64)
+        # A row of 32-bit words that runs on into the next row's first two bytes (see
+        # plan_batch): those bytes must then be the same in every segment.
+        sh.run_on = sh.unit * sh.width > size - start
+        sh.lead_fixed = (int(mask[0]) & 0xFFFF, int(value[0]) & 0xFFFF)
+        if sh.run_on:
+            mask_bytes[:, 0:2] = 0xFF
+        sh.check_mask, sh.check_value = check_mask, check_value
         sh.not_last = (~is_last).astype(np.uint64)
-        pays = sh.pays = lengths - segs * hl
+        sh.checks = {}
+        pays = lengths - segs * hl
         sh.seg_list, sh.pay_list = segs.tolist(), pays.tolist()
-        sh.prev_i, sh.prev_last = np.arange(m - 1), full[:-1]
-        sh.full_before = last[:-1] == size
+        sh.full_before = (last == size).tolist()
+        sh.psh_at = (starts + full * size + ip + 33).tolist()
         return sh
+
+    def checks_for(self, lead: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(header values, TCP sum constants) for a batch whose segments begin with
+        the 16-bit word `lead` (little-endian; 0 unless run_on): None when `lead`
+        contradicts the fixed bits. Kept for a few values (a VXLAN header's flags
+        are the same in every packet; the UDP backend's are the inner IP version
+        and TOS)."""
+        checks = self.checks.get(lead)
+        if checks is None:
+            value = self.check_value
+            fix = self.sum_fix
+            if self.run_on:
+                fixed, want = self.lead_fixed
+                if lead & fixed != want:
+                    return None
+                value = value.copy()
+                value[:, 0] = (value[:, 0] & ~np.uint64(0xFFFF)) | np.uint64(lead)
+                fix = fix + np.uint64(0xFFFF - lead) * self.not_last
+            if len(self.checks) >= 4:
+                self.checks.clear()
+            checks = self.checks[lead] = (value, fix)
+        return checks
 
 
 #: _BatchShape.of: batches of this shape are left to plan_whole.
@@ -541,68 +581,63 @@ class Coalescer:
             return None
         assert isinstance(shape, _BatchShape)
         rows, size, w = shape.rows, shape.size, shape.w
-        ii, jj, firsts = shape.ii, shape.jj, shape.firsts
+        ii, jj = shape.ii, shape.jj
+        checks = shape.checks_for(buf[base] | buf[base + 1] << 8 if shape.run_on else 0)
+        if checks is None:
+            return None
+        value, sum_fix = checks
         # Pad every message's last segment to the segment size, and 2 bytes more
         # (see the TCP checksums below).
         for end, pad in shape.pads:
             buf[end : end + pad] = _ZEROS[:pad]
-        # Header words: the fixed bits, and every segment equal to its message's first.
+        # Header words: the bits the shape fixes (the protocol, IP total length, PSH
+        # only on a message's last segment…), and every segment equal to its
+        # message's first where a run must be. One count for both.
         words = np.ndarray((m, rows, w), "<u8", buf, base, (stride, size, 8))[ii, jj]
-        if ((words & shape.mask) != shape.value).any():
+        bad = (words & shape.check_mask) ^ value
+        bad |= (words ^ words[shape.firsts]) & shape.keep
+        if np.count_nonzero(bad):
             return None
-        if ((words ^ words[firsts]) & shape.keep).any():
-            return None
-        # PSH only on a message's last segment; IP total lengths; sequence numbers
-        # contiguous within each message.
-        flags = np.ndarray((m, rows), np.uint8, buf, base + ip + 33, (stride, size))
-        if (flags[shape.inner_i, shape.inner_j] & TCP_PSH).any():
-            return None
-        tot = np.ndarray((m, rows), ">u2", buf, base + ip + 2, (stride, size))[ii, jj]
-        if (tot != shape.tot).any():
-            return None
+        # Sequence numbers contiguous within each message (uint32: they may wrap).
         seq = np.ndarray((m, rows), ">u4", buf, base + ip + 24, (stride, size))[ii, jj]
-        seq = seq.astype(np.int64)
-        if (seq != (seq[firsts] + shape.seq_steps) & 0xFFFFFFFF).any():
+        seq = seq.astype(np.uint32)
+        if np.count_nonzero((seq - seq[shape.firsts]) != shape.seq_steps):
             return None
         # The first IP header of each message (the one a merged packet keeps; the
         # others' fields were compared with it).
         ip_hdr = np.ndarray((m, 10), "<u2", buf, base + ip, (stride, 2))
-        if (ip_hdr.sum(axis=1, dtype=np.uint64) % _ONES).any():
+        if np.count_nonzero(ip_hdr.sum(axis=1, dtype=np.uint64) % _ONES):
             return None
         # TCP checksums: little-endian 32-bit words (16-bit when the rows are not
         # 4-byte aligned) from the inner addresses (the pseudo-header's) to the
-        # padded end; protocol and TCP length added × 256 (see _tcp_sums_ok). When
-        # most rows of the grid are segments, summed in place over every row (rows
-        # past a message's last hold stale bytes within its slot, and are not
-        # picked): gathering the segments' rows first copies the batch once more.
-        # Else (GRO messages of 44 and 2 segments, say) gathered, then summed.
+        # padded end; protocol and TCP length added × 256 (see _tcp_sums_ok). A row
+        # of 32-bit words may run on into the next row's first two bytes (run_on):
+        # its message's, the same in every segment (the header check saw to it),
+        # taken out again with the constants, unless the row is a message's last
+        # (then the padding's zeros). When most rows of the grid are segments,
+        # summed in place over every row (rows past a message's last hold stale
+        # bytes within its slot, and are not picked): gathering the segments' rows
+        # first copies the batch once more. Else (GRO messages of 44 and 2
+        # segments, say) gathered, then summed.
         unit, width = shape.unit, shape.width
         tcp = np.ndarray((m, rows, width), f"<u{unit}", buf, base + ip + 12, (stride, size, unit))
         if shape.dense:
             grid = self._sum_grid[: m * rows].reshape(m, rows)
             np.add.reduce(tcp, axis=2, dtype=np.uint64, out=grid)
-            sums = grid[ii, jj] + shape.sum_fix
+            sums = grid[ii, jj]
         else:
-            sums = tcp[ii, jj].sum(axis=1, dtype=np.uint64) + shape.sum_fix
-        if unit * width > size - ip - 12:
-            # A row of 32-bit words runs on into the next row's first two bytes: its
-            # message's (all rows alike, the header check saw to it) unless the row is
-            # a last one (then the padding's zeros).
-            sums += (0xFFFF - (words[:, 0] & 0xFFFF)) * shape.not_last
-        if (sums % _ONES).any():
+            sums = tcp[ii, jj].sum(axis=1, dtype=np.uint64)
+        sums += sum_fix
+        if np.count_nonzero(sums % _ONES):
             return None
         # Which message continues the one before it: same peer and flow, contiguous
         # sequence numbers, the earlier one's last segment full-size without PSH.
+        # Asked in the loop below, over a handful of values per message.
         heads = shape.heads
-        seq_first = seq[heads]
-        last_flags = flags[shape.prev_i, shape.prev_last]
-        joins = (
-            (peers[1:] == peers[:-1])
-            & ~((words[heads[1:]] ^ words[heads[:-1]]) & shape.keep_row).any(axis=1)
-            & (seq_first[1:] == (seq_first[:-1] + shape.pays[:-1]) & 0xFFFFFFFF)
-            & shape.full_before
-            & ((last_flags & TCP_PSH) == 0)
-        ).tolist()
+        flow = (words[heads] & shape.keep_row).tolist()
+        seq_first = seq[heads].tolist()
+        peer = peers.tolist()
+        full_before, psh_at = shape.full_before, shape.psh_at
         runs: list[Run] = []
         cap = self.max_segments
         seg_list, pay_list = shape.seg_list, shape.pay_list
@@ -612,7 +647,13 @@ class Coalescer:
         seg_pay = size - hl
         for i in range(1, m):
             s, p = seg_list[i], pay_list[i]
-            if joins[i - 1]:
+            if (
+                full_before[i - 1]
+                and peer[i] == peer[i - 1]
+                and seq_first[i] == (seq_first[i - 1] + pay_list[i - 1]) & 0xFFFFFFFF
+                and not buf[psh_at[i - 1]] & TCP_PSH
+                and flow[i] == flow[i - 1]
+            ):
                 if segments + s <= cap and payload + p <= MAX_PAYLOAD:
                     count += 1
                     segments += s

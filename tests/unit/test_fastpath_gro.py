@@ -678,6 +678,43 @@ def test_batch_sequence_numbers_that_wrap() -> None:
     assert batch_runs(rx) == whole_runs(rx) == [(0, 12)]
 
 
+def with_lead(seg: bytes, lead: bytes, hide: int = 0) -> bytes:
+    """seg with its first two bytes (VXLAN flags and reserved) set to `lead`, and,
+    with `hide`, its payload changed by that much in its one's complement sum (a
+    little-endian 16-bit word at an even offset from the inner addresses)."""
+    out = bytearray(seg)
+    out[:2] = lead
+    if hide:
+        word = (int.from_bytes(out[300:302], "little") + hide) % 0xFFFF
+        out[300:302] = word.to_bytes(2, "little")
+    return bytes(out)
+
+
+def test_batch_rows_that_run_on_into_other_leading_bytes() -> None:
+    """Rows of 32-bit words run on into the next segment's first two bytes (VXLAN
+    flags and a reserved byte: 1472-byte segments): plan_batch takes them out as one
+    constant, so the batch's messages must all begin alike, or it declines. The
+    second message begins 08 01 and each of its segments but the last has a payload
+    that differs by exactly what the first message's constant would hide: plan_whole
+    sees each message with its own bytes and declines; so must plan_batch."""
+    segs = stream(12)
+    rx = gro_batch([segs[:5], segs[5:]])
+    assert batch_runs(rx) == whole_runs(rx) == [(0, 12)]
+    assert rx.coalescer._shapes[next(iter(rx.coalescer._shapes))].run_on
+    hide = (0x0008 - 0x0108) % 0xFFFF
+    odd = [with_lead(s, b"\x08\x01", hide if i < 6 else 0) for i, s in enumerate(segs[5:])]
+    rx = gro_batch([segs[:5], odd])
+    assert whole_runs(rx) is None
+    assert batch_runs(rx) is None
+    # Leading bytes alike but not VXLAN's usual (one segment hidden as above is caught).
+    lead = [with_lead(s, b"\x08\x01") for s in segs]
+    rx = gro_batch([lead[:5], lead[5:]])
+    assert batch_runs(rx) == whole_runs(rx) == [(0, 12)]
+    lead[7] = with_lead(segs[7], b"\x08\x01", (0x0108 - 0x0008) % 0xFFFF)
+    rx = gro_batch([lead[:5], lead[5:]])
+    assert batch_runs(rx) is None and whole_runs(rx) is None
+
+
 DECLINE_CASES = [
     "psh", "gap", "sport", "ack", "window", "src", "tos", "ttl", "options", "syn", "fin",
     "udp", "fragment", "ip_options", "first_ip_sum", "tot", "payload", "last_payload",
