@@ -164,7 +164,8 @@ RX_SLOTS = 128
 #: to a jumbo frame's segment size (gro.Coalescer.plan_batch pads in place).
 RX_SLOT_SIZE = batch.SLOT_SIZE + 9216
 #: Batches of at least this many GRO messages are planned for all messages at once
-#: (gro.Coalescer.plan_batch); below it, message by message costs less (plan_whole).
+#: (gro.Coalescer.plan_batch; measured in the lab, from two messages on it costs
+#: less than plan_whole, message by message — docs/decisions.md, section 24).
 BATCH_PLAN_MIN = 2
 #: A batch of single datagrams is planned for coalescing (gro.DatagramPlanner, some
 #: 60–120 µs of numpy) only when it has at least this many datagrams longer than
@@ -1504,11 +1505,8 @@ class FastEngine(Engine):
                     if buf[offsets[i] + proto_at] == 17:
                         return False
         runs = None
-        if m >= BATCH_PLAN_MIN and rx.np_lengths is not None:
-            assert rx.np_sizes is not None and rx.np_peers is not None
-            runs = coalescer.plan_batch(
-                offsets[0], rx.slot_size, rx.np_lengths, rx.np_sizes, rx.np_peers
-            )
+        if m >= BATCH_PLAN_MIN:
+            runs = coalescer.plan_batch(offsets[0], rx.slot_size, *rx.arrays())
             if runs is not None:
                 self._fc.batch_plans += 1
             else:
