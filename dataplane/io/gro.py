@@ -598,15 +598,15 @@ class Coalescer:
         bad |= (words ^ words[shape.firsts]) & shape.keep
         if np.count_nonzero(bad):
             return None
-        # Sequence numbers contiguous within each message (uint32: they may wrap).
-        seq = np.ndarray((m, rows), ">u4", buf, base + ip + 24, (stride, size))[ii, jj]
-        seq = seq.astype(np.uint32)
+        # Sequence numbers contiguous within each message (uint32: they may wrap),
+        # read from the gathered header words.
+        seq = np.ndarray((len(ii),), ">u4", words, ip + 24, (w * 8,)).astype(np.uint32)
         if np.count_nonzero((seq - seq[shape.firsts]) != shape.seq_steps):
             return None
         # The first IP header of each message (the one a merged packet keeps; the
         # others' fields were compared with it).
         ip_hdr = np.ndarray((m, 10), "<u2", buf, base + ip, (stride, 2))
-        if np.count_nonzero(ip_hdr.sum(axis=1, dtype=np.uint64) % _ONES):
+        if np.count_nonzero(np.add.reduce(ip_hdr, axis=1, dtype=np.uint64) % _ONES):
             return None
         # TCP checksums: little-endian 32-bit words (16-bit when the rows are not
         # 4-byte aligned) from the inner addresses (the pseudo-header's) to the
@@ -626,7 +626,7 @@ class Coalescer:
             np.add.reduce(tcp, axis=2, dtype=np.uint64, out=grid)
             sums = grid[ii, jj]
         else:
-            sums = tcp[ii, jj].sum(axis=1, dtype=np.uint64)
+            sums = np.add.reduce(tcp[ii, jj], axis=1, dtype=np.uint64)
         sums += sum_fix
         if np.count_nonzero(sums % _ONES):
             return None
@@ -799,10 +799,12 @@ class Coalescer:
             words = np.ndarray((full, width), "<u4", buf, off + start, (size, 4))
         else:
             words = np.ndarray((full, (size - start) >> 1), "<u2", buf, off + start, (size, 2))
-        if ((words.sum(axis=1, dtype=np.uint64) + np.uint64(fix)) % _ONES).any():
+        sums = np.add.reduce(words, axis=1, dtype=np.uint64) + np.uint64(fix)
+        if np.count_nonzero(sums % _ONES):
             return False
         at = off + full * size + start
-        tail = int(np.ndarray(((last - start) >> 1,), "<u2", buf, at).sum(dtype=np.uint64))
+        tail_words = np.ndarray(((last - start) >> 1,), "<u2", buf, at)
+        tail = int(np.add.reduce(tail_words, dtype=np.uint64))
         if (last - start) & 1:
             tail += buf[off + n - 1]  # the odd byte is the high half of a big-endian word
         return (tail + (6 + last - start - 8) * 256) % 0xFFFF == 0
@@ -896,9 +898,8 @@ class DatagramPlanner:
         unit = 4 if start & 3 == 0 else 2
         dtype = "<u4" if unit == 4 else "<u2"
         whole, rest = divmod(length - ip - 12, unit)
-        sums = np.ndarray((m, whole), dtype, self.buf, start, (stride, unit)).sum(
-            axis=1, dtype=np.uint64
-        )
+        rows = np.ndarray((m, whole), dtype, self.buf, start, (stride, unit))
+        sums = np.add.reduce(rows, axis=1, dtype=np.uint64)
         if rest:
             tail = np.ndarray((m,), dtype, self.buf, start + whole * unit, (stride,))
             sums += tail & ((1 << 8 * rest) - 1)
@@ -951,7 +952,7 @@ class DatagramPlanner:
         # IP headers: little-endian 16-bit words (a valid header sums to 0 mod 0xFFFF
         # in either byte order).
         ip_hdr = np.ndarray((m, 10), "<u2", buf, base + ip, (stride, 2))
-        ip_sums = ip_hdr.sum(axis=1, dtype=np.uint64)
+        ip_sums = np.add.reduce(ip_hdr, axis=1, dtype=np.uint64)
         good = ip_sums % _ONES == 0
         # The longest datagrams' length (a run's full-size segments) as a matrix; the
         # few rows of other lengths (a run's short last segment) one by one in the
