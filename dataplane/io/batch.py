@@ -262,17 +262,6 @@ class MmsgReceiver:
         self.sources = sources
         return n
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """np_lengths, np_sizes and np_peers of the last receive(): after a small
-        batch (lists only), made now from the lists and the message headers."""
-        if self.np_lengths is None or self.np_sizes is None or self.np_peers is None:
-            n = len(self.lengths)
-            v = self._views
-            self.np_lengths = np.array(self.lengths, dtype=np.int64)
-            self.np_sizes = np.array(self.segment_sizes, dtype=np.int64)
-            self.np_peers = v["addr"][:n].astype(np.int64) << 16 | v["port"][:n]
-        return self.np_lengths, self.np_sizes, self.np_peers
-
     def receive_one(self, sock: socket.socket) -> int:
         """One message into slot 0 with Python's own recvmsg_into: 1, or 0 when none
         was queued; the same fields as receive() fills. After an idle gap a ctypes

@@ -1506,7 +1506,9 @@ class FastEngine(Engine):
                         return False
         runs = None
         if m >= BATCH_PLAN_MIN:
-            runs = coalescer.plan_batch(offsets[0], rx.slot_size, *rx.arrays())
+            runs = coalescer.plan_batch(
+                offsets[0], rx.slot_size, lengths, sizes, rx.sources, rx.ports
+            )
             if runs is not None:
                 self._fc.batch_plans += 1
             else:

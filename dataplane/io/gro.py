@@ -176,12 +176,14 @@ class _BatchShape:
 
     @staticmethod
     def of(
-        co: Coalescer, base: int, stride: int, hl: int, lengths: np.ndarray, sizes: np.ndarray
+        co: Coalescer, base: int, stride: int, hl: int, lengths_: list[int], sizes_: list[int]
     ) -> _BatchShape | object:
         """The shape, or _DECLINE when no batch of this shape is planned at once."""
-        m = len(lengths)
+        m = len(lengths_)
         ip = co.ip_off
-        size = int(sizes[0])
+        size = sizes_[0]
+        lengths = np.array(lengths_, dtype=np.int64)
+        sizes = np.array(sizes_, dtype=np.int64)
         if size & 1 or size < co.min_len:
             return _DECLINE
         segs = -(-lengths // size)
@@ -299,7 +301,7 @@ class Coalescer:
         self.min_len = ip + 40
         self._pad = np.zeros(256, dtype=np.uint8)
         self._sum_grid = np.empty(MAX_ROWS, dtype=np.uint64)  # plan_batch's TCP sums
-        self._shapes: dict[tuple[int, int, int, bytes, bytes], object] = {}
+        self._shapes: dict[tuple[int, int, int, tuple[int, ...], tuple[int, ...]], object] = {}
         self._shape_rows = 0  # rows of segments the kept shapes cover
         # Header bytes that may differ between the segments of a run: IP total length,
         # ID and checksum; TCP sequence number, flags (checked on their own), checksum.
@@ -540,12 +542,18 @@ class Coalescer:
         return runs
 
     def plan_batch(
-        self, base: int, stride: int, lengths: np.ndarray, sizes: np.ndarray, peers: np.ndarray
+        self,
+        base: int,
+        stride: int,
+        lengths: list[int],
+        sizes: list[int],
+        sources: list[str],
+        ports: list[int],
     ) -> list[Run] | None:
         """plan_whole for the common batch, decided for all its messages at once: m =
         len(lengths) UDP GRO messages of one segment size, message i at base + i *
-        stride (the receiver's slots), `sizes` their GRO segment sizes, `peers` an
-        integer per message that differs between peers. The same runs as plan_whole;
+        stride (the receiver's slots), `sizes` their GRO segment sizes, `sources`
+        and `ports` their peers' addresses and ports. The same runs as plan_whole;
         None when plan_whole would decline, or when the batch is not of that shape
         (then plan_whole decides).
 
@@ -567,7 +575,7 @@ class Coalescer:
         buf = self.buf
         ip = self.ip_off
         hl = ip + 20 + ((buf[base + ip + 32] >> 4) << 2)
-        key = (base, stride, hl, lengths.tobytes(), sizes.tobytes())
+        key = (base, stride, hl, tuple(lengths), tuple(sizes))
         shape = self._shapes.get(key)
         if shape is None:
             shape = _BatchShape.of(self, base, stride, hl, lengths, sizes)
@@ -636,7 +644,6 @@ class Coalescer:
         heads = shape.heads
         flow = (words[heads] & shape.keep_row).tolist()
         seq_first = seq[heads].tolist()
-        peer = peers.tolist()
         full_before, psh_at = shape.full_before, shape.psh_at
         runs: list[Run] = []
         cap = self.max_segments
@@ -649,7 +656,8 @@ class Coalescer:
             s, p = seg_list[i], pay_list[i]
             if (
                 full_before[i - 1]
-                and peer[i] == peer[i - 1]
+                and sources[i] == sources[i - 1]
+                and ports[i] == ports[i - 1]
                 and seq_first[i] == (seq_first[i - 1] + pay_list[i - 1]) & 0xFFFFFFFF
                 and not buf[psh_at[i - 1]] & TCP_PSH
                 and flow[i] == flow[i - 1]

@@ -308,6 +308,12 @@ def test_single_datagrams_stay_single_unless_asked() -> None:
     assert plan.lengths[:4] == [len(s) for s in stream(4)]
 
 
+def peer_address(peer: int) -> tuple[str, int]:
+    """The (address, port) a test's peer number stands for: bit 0 the port, the
+    other bits the address (peers 1 and 2 differ from 0 in one of them each)."""
+    return f"10.0.0.{1 + (peer >> 1)}", 8472 + (peer & 1)
+
+
 def whole_runs(rx: Rx) -> list[tuple[int, int]] | None:
     """Coalescer.plan_whole over rx's messages, its runs converted to plan's segment
     runs (first segment, count); None when plan_whole declines the batch."""
@@ -317,8 +323,8 @@ def whole_runs(rx: Rx) -> list[tuple[int, int]] | None:
         [off for off, *_ in msgs],
         [n for _, n, _, _ in msgs],
         sizes,
-        ["10.0.0.1"] * len(msgs),
-        [peer for *_, peer in msgs],
+        [peer_address(peer)[0] for *_, peer in msgs],
+        [peer_address(peer)[1] for *_, peer in msgs],
         len(msgs),
     )
     if runs is None:
@@ -584,9 +590,10 @@ def batch_runs(rx: Rx) -> list[tuple[int, int]] | None:
     runs = rx.coalescer.plan_batch(
         msgs[0][0],
         rx.slot,
-        np.array([n for _, n, _, _ in msgs], dtype=np.int64),
-        np.array([size or n for _, n, size, _ in msgs], dtype=np.int64),
-        np.array([peer for *_, peer in msgs], dtype=np.int64),
+        [n for _, n, _, _ in msgs],
+        [size or n for _, n, size, _ in msgs],
+        [peer_address(peer)[0] for *_, peer in msgs],
+        [peer_address(peer)[1] for *_, peer in msgs],
     )
     if runs is None:
         return None
@@ -606,13 +613,13 @@ def gro_batch(messages: list[list[bytes]], *, shift: int = 2, ip_off: int = 22,
 
 
 @pytest.mark.parametrize("shift", [0, 2])  # 16-bit and 32-bit checksum words
-@pytest.mark.parametrize("second", ["same", "gap", "psh", "short", "peer", "flow"])
+@pytest.mark.parametrize("second", ["same", "gap", "psh", "short", "peer", "peer_address", "flow"])
 def test_batch_plans_as_plan_whole_does(second: str, shift: int) -> None:
     rx = Rx(shift=shift)
     rx.coalescer = Coalescer(rx.buf, 22)
     nxt = first_gro_message(rx, second)
     rest = stream(5, start=nxt, sport=5202 if second == "flow" else 5201)
-    rx.gro(rest, peer=1 if second == "peer" else 0)
+    rx.gro(rest, peer={"peer": 1, "peer_address": 2}.get(second, 0))
     rx.gro(stream(4, start=nxt + 5 * 1398, sport=5202 if second == "flow" else 5201))
     expected = whole_runs(rx)
     assert expected == rx.coalescer.plan(rx.messages).runs
