@@ -152,8 +152,9 @@ def split_messages(messages: list[tuple[int, int, int, int]]) -> Batch:
 
 
 #: plan_batch keeps what it works out from a batch's shape for up to this many rows
-#: of segments in all (a few MB of index arrays at most), then starts again.
-MAX_SHAPE_ROWS = 1 << 16
+#: of segments in all (~200 bytes a row: the header masks and index arrays; 6.5 MB at
+#: most), then starts again.
+MAX_SHAPE_ROWS = 1 << 15
 
 
 class _BatchShape:
@@ -168,10 +169,10 @@ class _BatchShape:
     of 44 and 2 segments, batch after batch)."""
 
     __slots__ = (
-        "check_mask", "check_value", "checks", "dense", "firsts", "full_before", "heads",
-        "ii", "jj", "keep", "keep_row", "lead_fixed", "n", "not_last", "pads", "pay_list",
-        "psh_at", "rows", "run_on", "seg_list", "seq_steps", "size", "sum_fix", "unit", "w",
-        "width",
+        "check_mask", "check_value", "dense", "firsts", "full_before", "heads", "ii", "jj",
+        "keep", "keep_row", "lead", "lead_fixed", "n", "not_last", "pads", "pay_list",
+        "pseudo", "psh_at", "rows", "run_on", "seg_list", "seq_steps", "size", "sum_fix",
+        "unit", "w", "width",
     )  # fmt: skip
 
     @staticmethod
@@ -231,7 +232,7 @@ class _BatchShape:
         sh.unit = 4 if (base + start) & 3 == 0 and size & 3 == 0 else 2
         sh.width = -(-(size - start) // sh.unit)
         tcp_len = np.where(is_last, last[ii], size) - (ip + 20)
-        sh.sum_fix = ((tcp_len + 6) << 8).astype(np.uint64)
+        sh.pseudo = sh.sum_fix = ((tcp_len + 6) << 8).astype(np.uint64)
         # A row of 32-bit words that runs on into the next row's first two bytes (see
         # plan_batch): those bytes must then be the same in every segment.
         sh.run_on = sh.unit * sh.width > size - start
@@ -240,34 +241,28 @@ class _BatchShape:
             mask_bytes[:, 0:2] = 0xFF
         sh.check_mask, sh.check_value = check_mask, check_value
         sh.not_last = (~is_last).astype(np.uint64)
-        sh.checks = {}
+        sh.lead = -1 if sh.run_on else 0
         pays = lengths - segs * hl
         sh.seg_list, sh.pay_list = segs.tolist(), pays.tolist()
         sh.full_before = (last == size).tolist()
         sh.psh_at = (starts + full * size + ip + 33).tolist()
         return sh
 
-    def checks_for(self, lead: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(header values, TCP sum constants) for a batch whose segments begin with
-        the 16-bit word `lead` (little-endian; 0 unless run_on): None when `lead`
-        contradicts the fixed bits. Kept for a few values (a VXLAN header's flags
-        are the same in every packet; the UDP backend's are the inner IP version
-        and TOS)."""
-        checks = self.checks.get(lead)
-        if checks is None:
+    def take_lead(self, lead: int) -> bool:
+        """Set the header values and TCP sum constants for a batch whose segments
+        begin with the 16-bit word `lead` (little-endian; run_on shapes only), in
+        place when it changes (a VXLAN header's flags are the same in every packet;
+        the UDP backend's are the inner IP version and TOS). False when `lead`
+        contradicts the fixed bits."""
+        if lead != self.lead:
+            fixed, want = self.lead_fixed
+            if lead & fixed != want:
+                return False
             value = self.check_value
-            fix = self.sum_fix
-            if self.run_on:
-                fixed, want = self.lead_fixed
-                if lead & fixed != want:
-                    return None
-                value = value.copy()
-                value[:, 0] = (value[:, 0] & ~np.uint64(0xFFFF)) | np.uint64(lead)
-                fix = fix + np.uint64(0xFFFF - lead) * self.not_last
-            if len(self.checks) >= 4:
-                self.checks.clear()
-            checks = self.checks[lead] = (value, fix)
-        return checks
+            value[:, 0] = (value[:, 0] & ~np.uint64(0xFFFF)) | np.uint64(lead)
+            self.sum_fix = self.pseudo + np.uint64(0xFFFF - lead) * self.not_last
+            self.lead = lead
+        return True
 
 
 #: _BatchShape.of: batches of this shape are left to plan_whole.
@@ -590,10 +585,8 @@ class Coalescer:
         assert isinstance(shape, _BatchShape)
         rows, size, w = shape.rows, shape.size, shape.w
         ii, jj = shape.ii, shape.jj
-        checks = shape.checks_for(buf[base] | buf[base + 1] << 8 if shape.run_on else 0)
-        if checks is None:
+        if shape.run_on and not shape.take_lead(buf[base] | buf[base + 1] << 8):
             return None
-        value, sum_fix = checks
         # Pad every message's last segment to the segment size, and 2 bytes more
         # (see the TCP checksums below).
         for end, pad in shape.pads:
@@ -602,7 +595,7 @@ class Coalescer:
         # only on a message's last segment…), and every segment equal to its
         # message's first where a run must be. One count for both.
         words = np.ndarray((m, rows, w), "<u8", buf, base, (stride, size, 8))[ii, jj]
-        bad = (words & shape.check_mask) ^ value
+        bad = (words & shape.check_mask) ^ shape.check_value
         bad |= (words ^ words[shape.firsts]) & shape.keep
         if np.count_nonzero(bad):
             return None
@@ -635,7 +628,7 @@ class Coalescer:
             sums = grid[ii, jj]
         else:
             sums = np.add.reduce(tcp[ii, jj], axis=1, dtype=np.uint64)
-        sums += sum_fix
+        sums += shape.sum_fix
         if np.count_nonzero(sums % _ONES):
             return None
         # Which message continues the one before it: same peer and flow, contiguous

@@ -720,6 +720,15 @@ def test_batch_rows_that_run_on_into_other_leading_bytes() -> None:
     lead[7] = with_lead(segs[7], b"\x08\x01", (0x0108 - 0x0008) % 0xFFFF)
     rx = gro_batch([lead[:5], lead[5:]])
     assert batch_runs(rx) is None and whole_runs(rx) is None
+    # Through one Coalescer, in the same slots: the kept shape follows the change
+    # of leading bytes both ways.
+    rx = gro_batch([segs[:5], segs[5:]])
+    other = gro_batch([(s := [with_lead(x, b"\x08\x01") for x in segs])[:5], s[5:]])
+    clean = bytes(rx.buf)
+    for buf in (other.buf, clean, other.buf):
+        rx.buf[:] = buf
+        assert batch_runs(rx) == [(0, 12)]
+    assert len(rx.coalescer._shapes) == 1
 
 
 DECLINE_CASES = [
