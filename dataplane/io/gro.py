@@ -39,8 +39,9 @@ well under 1 µs a segment.
 message, cutting a message where a run must end inside it (a PSH; another ACK
 number, window or timestamp: the next super-packet of the flow, which the node's GRO
 put in the same message); `Coalescer.plan_batch` the same for all messages of a
-larger batch at once when no message needs a cut at a PSH or a header change (fewer
-numpy calls from about six messages on); `DatagramPlanner` applies the same rules
+batch at once when no message needs a cut at a PSH or a header change (a fixed
+number of numpy calls, fewer than plan_whole's from two messages on);
+`DatagramPlanner` applies the same rules
 to single datagrams (no GRO upstream) in consecutive recvmmsg slots, with numpy
 views over the slots.
 """
@@ -152,8 +153,8 @@ def split_messages(messages: list[tuple[int, int, int, int]]) -> Batch:
 
 
 #: plan_batch keeps what it works out from a batch's shape for up to this many rows
-#: of segments in all (~200 bytes a row: the header masks and index arrays; 6.5 MB at
-#: most), then starts again.
+#: of segments in all (~210 bytes a row: the header masks and index arrays; about
+#: 7 MB at most), then starts again.
 MAX_SHAPE_ROWS = 1 << 15
 
 
@@ -177,14 +178,19 @@ class _BatchShape:
 
     @staticmethod
     def of(
-        co: Coalescer, base: int, stride: int, hl: int, lengths_: list[int], sizes_: list[int]
+        co: Coalescer,
+        base: int,
+        stride: int,
+        hl: int,
+        message_lengths: list[int],
+        segment_sizes: list[int],
     ) -> _BatchShape | object:
         """The shape, or _DECLINE when no batch of this shape is planned at once."""
-        m = len(lengths_)
+        m = len(message_lengths)
         ip = co.ip_off
-        size = sizes_[0]
-        lengths = np.array(lengths_, dtype=np.int64)
-        sizes = np.array(sizes_, dtype=np.int64)
+        size = segment_sizes[0]
+        lengths = np.array(message_lengths, dtype=np.int64)
+        sizes = np.array(segment_sizes, dtype=np.int64)
         if size & 1 or size < co.min_len:
             return _DECLINE
         segs = -(-lengths // size)
