@@ -1505,7 +1505,9 @@ class FastEngine(Engine):
                     if buf[offsets[i] + proto_at] == 17:
                         return False
         runs = None
-        if m >= BATCH_PLAN_MIN:
+        if m >= BATCH_PLAN_MIN and sizes[0] < lengths[0]:
+            # (A batch that begins with a single datagram — a TCP sender's ACKs from
+            # a kernel node — is never plan_batch's: it takes GRO messages only.)
             runs = coalescer.plan_batch(
                 offsets[0], rx.slot_size, lengths, sizes, rx.sources, rx.ports
             )
