@@ -74,7 +74,7 @@ class EgressThreadPolicy:
     state: str = "off"  # off | trial | on
     switches: int = 0
     _streak: int = 0
-    _seen: tuple[Window, ...] = ()  # the windows that asked for a switch, or the trial's
+    _seen: tuple[Window, ...] = ()  # trial: its windows so far
     _base: float = 0.0  # off: the rate before the trial; on: a moving mean of the rate
     _base_machine: float = 0.0  # the machine's busy CPUs before the trial
     _recent: tuple[Window, ...] = ()  # off: the last BASE_WINDOWS windows
@@ -95,7 +95,7 @@ class EgressThreadPolicy:
         if self.state == "off":
             self._recent = (*self._recent[1 - BASE_WINDOWS :], w)
             want = w.busy >= self.on_busy and w.idle >= self.on_idle and bulk
-            if self._count(want, w):
+            if self._count(want):
                 self._base, self._base_machine = _means(self._recent)
                 return self._switch("trial")
             return None
@@ -119,17 +119,16 @@ class EgressThreadPolicy:
         want = starved or fallen or not bulk or w.busy < self.off_busy
         if not want:
             self._base = 0.8 * self._base + 0.2 * w.rate
-        if self._count(want, w):
+        if self._count(want):
             return self._switch("off", hold=starved)
         return None
 
-    def _count(self, want: bool, w: Window) -> bool:
+    def _count(self, want: bool) -> bool:
         """Another window asking for a switch: enough in a row?"""
         if not want:
-            self._streak, self._seen = 0, ()
+            self._streak = 0
             return False
         self._streak += 1
-        self._seen += (w,)
         if self._streak < self.windows:
             return False
         self._streak = 0

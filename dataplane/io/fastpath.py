@@ -604,13 +604,11 @@ def _configure_egress_tap(name: str) -> None:
     netlink.set_link(name, up=True)
 
 
-def _write_threaded(name: str, on: bool) -> str:
+def _write_threaded(name: str, on: bool) -> None:
     """The TAP's NAPI polled by a kernel thread (`napi/<name>-N`; on) or inside
-    weft's writes: sysfs `threaded`, Linux 5.12+. Its path; OSError when refused."""
-    path = f"/sys/class/net/{name}/threaded"
-    with open(path, "w") as f:
+    weft's writes: sysfs `threaded`, Linux 5.12+. OSError when refused."""
+    with open(f"/sys/class/net/{name}/threaded", "w") as f:
         f.write("1" if on else "0")
-    return path
 
 
 def _thread_napi(name: str) -> bool:
