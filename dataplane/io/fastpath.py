@@ -105,6 +105,7 @@ from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io import batch, netlink
 from dataplane.io import uso as uso_mod
 from dataplane.io.gro import Batch, Coalescer, DatagramPlanner, split_messages
+from dataplane.io.idle import IdleGaps
 from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
 from dataplane.io.segment import (
     MAX_SEGMENTS,
@@ -180,19 +181,6 @@ DATAGRAM_MIN_PAYLOAD = 64
 RX_ROUNDS = 4
 #: Segment shapes (size, header length) whose payload views _deliver_chain keeps.
 MAX_PAYLOAD_VIEW_SHAPES = 4
-#: A callback this long after the engine's last one ended (either side) treats its
-#: first packet as a lone one (a ping, a request: after an idle gap, most often),
-#: where every cold step costs more than the system calls: each side returns to the
-#: loop after it instead of a second read that finds nothing (readiness is
-#: level-triggered: a packet that came meanwhile brings it back), and when the last
-#: receive callback also took one lone datagram, the receive side reads it with one
-#: recvmsg_into (MmsgReceiver.receive_one) instead of a ctypes recvmmsg. (Not after
-#: GRO messages: a bulk flow at a moderate rate also leaves gaps, and reading its
-#: burst's first message alone would split a super-packet in two.) Under load one
-#: callback follows another and they batch as before; a long one on one side (a run
-#: of TAP writes) does not make the other side look idle. (A 1-byte request/response
-#: through weft here leaves gaps of ~0.3–0.5 ms.)
-IDLE_NS = 250_000
 #: --egress-thread: a TAP write returns before the kernel thread has sent the frame,
 #: while a datagram sent on a socket leaves inside the call. So a flow's packets that
 #: follow one of its super-packets within this long go through the TAP as well, behind
@@ -843,10 +831,8 @@ class FastEngine(Engine):
         self._payload_views: dict[tuple[int, int], list[list[memoryview]]] = {}
         self._gso_write_failed = False
         self._uso_write_failed = False
-        # monotonic ns when the last callback (device or network) ended, and whether
-        # the last receive callback took one lone datagram: IDLE_NS
-        self._busy_end = 0
-        self._rx_lone = False
+        # When each side's last callback ended, and whether it took a lone packet.
+        self._gaps = IdleGaps()
         self._fc = paths.counters
         self.on_first_error: Callable[[str], None] | None = None
 
@@ -947,7 +933,8 @@ class FastEngine(Engine):
         # of a drain is sent at once, see below).
         batching = self.paths.on["tx_batch"]
         now = time.monotonic_ns()
-        idle = now - self._busy_end > IDLE_NS
+        idle = self._gaps.device_idle(now)
+        lone = False
         ordered = self._tap_queues(now)  # EGRESS_ORDER_NS
         tap_at = self._tap_at
         # Checksums the pod left to offload (NEEDS_CSUM) are completed for a whole
@@ -1061,7 +1048,8 @@ class FastEngine(Engine):
                     except OSError:
                         drops[DropReason.SEND_FAILED] += 1
                     if idle:
-                        break  # a lone packet after a gap (IDLE_NS)
+                        lone = True
+                        break  # a lone packet after a gap (idle.IdleGaps)
                     continue
                 # The datagram is buf[pos:end]: encap wrote `headroom` bytes in front.
                 size = end - pos
@@ -1102,7 +1090,7 @@ class FastEngine(Engine):
         self.count_batch(0, got)
         if self.after_batch is not None:
             self.after_batch()
-        self._busy_end = time.monotonic_ns()
+        self._gaps.device_done(time.monotonic_ns(), lone)
 
     def _send_run(
         self, base: int, pos: int, size: int, count: int, peer: Peer | None, csum: int
@@ -1381,12 +1369,14 @@ class FastEngine(Engine):
         uso = self._uso if tracer is None and not self._uso_write_failed else None
         fc = self._fc
         before = fc.rx_segments
-        idle = time.monotonic_ns() - self._busy_end > IDLE_NS
+        gaps = self._gaps
+        idle = gaps.network_idle(time.monotonic_ns())
+        lone = False
         try:
-            self._receive_batches(rx, sockfd, drops, coalescer, uso, tracer, idle)
+            lone = self._receive_batches(rx, sockfd, drops, coalescer, uso, tracer, idle)
         finally:
             self.count_batch(1, fc.rx_segments - before)
-            self._busy_end = time.monotonic_ns()
+            gaps.network_done(time.monotonic_ns(), lone)
 
     def _receive_batches(
         self,
@@ -1397,13 +1387,14 @@ class FastEngine(Engine):
         uso: UdpCoalescer | None,
         tracer: Tracer | None,
         idle: bool = False,
-    ) -> None:
+    ) -> bool:
+        """recvmmsg rounds until the socket is empty (RX_ROUNDS at most); True when
+        the first was a lone datagram after a gap, taken alone (idle.IdleGaps)."""
         fc = self._fc
         buf = rx.buf
         u8 = self._rx_u8
         proto_at = self._ip_off + 9  # the inner IP protocol, from a datagram's start
-        first = idle and self._rx_lone
-        self._rx_lone = False
+        first = idle and self._gaps.network_lone
         for _ in range(RX_ROUNDS):
             try:
                 if first:
@@ -1423,8 +1414,7 @@ class FastEngine(Engine):
                 fc.rx_segments += 1
                 self._deliver_one(rx.offsets[0], rx.lengths[0], 0, tracer)
                 if idle:
-                    self._rx_lone = True
-                    break  # a lone datagram after a gap (IDLE_NS)
+                    return True  # a lone datagram after a gap (idle.IdleGaps)
                 continue
             if uso is not None and rx.np_lengths is not None and not rx.any_truncated:
                 offs = rx.np_offsets[:m]
@@ -1472,6 +1462,7 @@ class FastEngine(Engine):
                     self._deliver_mixed(uso, coalescer, messages, index, udp, tracer)
                     continue
             self._deliver_messages(coalescer, messages, index, tracer)
+        return False
 
     def _deliver_whole(
         self,
