@@ -27,8 +27,8 @@ from dataplane.backends.udp import UdpBackend
 from dataplane.backends.vxlan import VxlanBackend
 from dataplane.egress_thread import EgressThreadPolicy
 from dataplane.forwarder import Forwarder
-from dataplane.io import cpus, fastpath, netlink, packet_gso
-from dataplane.io.fastpath import FastPaths
+from dataplane.io import cpus, egress_tap, fastpath, netlink, offloads, packet_gso
+from dataplane.io.offloads import FastPaths
 from dataplane.io.queues import (
     QueueWorkers,
     add_counts,
@@ -208,7 +208,7 @@ class UserspaceDataplane:
                     spec.device_name, self.packet_sock, mode=spec.offload
                 )
             else:
-                self.tun, self.fast = fastpath.open_pod_device(
+                self.tun, self.fast = offloads.open_pod_device(
                     spec.device_name, tap=tap, mode=spec.offload, multi_queue=multi_queue
                 )
             if owner:
@@ -298,7 +298,7 @@ class UserspaceDataplane:
         idle CPU decide whether the kernel thread sends (dataplane/egress_thread.py)."""
         fast, fwd = self.fast, self.forwarder
         assert fast is not None and fwd is not None
-        name = fastpath.egress_name(self.spec.device_name)
+        name = egress_tap.egress_name(self.spec.device_name)
         sent = fwd.counters
         try:
             meter = cpus.CpuMeter()
@@ -316,7 +316,7 @@ class UserspaceDataplane:
                 if want is None:
                     continue
                 began = time.monotonic()
-                if not fastpath.switch_egress_thread(fast, name, want):
+                if not egress_tap.switch_egress_thread(fast, name, want):
                     return
                 # (the switch blocks this loop: the kernel may wait for its thread)
                 log.info(
@@ -350,7 +350,7 @@ class UserspaceDataplane:
         if not spec.steer_cpus:
             self.placement += "; egress work stays on it (no other CPU left for RPS)"
             return
-        rps = cpus.RpsSetting(fastpath.egress_name(spec.device_name), self.queue)
+        rps = cpus.RpsSetting(egress_tap.egress_name(spec.device_name), self.queue)
         try:
             rps.apply(spec.steer_cpus)
         except OSError as exc:
@@ -395,23 +395,23 @@ class UserspaceDataplane:
             # without it, are cut in userspace and sent with UDP_SEGMENT (or one
             # datagram per call): either way weft asks the device for them.
             owner = self.queue == 0
-            fastpath.open_egress_tap(
+            egress_tap.open_egress_tap(
                 fast,
                 spec.device_name,
                 multi_queue=spec.queues > 1,
                 attach=not owner,
                 thread=spec.egress_thread,
             )
-            fastpath.probe_uso_read(self.tun, fast)
+            offloads.probe_uso_read(self.tun, fast)
             if fast.egress is not None and owner:
                 try:
-                    fastpath.limit_gso_size(spec.device_name)
+                    offloads.limit_gso_size(spec.device_name)
                 except OSError as exc:
                     log.debug("gso_max_size on %s: %s", spec.device_name, exc)
         else:
             fast.why_off.setdefault("tunnel_gso", "used only with tso_read")
             fast.why_off.setdefault("uso_read", "needs tso_read")
-        fastpath.setup_socket(fast, self.sock)
+        offloads.setup_socket(fast, self.sock)
         engine = fastpath.FastEngine(
             self.forwarder,
             self.tun.fileno(),
@@ -577,10 +577,10 @@ class UserspaceDataplane:
         return out
 
     def _offload_status(self) -> dict[str, object]:
-        """Which fast paths are on (dataplane/io/fastpath.py), and why the others are off."""
+        """Which fast paths are on (dataplane/io/offloads.py), and why the others are off."""
         if self.fast is not None:
             return self.fast.status()
-        off = dict.fromkeys(fastpath.PATHS, "--offload off")
+        off = dict.fromkeys(offloads.PATHS, "--offload off")
         return {"mode": self.spec.offload, "on": [], "off": off}
 
     async def trace_stream(self, request: dict[str, object]) -> AsyncIterator[dict[str, object]]:

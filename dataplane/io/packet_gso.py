@@ -5,7 +5,7 @@ host-gw sends the inner packet unchanged, in an Ethernet frame to the peer's MAC
 PACKET_VNET_HDR on that socket, every frame written carries the same 10-byte
 virtio_net_hdr that the pod device (IFF_VNET_HDR + TSO, see fastpath.py) puts in
 front of what it reads. So a 64 KB TCP super-packet (or a UDP one: uso_read, see
-fastpath.probe_uso_read) goes out with one write, and
+offloads.probe_uso_read) goes out with one write, and
 the kernel cuts it into MTU-sized segments on the underlay device (software GSO
 when the NIC has no TSO); a packet whose checksum the pod left to offload
 (NEEDS_CSUM) goes out the same way, and the kernel completes the checksum. The
@@ -25,11 +25,10 @@ import socket
 
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
-from dataplane.io import fastpath
-from dataplane.io.fastpath import PATHS, FastPaths, _errtext, gso_l4, stop_uso_read
+from dataplane.io.offloads import PATHS, FastPaths, open_pod_device, probe_uso_read, stop_uso_read
 from dataplane.io.runner import BATCH, Engine
-from dataplane.io.tun import TunDevice, open_tun
-from dataplane.packet.vnet import VNET_HDR_LEN, VNET_STRUCT, ZERO_VNET, GsoType
+from dataplane.io.tun import TunDevice, errno_text, open_tun
+from dataplane.packet.vnet import VNET_HDR_LEN, VNET_STRUCT, ZERO_VNET, GsoType, gso_l4
 
 log = logging.getLogger("weft.fastpath")
 
@@ -40,7 +39,7 @@ _GSO_NONE = int(GsoType.NONE)
 _GSO_UDP_L4 = int(GsoType.UDP_L4)
 _SEND = int(Verdict.SEND)
 _REPLY = int(Verdict.REPLY)
-#: Device bytes read per readiness callback (as fastpath.TX_BUDGET).
+#: Device bytes read per readiness callback (as fastpath_send.TX_BUDGET).
 TX_BUDGET = 512 << 10
 #: The fast paths that host-gw uses; the others move datagrams, which host-gw has not.
 HOSTGW_PATHS = ("tso_read", "uso_read", "packet_gso")
@@ -60,13 +59,13 @@ def open_hostgw_device(name: str, sock: socket.socket, *, mode: str) -> tuple[Tu
             sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             paths.enable("packet_gso")
         except OSError as exc:
-            paths.refuse("packet_gso", f"PACKET_VNET_HDR refused: {_errtext(exc)}")
+            paths.refuse("packet_gso", f"PACKET_VNET_HDR refused: {errno_text(exc)}")
     if not paths.on["packet_gso"]:
         paths.why_off.setdefault("tso_read", "needs packet_gso")
         return open_tun(name), paths
-    dev, _ = fastpath.open_pod_device(name, tap=False, mode=mode, paths=paths)
+    dev, _ = open_pod_device(name, tap=False, mode=mode, paths=paths)
     try:
-        fastpath.probe_uso_read(dev, paths)
+        probe_uso_read(dev, paths)
     except BaseException:
         dev.close()
         raise
@@ -153,7 +152,7 @@ class PacketGsoEngine(Engine):
                     drops[DropReason.SEND_FAILED] += 1
                     if gso_type == _GSO_UDP_L4 and exc.errno == errno.EINVAL:
                         # UDP GSO refused: the kernel cuts UDP before weft again.
-                        stop_uso_read(fd, self.paths, f"UDP GSO send refused: {_errtext(exc)}")
+                        stop_uso_read(fd, self.paths, f"UDP GSO send refused: {errno_text(exc)}")
                         continue
                     self._send_failed(exc)
                     continue
@@ -176,4 +175,4 @@ class PacketGsoEngine(Engine):
         if self._failed_once or exc.errno in (errno.EAGAIN, errno.ENOBUFS):
             return
         self._failed_once = True
-        log.warning("host-gw send refused: %s", _errtext(exc))
+        log.warning("host-gw send refused: %s", errno_text(exc))

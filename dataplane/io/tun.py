@@ -66,6 +66,12 @@ class TunError(OSError):
     """Opening or configuring a TUN/TAP device failed (one line, with errno)."""
 
 
+def errno_text(exc: OSError) -> str:
+    """'EINVAL: Invalid argument': the errno's name, which the kernel's sources use."""
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return f"{name}: {exc.strerror or exc}"
+
+
 def _error(exc: OSError, what: str) -> TunError:
     hint = ""
     if exc.errno == errno.ENOENT:

@@ -185,3 +185,14 @@ def complete_checksum(packet: bytearray | memoryview, csum_start: int, csum_offs
         csum = 0xFFFF
     packet[at] = csum >> 8
     packet[at + 1] = csum & 0xFF
+
+
+_GSO_UDP_L4 = int(GsoType.UDP_L4)  # a plain int: compared once per super-packet
+
+
+def gso_l4(buf: bytearray | memoryview, l4: int, gso_type: int) -> tuple[int, int]:
+    """(header length, checksum field offset) of a super-packet's transport header
+    at buf[l4:]: UDP's for a UDP super-packet (USO), else TCP's (its data offset)."""
+    if gso_type == _GSO_UDP_L4:
+        return 8, UDP_CSUM_OFFSET
+    return (buf[l4 + 12] >> 4) << 2, TCP_CSUM_OFFSET

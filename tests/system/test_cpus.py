@@ -25,7 +25,7 @@ from test_fastpath import (
 from weft_helpers import WEFT, iperf3_transfer, needs_paths, status
 
 from control.lab.topology import Lab
-from dataplane.io import fastpath
+from dataplane.io import egress_tap
 from dataplane.io.cpus import format_cpu_list, rps_mask
 
 pytestmark = pytest.mark.skipif(
@@ -60,7 +60,7 @@ def test_weft_on_its_cpu_and_the_egress_work_on_the_others(
     st = status(sock)
     assert st["placement"] == f"CPU {cpu}; egress work on CPU {format_cpu_list(others)} (RPS)"
     assert thread_cpus(proc.pid) == {frozenset({cpu})}
-    tap = fastpath.egress_name("weft.1")
+    tap = egress_tap.egress_name("weft.1")
     for q in range(queues):  # each queue's process sets its own queue
         mask = lab.run(n1, "cat", f"/sys/class/net/{tap}/queues/rx-{q}/rps_cpus").stdout
         # (the kernel prints as many hex digits as the machine has CPUs)

@@ -32,7 +32,7 @@ from test_fastpath import (
 from weft_helpers import WEFT, needs_paths, one_backlog, send_over_tcp, status
 
 from control.lab.topology import Lab, Pod
-from dataplane.io import fastpath
+from dataplane.io import egress_tap, offloads
 from dataplane.io.node import EGRESS_POLICY_ENV
 
 PORT = 5301
@@ -106,12 +106,12 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     proc, sock = start(lab, n1, args, tmp_path, "n1")
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
 
-    tap = fastpath.egress_name("weft.1")
+    tap = egress_tap.egress_name("weft.1")
     assert lab.run(n1, "cat", f"/sys/class/net/{tap}/threaded").stdout.strip() == "1"
     assert napi_threads(), "no napi/gso-weft… kernel thread"
     assert status(sock)["offload"]["egress_thread"] is True
     # The queue in front of the thread holds two super-packets (TUNGETSNDBUF).
-    assert status(sock)["offload"]["egress_queue_bytes"] == fastpath.EGRESS_QUEUE_BYTES
+    assert status(sock)["offload"]["egress_queue_bytes"] == egress_tap.EGRESS_QUEUE_BYTES
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(sock)).stdout
     assert "egress: the TAP's NAPI runs in a kernel thread" in text
 
@@ -133,7 +133,7 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     # option has nothing to do, and says so.
     lab.stop(proc)
     auto = [*args[: args.index("--offload") + 1], "auto", "--egress-thread"]
-    _, sock = start(lab, n1, auto, tmp_path, "n1-no-tap", {fastpath.DISABLE_ENV: "tunnel_gso"})
+    _, sock = start(lab, n1, auto, tmp_path, "n1-no-tap", {offloads.DISABLE_ENV: "tunnel_gso"})
     assert status(sock)["offload"]["egress_thread"] is False
     assert "--egress-thread does nothing here" in (tmp_path / "n1-no-tap.log").read_text()
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
@@ -177,9 +177,9 @@ def test_auto_switches_the_thread_and_keeps_order(lab: Lab, tmp_path: Path) -> N
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     off = status(sock)["offload"]
     assert off["egress_thread_mode"] == "auto"
-    assert off["egress_queue_bytes"] == fastpath.EGRESS_QUEUE_BYTES
+    assert off["egress_queue_bytes"] == egress_tap.EGRESS_QUEUE_BYTES
     one_backlog(lab, pod1)
-    tap = f"/sys/class/net/{fastpath.egress_name('weft.1')}/threaded"
+    tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
     seen = set()
     for i in range(20):
         big_then_small(lab, pod1, pod2, tmp_path / f"sink{i}.log")

@@ -1,4 +1,4 @@
-"""The fast paths (dataplane/io/fastpath.py) against the Linux kernel and each other.
+"""The fast paths (dataplane/io/fastpath.py and its modules) against the kernel and each other.
 
 The kernel-interop scenario of test_dataplane_interop.py (a weft node and a
 kernel VXLAN node made as flanneld makes it, pods on both, ping and iperf3
@@ -49,7 +49,7 @@ from weft_helpers import (
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod, add_kernel_vxlan_peer, make_kernel_vxlan
-from dataplane.io import batch, fastpath
+from dataplane.io import batch, egress_tap, offloads
 from dataplane.io.segment import UDP_SEGMENT
 
 NETWORK = "10.244.0.0/16"
@@ -58,7 +58,7 @@ SUBNET2 = "10.244.2.0/24"
 WEFT_MAC = "02:77:00:00:00:01"
 WEFT_MAC2 = "02:77:00:00:00:02"
 #: Every fast path of the vxlan and udp backends (packet_gso is host-gw's).
-ALL_PATHS = [p for p in fastpath.PATHS if p != "packet_gso"]
+ALL_PATHS = [p for p in offloads.PATHS if p != "packet_gso"]
 
 
 # -- helpers (the interop test's, with --offload and an environment) ----------------
@@ -199,9 +199,9 @@ def test_kernel_interop(lab: Lab, tmp_path: Path, offload: str, device: str) -> 
         assert fc["rx_calls"] > 0 and fc["rx_messages"] > fc["rx_calls"]
         assert fc["rx_segments"] == fc["rx_messages"]
     else:
-        assert off["on"] == [] and set(off["off"]) == set(fastpath.PATHS)
+        assert off["on"] == [] and set(off["off"]) == set(offloads.PATHS)
         links = {link["ifname"] for link in lab.ip_json(n1, "link", "show")}
-        assert fastpath.egress_name("weft.1") not in links
+        assert egress_tap.egress_name("weft.1") not in links
 
 
 @needs_paths("tunnel_gso")  # the fallback's datagrams: test_fastpath_tx.py
@@ -286,7 +286,7 @@ def test_udp_super_packets_from_gro_forwarding_leave_as_standard_vxlan(
     kmac = kernel_vxlan_node(lab, n2, n1)
     device = "tap" if send == "l2-device" else "tun"
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto", device)
-    env = {fastpath.DISABLE_ENV: "tunnel_gso"} if send == "split" else None
+    env = {offloads.DISABLE_ENV: "tunnel_gso"} if send == "split" else None
     _, sock = start(lab, n1, args, tmp_path, "n1", env)
     on = status(sock)["offload"]["on"]
     assert "uso_read" in on and ("tunnel_gso" in on) == (send != "split")
@@ -322,7 +322,7 @@ def test_a_pod_sending_with_udp_segment_is_cut_into_its_datagrams(
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
-    env = {fastpath.DISABLE_ENV: "tunnel_gso"} if send == "split" else None
+    env = {offloads.DISABLE_ENV: "tunnel_gso"} if send == "split" else None
     _, sock = start(lab, n1, args, tmp_path, "n1", env)
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     with in_netns(pod2.ns):
@@ -434,7 +434,7 @@ def test_a_forward_policy_of_drop_does_not_drop_the_gso_datagrams(lab: Lab, tmp_
         lab.run(n1, "iptables", "-A", "FORWARD", flag, NETWORK, "-j", "ACCEPT")
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
     proc, sock = start(lab, n1, args, tmp_path, "n1")
-    tap = fastpath.egress_name("weft.1")
+    tap = egress_tap.egress_name("weft.1")
     assert f"-A FORWARD -i {tap} -j ACCEPT" in lab.run(n1, "iptables", "-S", "FORWARD").stdout
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     assert_no_retransmits(lab, pod1, pod2, "4M")
@@ -505,7 +505,7 @@ def test_a_path_switched_off_falls_back_and_says_so(
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "auto")
-    _, sock = start(lab, n1, args, tmp_path, "n1", env={fastpath.DISABLE_ENV: disable})
+    _, sock = start(lab, n1, args, tmp_path, "n1", env={offloads.DISABLE_ENV: disable})
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     assert lab.ping(pod2, pod1.ip, count=3)
     end = iperf3_transfer(lab, pod1, pod2)
@@ -643,7 +643,7 @@ class BenchLab:
         lab = self.lab
         n1, n2, self.pod1, self.pod2 = two_node_pods(lab, mtu=1450, gro=self.gro)
         sender, receiver = self.kind.split("-")  # kernel|weft - kernel|weft
-        env = {fastpath.DISABLE_ENV: disable} if disable else None
+        env = {offloads.DISABLE_ENV: disable} if disable else None
         macs = {}
         for node, what, subnet, mac in (
             (n1, sender, SUBNET1, WEFT_MAC),

@@ -1,4 +1,4 @@
-"""The receive fast paths (dataplane/io/fastpath.py, uso.py) end to end.
+"""The receive fast paths (dataplane/io/fastpath_receive.py, gro.py, uso.py) end to end.
 
 A burst of same-size UDP datagrams from a pod on another node (weft, or the
 kernel's VXLAN as flanneld sets it up) reaches a pod behind weft: every datagram
@@ -48,7 +48,7 @@ from weft_helpers import (
 
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
-from dataplane.io import fastpath
+from dataplane.io import fastpath_receive, offloads
 
 PORT = 7000
 
@@ -131,7 +131,7 @@ def test_a_udp_burst_arrives_intact_and_in_order(lab: Lab, tmp_path: Path, peer:
 def test_uso_write_switched_off(lab: Lab, tmp_path: Path) -> None:
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450, gro=True)
     kmac = kernel_vxlan_node(lab, n2, n1)
-    env = {fastpath.DISABLE_ENV: "uso_write"}
+    env = {offloads.DISABLE_ENV: "uso_write"}
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, OFFLOAD_ON)
     _, sock = start(lab, n1, args, tmp_path, "n1", env=env)
     assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
@@ -201,7 +201,7 @@ def test_tcp_streams_of_changing_segment_sizes_arrive_intact(lab: Lab, tmp_path:
     pod1, pod2, proc, sock = kernel_sends_weft_receives(lab, tmp_path, gro=True)
     before = nstat(lab, pod1, "TcpInCsumErrors")
     sizes = [1398, 1000, 600, 1200, 800, 1100, 1398]
-    assert len(set(sizes)) > fastpath.MAX_PAYLOAD_VIEW_SHAPES
+    assert len(set(sizes)) > fastpath_receive.MAX_PAYLOAD_VIEW_SHAPES
     with paused_now_and_then(proc.pid):
         for mss in sizes:
             data = os.urandom(4 << 20)
@@ -271,7 +271,7 @@ def test_bench_kernel_to_weft(lab: Lab, tmp_path: Path) -> None:
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, OFFLOAD_ON)
     for r in range(rounds):
         for disable in variants:
-            env = {fastpath.DISABLE_ENV: disable}
+            env = {offloads.DISABLE_ENV: disable}
             proc, sock = start(lab, n1, [*args[:-1], "auto"], tmp_path, f"n1-{r}-{disable}", env)
             assert lab.wait_ping(pod2, pod1.ip, timeout_s=10)
             udp = _iperf3(lab, pod2, pod1, ["-u", "-l", "64", "-b", "0"], 5)["sum"]

@@ -43,11 +43,11 @@ from control.lab.netns import in_netns
 from control.lab.topology import Lab, Pod
 from dataplane.backends.udp import UdpBackend
 from dataplane.forwarder import Forwarder
-from dataplane.io import fastpath
+from dataplane.io import fastpath, offloads
 from dataplane.io.sockets import open_udp_socket
 from dataplane.peers import Peer
 
-FALLBACK = {fastpath.DISABLE_ENV: "tunnel_gso"}
+FALLBACK = {offloads.DISABLE_ENV: "tunnel_gso"}
 SO_NO_CHECK = 11  # asm-generic/socket.h: no UDP checksums on send (UDP GSO refuses it)
 
 
@@ -119,7 +119,7 @@ def test_fallback_between_weft_udp_nodes(lab: Lab, tmp_path: Path, disable: str)
     """flannel's udp backend, both nodes weft: with UDP_SEGMENT, and one datagram
     per sendto when udp_segment is off too (super-packets are still cut here)."""
     n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1472)
-    env = {fastpath.DISABLE_ENV: disable}
+    env = {offloads.DISABLE_ENV: disable}
     _, s1 = start(lab, n1, udp_args(n1, SUBNET1, n2, SUBNET2, "auto"), tmp_path, "n1", env)
     _, s2 = start(lab, n2, udp_args(n2, SUBNET2, n1, SUBNET1, "auto"), tmp_path, "n2", env)
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
@@ -201,7 +201,7 @@ def test_a_refused_udp_segment_send_falls_back_to_one_datagram_per_call(lab: Lab
     and, without the egress TAP, so does TSO on the device."""
     ns = lab.add_netns("tx")
     with in_netns(ns):
-        dev, paths = fastpath.open_pod_device("wtx0", tap=False, mode="auto")
+        dev, paths = offloads.open_pod_device("wtx0", tap=False, mode="auto")
         peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         tx = open_udp_socket("127.0.0.1", 0)
@@ -216,7 +216,7 @@ def test_a_refused_udp_segment_send_falls_back_to_one_datagram_per_call(lab: Lab
             peer_sock.settimeout(2)
             port = peer_sock.getsockname()[1]
             tx.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-            fastpath.setup_socket(paths, tx)
+            offloads.setup_socket(paths, tx)
             assert paths.on["tso_read"] and paths.on["udp_segment"] and paths.on["tx_batch"]
             fwd = Forwarder(UdpBackend(port=port), local_ip=IPv4Address("10.244.1.0"))
             fwd.add_peer(Peer(IPv4Network(SUBNET2), IPv4Address("127.0.0.1"), port=port))

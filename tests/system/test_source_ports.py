@@ -38,7 +38,7 @@ from weft_helpers import (
 
 from control.lab.topology import Lab
 from dataplane.flows import flow_hash, source_index
-from dataplane.io import fastpath
+from dataplane.io import offloads
 
 Flow = tuple[str, int, str, int]
 
@@ -99,7 +99,7 @@ def test_each_flow_leaves_from_the_port_of_its_hash(lab: Lab, tmp_path: Path, mo
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, offload, device)
     if mode == "one port":
         args += ["--source-ports", "0"]
-    env = {fastpath.DISABLE_ENV: "tunnel_gso"} if mode == "udp_segment" else None
+    env = {offloads.DISABLE_ENV: "tunnel_gso"} if mode == "udp_segment" else None
     _, sock = start(lab, n1, args, tmp_path, "n1", env=env)
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     st = status(sock)

@@ -1,4 +1,4 @@
-"""fastpath.FastPaths: which fast paths are on, why the others are off, and what
+"""offloads.FastPaths: which fast paths are on, why the others are off, and what
 `--offload on` does when the kernel refuses one (the probes themselves run against
 the kernel in tests/system/test_fastpath*.py)."""
 
@@ -10,8 +10,8 @@ import errno
 import pytest
 
 from control import cli
-from dataplane.io import fastpath
-from dataplane.io.fastpath import FastPaths, OffloadRefused
+from dataplane.io import offloads
+from dataplane.io.offloads import FastPaths, OffloadRefused
 
 
 def test_auto_records_a_refusal_and_goes_on() -> None:
@@ -48,12 +48,12 @@ def test_the_cli_prints_a_refusal_as_one_line(
 
 
 def test_disabled_paths_are_not_wanted_and_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(fastpath.DISABLE_ENV, "udp_gro, tx_batch")
+    monkeypatch.setenv(offloads.DISABLE_ENV, "udp_gro, tx_batch")
     paths = FastPaths("on")
     assert not paths.wanted("udp_gro") and not paths.wanted("tx_batch")
     assert paths.wanted("recvmmsg")
     assert set(paths.why_off) == {"udp_gro", "tx_batch"}
-    assert all(fastpath.DISABLE_ENV in why for why in paths.why_off.values())
+    assert all(offloads.DISABLE_ENV in why for why in paths.why_off.values())
 
 
 def test_a_path_turned_off_while_running_keeps_its_reason() -> None:
