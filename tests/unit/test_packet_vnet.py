@@ -21,6 +21,7 @@ from dataplane.packet.vnet import (
     VnetHeader,
     build_vnet,
     complete_checksum,
+    gso_l4,
     pack_vnet_into,
     parse_vnet,
 )
@@ -132,3 +133,13 @@ def test_complete_checksum_udp_never_writes_zero() -> None:
 def test_complete_checksum_refuses_a_field_outside_the_packet() -> None:
     with pytest.raises(DecodeError):
         complete_checksum(bytearray(30), 20, 16)
+
+
+@pytest.mark.parametrize("options", [0, 12, 40])
+def test_gso_l4_reads_the_tcp_data_offset_and_not_for_udp(options: int) -> None:
+    at = 7  # the transport header at an odd offset in a buffer, as after a vnet header
+    tcp = bytes(TCP(dport=80, options=[("NOP", None)] * options))
+    buf = bytearray(at) + tcp + b"payload"
+    assert gso_l4(buf, at, int(GsoType.TCPV4)) == (20 + options, TCP_CSUM_OFFSET)
+    assert gso_l4(buf, at, int(GsoType.TCPV6)) == (20 + options, TCP_CSUM_OFFSET)
+    assert gso_l4(buf, at, int(GsoType.UDP_L4)) == (8, UDP_CSUM_OFFSET)
