@@ -8,7 +8,7 @@ valid checksums (tshark checks every one), path MTU discovery still works for
 super-packets, two weft nodes (vxlan and udp) with the fast paths on, the
 fallback when a path is switched off, and recvmmsg + UDP_GRO on a socket.
 
-`WEFT_FASTPATH_BENCH=1 pytest -s tests/system/test_fastpath.py -k bench` runs
+`WEFT_FASTPATH_BENCH=1 pytest -n 0 -s tests/system/test_fastpath.py -k bench` runs
 the measurements behind the "Fast paths" section of docs/benchmarks.md
 (no timing is asserted anywhere).
 """

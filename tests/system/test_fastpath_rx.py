@@ -5,7 +5,7 @@ kernel's VXLAN as flanneld sets it up) reaches a pod behind weft: every datagram
 arrives, byte for byte and in order, while weft wrote most of them to its device
 as UDP GSO packets (`uso_write`), which the kernel cut back into datagrams.
 
-`WEFT_FASTPATH_BENCH=1 pytest -s tests/system/test_fastpath_rx.py -k bench`
+`WEFT_FASTPATH_BENCH=1 pytest -n 0 -s tests/system/test_fastpath_rx.py -k bench`
 measures kernel VXLAN → weft (64-byte UDP and one TCP stream) with each receive
 path on and off (no timing is asserted anywhere).
 """

@@ -2,7 +2,7 @@
 
 Real etcd, real `weft agent` processes, real kernel, everything in lab
 namespaces (control/lab/cluster.py). The figures these tests measure are
-printed (``pytest -s``) and written down in docs/reliability.md.
+printed (``pytest -n 0 -s``) and written down in docs/reliability.md.
 
 One 4-node cluster is shared by most tests (``rel``): n1 and n2 userspace TUN,
 n3 userspace TAP (kernel neighbour + route per peer, as flannel.1), n4 kernel
@@ -55,7 +55,7 @@ STRANGER_MAC = "02:00:00:00:00:99"
 
 
 def report(what: str, **figures: Any) -> None:
-    """One line of figures for docs/reliability.md (seen with ``pytest -s``)."""
+    """One line of figures for docs/reliability.md (seen with ``pytest -n 0 -s``)."""
     print(f"\n[figures] {what}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
