@@ -1,7 +1,7 @@
 """Where the dataplane's work runs (`--cpus LIST`): weft on chosen CPUs, the kernel's
 work behind its egress writes on the others.
 
-A super-packet weft writes to the egress TAP (dataplane/io/fastpath.py) is received
+A super-packet weft writes to the egress TAP (dataplane/io/fastpath_send.py) is received
 by the kernel inside that write: segmented, checksummed, routed out of the underlay
 and, on a veth underlay, carried through the peer's receive path too, all charged
 to weft's system call. On the send path that is most of weft's CPU (weft → kernel

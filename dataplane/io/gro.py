@@ -887,7 +887,7 @@ class DatagramPlanner:
     one per datagram length among the rows that join (a run has one length but
     for its last). Some thirty numpy calls per batch whatever its size (numpy costs
     1–7 µs a call here), so the engine tries it only on batches that look like a
-    stream (see fastpath.FastEngine._deliver_datagrams)."""
+    stream (see fastpath_receive.ReceivePath._deliver_datagrams)."""
 
     def __init__(self, buf: bytearray, ip_off: int, *, max_segments: int = MAX_SEGMENTS) -> None:
         self.buf = buf

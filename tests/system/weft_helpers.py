@@ -49,7 +49,7 @@ MISSING_PATHS = frozenset(p for p, since in PATH_SINCE.items() if since > KERNEL
 #: fast paths in general run `auto` on older kernels, and expect what is left.
 OFFLOAD_ON = "auto" if MISSING_PATHS else "on"
 #: What weft turns off when a UDP_SEGMENT send is refused and there is no egress TAP
-#: (fastpath.FastEngine._udp_segment_refused).
+#: (fastpath_send.SendPath._udp_segment_refused).
 UDP_SEGMENT_REFUSAL_OFF = frozenset({"udp_segment", "tx_batch", "tso_read", "uso_read"})
 
 
