@@ -51,6 +51,8 @@ EGRESS_ORDER_NS = 5_000_000
 #: --egress-thread: how long a write waits for room in a full TAP queue before the
 #: packet is dropped (send_failed).
 EGRESS_WAIT_MS = 20
+#: Device bytes read per readiness callback, so that the receive side is not kept
+#: waiting (fastpath_receive.RX_ROUNDS is its bound the other way).
 TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
