@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING
 
 from dataplane.io import netlink
 from dataplane.io.tun import (
-    TUN_F_CSUM,
-    TUN_F_TSO4,
-    TUN_F_TSO6,
+    TSO_OFFLOADS,
     TunDevice,
     TunError,
     errno_text,
@@ -42,9 +40,7 @@ log = logging.getLogger("weft.fastpath")
 TUN_F_UDP_TUNNEL_GSO = 0x080
 TUN_F_UDP_TUNNEL_GSO_CSUM = 0x100
 #: The kernel takes the tunnel bits only with TSO (or USO) bits beside them.
-EGRESS_OFFLOADS = (
-    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM
-)
+EGRESS_OFFLOADS = TSO_OFFLOADS | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM
 
 #: --egress-thread: the TAP queue in front of the kernel thread holds two 64 KB
 #: super-packets (TUNSETSNDBUF; a TAP has no bound of its own). The thread takes

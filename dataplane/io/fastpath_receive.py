@@ -45,7 +45,7 @@ DATAGRAM_RUN_MIN = 4
 DATAGRAM_MIN_PAYLOAD = 64
 #: Work per readiness callback, so that one direction does not keep the other
 #: waiting: TCP's ACKs travel the other way, and a sender whose ACKs wait for
-#: a long batch stalls. recvmmsg calls per callback (fastpath_send.TX_BUDGET is the
+#: a long batch stalls. recvmmsg calls per callback (runner.TX_BUDGET is the
 #: bound the other way).
 RX_ROUNDS = 4
 #: Segment shapes (size, header length) whose payload views _deliver_chain keeps.

@@ -20,7 +20,7 @@ import time
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io.offloads import stop_uso_read
-from dataplane.io.runner import BATCH, BUFFER_SIZE, Engine
+from dataplane.io.runner import BATCH, BUFFER_SIZE, TX_BUDGET, Engine
 from dataplane.io.segment import MAX_SEGMENTS, MAX_SEND_BYTES, complete_checksums, segment_cmsg
 from dataplane.io.tun import TunError, errno_text, set_offload
 from dataplane.packet.vnet import (
@@ -51,9 +51,6 @@ EGRESS_ORDER_NS = 5_000_000
 #: --egress-thread: how long a write waits for room in a full TAP queue before the
 #: packet is dropped (send_failed).
 EGRESS_WAIT_MS = 20
-#: Device bytes read per readiness callback, so that the receive side is not kept
-#: waiting (fastpath_receive.RX_ROUNDS is its bound the other way).
-TX_BUDGET = 512 << 10
 
 _OUTER = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
 # Plain ints for the hot loop: `int & IntFlag` goes through enum.Flag.__rand__,

@@ -23,9 +23,8 @@ from dataplane.io import batch, netlink
 from dataplane.io.egress_tap import remove_forwarding
 from dataplane.io.segment import probe_udp_segment
 from dataplane.io.tun import (
+    TSO_OFFLOADS,
     TUN_F_CSUM,
-    TUN_F_TSO4,
-    TUN_F_TSO6,
     TUN_F_USO4,
     TUN_F_USO6,
     TunDevice,
@@ -39,7 +38,6 @@ log = logging.getLogger("weft.fastpath")
 
 TUNSETVNETLE = 0x400454DC
 
-POD_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 #: The pod device's largest GSO packet: with the 50 bytes of outer headers in
 #: front, the outer IPv4 total length must stay ≤ 65535.
 POD_GSO_MAX_SIZE = 65400
@@ -234,7 +232,7 @@ def open_pod_device(
             # Kernels without TUN_VNET_LE_CROSS speak native order: little-endian here.
         if paths.wanted("tso_read"):
             try:
-                set_offload(dev, POD_OFFLOADS)
+                set_offload(dev, TSO_OFFLOADS)
                 paths.enable("tso_read")
             except TunError as exc:
                 why = f"TUNSETOFFLOAD(CSUM|TSO4|TSO6) refused: {errno_text(exc)}"
@@ -263,7 +261,7 @@ def _probe_uso(dev: TunDevice, paths: FastPaths) -> None:
     flags say what the kernel may hand to reads — so the probe only asks whether
     TUN_F_USO4|TUN_F_USO6 are known (the kernel takes them only together), and puts
     the flags back (USO reads are not handled)."""
-    current = POD_OFFLOADS if paths.on["tso_read"] else 0
+    current = TSO_OFFLOADS if paths.on["tso_read"] else 0
     try:
         set_offload(dev, current | TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6)
     except TunError as exc:
@@ -289,7 +287,7 @@ def probe_uso_read(dev: TunDevice | int, paths: FastPaths) -> None:
         paths.why_off["uso_read"] = "needs tso_read"
         return
     try:
-        set_offload(dev, POD_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
+        set_offload(dev, TSO_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
     except TunError as exc:
         paths.refuse("uso_read", f"TUN without USO (Linux 6.2+): {errno_text(exc)}")
         return
@@ -302,7 +300,7 @@ def stop_uso_read(dev: int, paths: FastPaths, reason: str) -> None:
     if not paths.on["uso_read"]:
         return
     try:
-        set_offload(dev, POD_OFFLOADS)
+        set_offload(dev, TSO_OFFLOADS)
     except TunError as exc:
         log.warning("could not switch USO off on the device: %s", exc)
     paths.turn_off("uso_read", reason)

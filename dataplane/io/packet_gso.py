@@ -26,7 +26,7 @@ import socket
 from dataplane.backends.base import DropReason
 from dataplane.forwarder import Forwarder, Verdict
 from dataplane.io.offloads import PATHS, FastPaths, open_pod_device, probe_uso_read, stop_uso_read
-from dataplane.io.runner import BATCH, Engine
+from dataplane.io.runner import BATCH, TX_BUDGET, Engine
 from dataplane.io.tun import TunDevice, errno_text, open_tun
 from dataplane.packet.vnet import VNET_HDR_LEN, VNET_STRUCT, ZERO_VNET, GsoType, gso_l4
 
@@ -39,8 +39,6 @@ _GSO_NONE = int(GsoType.NONE)
 _GSO_UDP_L4 = int(GsoType.UDP_L4)
 _SEND = int(Verdict.SEND)
 _REPLY = int(Verdict.REPLY)
-#: Device bytes read per readiness callback (as fastpath_send.TX_BUDGET).
-TX_BUDGET = 512 << 10
 #: The fast paths that host-gw uses; the others move datagrams, which host-gw has not.
 HOSTGW_PATHS = ("tso_read", "uso_read", "packet_gso")
 

@@ -34,6 +34,9 @@ from dataplane.io.sockets import SourcePorts
 from dataplane.trace import Tracer
 
 BATCH = 64
+#: The fast engines' bound on device bytes read per readiness callback, so that the
+#: receive side is not kept waiting (fastpath_receive.RX_ROUNDS bounds the other way).
+TX_BUDGET = 512 << 10
 BUFFER_SIZE = 65536 + 64
 
 

@@ -57,6 +57,9 @@ TUN_F_TSO_ECN = 0x08
 TUN_F_UFO = 0x10
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
+#: Checksum offload and TCP segmentation, IPv4 and IPv6: what a device must take for
+#: the kernel to hand it TCP super-packets (and, with the tunnel bits, to take them).
+TSO_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 
 IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, short flags, padding to 40 bytes
