@@ -116,6 +116,7 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     assert "egress: the TAP's NAPI runs in a kernel thread" in text
 
     one_backlog(lab, pod1)  # the flow's order into weft is the pod's, not the lab's
+    one_backlog(lab, n2)  # … and what reaches n2, the order weft's two contexts sent
     big_then_small(lab, pod1, pod2, tmp_path / "sink.log")
     fc = status(sock)["offload"]["counters"]
     assert fc["gso_sends"] >= ROUNDS  # the big ones: super-packets through the TAP
@@ -179,6 +180,7 @@ def test_auto_switches_the_thread_and_keeps_order(lab: Lab, tmp_path: Path) -> N
     assert off["egress_thread_mode"] == "auto"
     assert off["egress_queue_bytes"] == egress_tap.EGRESS_QUEUE_BYTES
     one_backlog(lab, pod1)
+    one_backlog(lab, n2)
     tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
     seen = set()
     for i in range(20):
