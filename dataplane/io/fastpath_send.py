@@ -42,8 +42,9 @@ log = logging.getLogger("weft.fastpath")
 OUTER_HLEN = 14 + 20 + 8  # Ethernet, IPv4, UDP written by weft in front of the backend's headers
 #: --egress-thread: a TAP write returns before the kernel thread has sent the frame,
 #: while a datagram sent on a socket leaves inside the call. So a flow's packets that
-#: follow one of its super-packets within this long go through the TAP as well, behind
-#: it, instead of overtaking it (a reordered TCP segment costs the receiver its
+#: follow its last write to the TAP (a super-packet, or one of these) within this long
+#: after that write returned go through the TAP as well, behind it, instead of
+#: overtaking it (a reordered TCP segment costs the receiver its
 #: out-of-order queue and the sender duplicate ACKs, fast retransmits). 5 ms is
 #: ~20 super-packets of 64 KB at 2 Gbit/s: far more than the thread's queue holds
 #: while it keeps up (decisions §20).
@@ -184,7 +185,10 @@ class SendPath(Engine):
                                 fwd, head, end, seg_end, gso_type, gso_size, csum_start, idx
                             )
                             if ordered:
-                                tap_at[idx] = now
+                                # When the write ended, not when the drain began:
+                                # a drain that waited for room in a full queue
+                                # (the thread behind) took longer than the window.
+                                tap_at[idx] = time.monotonic_ns()
                         else:
                             self._send_split(
                                 fwd, head, end, seg_end, gso_type, gso_size, csum_start, idx
@@ -419,6 +423,7 @@ class SendPath(Engine):
             self._first_error(f"egress TAP write failed: {errno_text(exc)}")
             return
         self._fc.ordered_sends += 1
+        self._tap_at[idx] = time.monotonic_ns()  # what follows it waits behind it too
 
     def _send_gso(
         self,
