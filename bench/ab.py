@@ -132,6 +132,7 @@ def run(
     variants: dict[str, list[str]],
     seconds: float,
     sources: dict[str, Path | None] | None = None,
+    underlay_mtu: int = 1500,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in range(rounds):
@@ -142,7 +143,7 @@ def run(
                 with tempfile.TemporaryDirectory(prefix="weft-ab") as wd:
                     with weft_source((sources or {}).get(name)):
                         env = envmod.build(
-                            m, "wire", 1500, Path(wd), Path(wd), tuple(variants[name])
+                            m, "wire", underlay_mtu, Path(wd), Path(wd), tuple(variants[name])
                         )
                     try:
                         for test in tests:
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b", default="--queues 2", help="options for variant B")
     p.add_argument("--a-src", type=Path, help="source tree variant A's weft runs from")
     p.add_argument("--b-src", type=Path, help="source tree variant B's weft runs from")
+    p.add_argument("--underlay-mtu", type=int, default=1500, help="underlay MTU (default 1500)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -219,10 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"python -m bench.ab: {src}: not a weft source tree", file=sys.stderr)
                 return 2
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
-    records = run(modes, tests, args.rounds, variants, args.seconds, sources)
+    records = run(modes, tests, args.rounds, variants, args.seconds, sources, args.underlay_mtu)
     print("\n".join(summary(records)))
     if args.out:
-        doc = {"variants": variants, "sources": {k: str(v) for k, v in sources.items() if v}}
+        doc = {
+            "variants": variants,
+            "sources": {k: str(v) for k, v in sources.items() if v},
+            "underlay_mtu": args.underlay_mtu,
+        }
         args.out.write_text(json.dumps({**doc, "records": records}, indent=1))
     return 0
 
