@@ -156,3 +156,23 @@ def test_the_summary_gives_the_whole_machines_cpu_beside_wefts() -> None:
     )  # fmt: skip
     assert lines[0].endswith("(1.00× kernel VXLAN), machine CPU 5.50 s/GB")
     assert lines[1].endswith("weft CPU 3.00 s/GB, machine CPU 6.50 s/GB")
+
+
+def test_underlay_mtu_reaches_every_lab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--underlay-mtu 9000: the labs are built with it (the jumbo pairs of the
+    eighteenth round); the lab itself is the bench's, not this test's subject."""
+    built: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def build(mode, setting, mtu, *rest):  # type: ignore[no-untyped-def]
+        built.append(mtu)
+        raise Stop
+
+    monkeypatch.setattr(ab.envmod, "build", build)
+    with pytest.raises(Stop):
+        ab.main(["--modes", "weft-vxlan", "--tests", "tcp1", "--underlay-mtu", "9000"])
+    with pytest.raises(Stop):
+        ab.main(["--modes", "weft-vxlan", "--tests", "tcp1"])
+    assert built == [9000, 1500]
