@@ -116,8 +116,9 @@ RX_SLOTS = 128
 #: to a jumbo frame's segment size (gro.Coalescer.plan_batch pads in place).
 RX_SLOT_SIZE = batch.SLOT_SIZE + 9216
 #: --egress-thread auto: after the thread is switched on or off, every flow's packets
-#: go through the TAP for this long (FastEngine.egress_thread_switched).
-EGRESS_SWITCH_NS = 20_000_000
+#: go through the TAP for this long (FastEngine.egress_thread_switched): as long as
+#: the order window, for the same reason (a thread waiting for a CPU).
+EGRESS_SWITCH_NS = EGRESS_ORDER_NS
 
 
 class FastEngine(SendPath, ReceivePath):
