@@ -26,6 +26,11 @@ tcp1@RATE, tcp4@RATE, udp64@RATE: the same at a fixed offered rate (iperf3's -b,
 per stream: tcp1@1500M, udp64@60M), below what either variant can do, so that the
 weft CPU per GB or per datagram compares variants doing the same work: at full
 speed on two CPUs it moves with who wins the CPU.
+
+`--counters ordered_sends,egress_waits,drops.send_failed` records, per probe, how
+much each of weft's status counters grew (summed over the lab's weft nodes; a name
+is looked up in the fast paths' counters, then the forwarder's, dots for nested
+ones): what a variant did differently, beside what it cost.
 """
 
 from __future__ import annotations
@@ -105,6 +110,25 @@ def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
     )
 
 
+def status_count(status: dict[str, Any], name: str) -> int:
+    """Counter `name` of one weft node's status: the fast paths' (offload.counters)
+    first, then the forwarder's; ``drops.send_failed`` walks nested dicts. 0 when
+    the node has no such counter (another backend, the plain engine)."""
+    for where in ((status.get("offload") or {}).get("counters") or {}, status.get("counters")):
+        value: Any = where
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def weft_counts(env: envmod.Env, names: list[str]) -> dict[str, int]:
+    """The named counters summed over the lab's weft nodes."""
+    nodes = env.weft_status().values() if names else ()
+    return {name: sum(status_count(st, name) for st in nodes) for name in names}
+
+
 @contextlib.contextmanager
 def weft_source(src: Path | None) -> Iterator[None]:
     """Weft processes started meanwhile run the code in `src` (their working
@@ -133,7 +157,9 @@ def run(
     seconds: float,
     sources: dict[str, Path | None] | None = None,
     underlay_mtu: int = 1500,
+    counters: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    counted = counters or []
     out: list[dict[str, Any]] = []
     for r in range(rounds):
         for mode in modes:
@@ -147,7 +173,9 @@ def run(
                         )
                     try:
                         for test in tests:
+                            before = weft_counts(env, counted)
                             got = probe(env, test, seconds)
+                            after = weft_counts(env, counted)
                             rec = {"round": r, "mode": mode, "variant": name, "test": test}
                             rec["value"] = round(got.value, 3)
                             if got.weft_cpu is not None:
@@ -156,6 +184,8 @@ def run(
                                 rec["machine_cpu"] = round(got.machine_cpu, 3)
                             if got.retransmits is not None:
                                 rec["retransmits"] = got.retransmits
+                            if counted and "weft" in mode:
+                                rec["counters"] = {c: after[c] - before[c] for c in counted}
                             print(json.dumps(rec), flush=True)
                             out.append(rec)
                     finally:
@@ -168,6 +198,7 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     machine: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     retransmits: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    counts: dict[tuple[str, str, str], dict[str, list[int]]] = defaultdict(dict)
     for rec in records:
         key = (rec["mode"], rec["variant"], rec["test"])
         values[key].append(rec["value"])
@@ -177,6 +208,8 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
             machine[key].append(rec["machine_cpu"])
         if "retransmits" in rec:
             retransmits[key].append(rec["retransmits"])
+        for name, n in rec.get("counters", {}).items():
+            counts[key].setdefault(name, []).append(n)
     lines = []
     for (mode, variant, test), vs in sorted(values.items()):
         mean = statistics.mean(vs)
@@ -190,6 +223,8 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
         used += f", machine CPU {statistics.mean(whole):.2f} {unit}" if whole else ""
         retr = retransmits.get((mode, variant, test))
         used += f", retransmits {' / '.join(map(str, retr))}" if retr else ""
+        for name, ns in counts.get((mode, variant, test), {}).items():
+            used += f", {name} {' / '.join(map(str, ns))}"
         lines.append(f"{mode:<20} {variant:<3} {test:<6} {shown}  mean {mean:.2f}{ratio}{used}")
     return lines
 
@@ -205,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a-src", type=Path, help="source tree variant A's weft runs from")
     p.add_argument("--b-src", type=Path, help="source tree variant B's weft runs from")
     p.add_argument("--underlay-mtu", type=int, default=1500, help="underlay MTU (default 1500)")
+    p.add_argument(
+        "--counters",
+        default="",
+        help="weft status counters to record per probe, comma-separated "
+        "(e.g. ordered_sends,egress_waits,drops.send_failed)",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -221,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"python -m bench.ab: {src}: not a weft source tree", file=sys.stderr)
                 return 2
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
-    records = run(modes, tests, args.rounds, variants, args.seconds, sources, args.underlay_mtu)
+    counters = [c for c in args.counters.split(",") if c]
+    records = run(
+        modes, tests, args.rounds, variants, args.seconds, sources, args.underlay_mtu, counters
+    )
     print("\n".join(summary(records)))
     if args.out:
         doc = {

@@ -176,3 +176,48 @@ def test_underlay_mtu_reaches_every_lab(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(Stop):
         ab.main(["--modes", "weft-vxlan", "--tests", "tcp1"])
     assert built == [9000, 1500]
+
+
+def test_counters_are_found_where_weft_keeps_them() -> None:
+    """--counters: a fast-path counter, a forwarder counter and a nested drop reason
+    are read from a status as `weft status` gives it; one it lacks is 0."""
+    status = {
+        "counters": {"tx_packets": 9, "drops": {"send_failed": 3}},
+        "offload": {"counters": {"ordered_sends": 41, "tx_packets": 1}},
+    }
+    assert ab.status_count(status, "ordered_sends") == 41
+    assert ab.status_count(status, "tx_packets") == 1  # the fast paths' first
+    assert ab.status_count(status, "drops.send_failed") == 3
+    assert ab.status_count(status, "drops.no_route") == 0
+    assert ab.status_count({"counters": {}, "offload": None}, "egress_waits") == 0
+
+
+def test_counters_grow_per_probe_and_show_in_the_summary(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each probe's record holds how much the counters grew during it (summed over
+    the weft nodes), for weft modes; the summary lists them per round."""
+    sends = [0]
+
+    class Lab:
+        def close(self) -> None:
+            pass
+
+    class Env:
+        lab = Lab()
+
+        def weft_status(self) -> dict[str, dict]:
+            node = {"offload": {"counters": {"ordered_sends": sends[0]}}}
+            return {"n1": node, "n2": node}
+
+    def probe(env: object, test: str, seconds: float) -> ab.Reading:
+        sends[0] += 5
+        return ab.Reading(1.0)
+
+    monkeypatch.setattr(ab.envmod, "build", lambda *a: Env())
+    monkeypatch.setattr(ab, "probe", probe)
+    records = ab.run(["kernel-vxlan", "weft-vxlan"], ["tcp1"], 1, {"A": [], "B": []}, 1.0,
+                     counters=["ordered_sends"])  # fmt: skip
+    assert "counters" not in records[0]
+    assert [r["counters"] for r in records[1:]] == [{"ordered_sends": 10}] * 2
+    assert ab.summary(records)[1].endswith("mean 1.00 (1.00× kernel VXLAN), ordered_sends 10")
