@@ -5,6 +5,13 @@ ratios to kernel VXLAN, each taken within its own run (the bench's headline
 figures). A change is a regression when a mode's ratio got worse by more than
 the threshold (default 10 %): lower for throughput and rates, higher for
 latency and CPU. Modes or figures that only one run has are listed as such.
+
+Ratios cancel the load, not the machine: a faster CPU speeds the kernel's
+datapaths and Python's by different factors, and costlier system calls (the
+Meltdown/Spectre mitigations) weigh on weft alone. So when the two runs name
+different machines (CPU model, core count, kernel, Python), the report says so
+first: a flagged figure there may be the machine's, and two commits are compared
+fairly in the same labs (`python -m bench.ab --a-src OLD_TREE --b-src NEW_TREE`).
 """
 
 from __future__ import annotations
@@ -72,15 +79,50 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     ]
 
 
+#: The results.json machine fields that make two runs different machines.
+MACHINE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("cpu_model", "CPU"),
+    ("nproc", "CPUs"),
+    ("kernel", "kernel"),
+    ("python", "Python"),
+)
+
+
+def machine_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`CPU: A → B` for every machine field the two runs recorded differently
+    (fields a run did not record are not compared)."""
+    a, b = old.get("machine") or {}, new.get("machine") or {}
+    return [
+        f"{label}: {a[field]} → {b[field]}"
+        for field, label in MACHINE_FIELDS
+        if field in a and field in b and a[field] != b[field]
+    ]
+
+
 def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}×"
 
 
-def markdown(changes: list[Change], threshold: float, old_name: str, new_name: str) -> str:
+def markdown(
+    changes: list[Change],
+    threshold: float,
+    old_name: str,
+    new_name: str,
+    machines: list[str] | None = None,
+) -> str:
     lines = [
         f"Ratios to kernel VXLAN, each from its own run: `{old_name}` → `{new_name}` "
         f"(regression: worse by more than {threshold:.0%})",
         "",
+    ]
+    if machines:
+        lines += [
+            f"**Different machines** ({'; '.join(machines)}): a flagged figure may be the "
+            "machine's, not the code's. Compare the two commits in the same labs: "
+            "`python -m bench.ab --a-src OLD_TREE --b-src NEW_TREE`.",
+            "",
+        ]
+    lines += [
         "| setting | mode | figure | old | new | change | |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -114,9 +156,10 @@ def load(path: Path) -> dict[str, Any]:
 def main(old: Path, new: Path, threshold: float = DEFAULT_THRESHOLD) -> int:
     """Print the comparison; 1 when any figure regressed, 2 on unreadable input."""
     try:
-        changes = compare(load(old), load(new))
+        a, b = load(old), load(new)
     except CompareError as exc:
         print(f"bench compare: {exc}")
         return 2
-    print(markdown(changes, threshold, str(old), str(new)), end="")
+    changes = compare(a, b)
+    print(markdown(changes, threshold, str(old), str(new), machine_differences(a, b)), end="")
     return 1 if any(c.regression(threshold) for c in changes) else 0

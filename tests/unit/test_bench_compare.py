@@ -65,3 +65,31 @@ def test_main_exit_codes(tmp_path: Path, capsys) -> None:
     assert compare.main(old, tmp_path / "missing.json") == 2
     out = capsys.readouterr().out
     assert "bench compare:" in out and "Traceback" not in out
+
+
+def test_runs_from_different_machines_are_said_to_be(tmp_path: Path, capsys) -> None:
+    """The nineteenth round: every weft ratio flagged, and the machine had changed
+    (AMD → Intel). The report says which machine fields differ, before the table;
+    runs from one machine (or that recorded none) get no such line."""
+    amd = {"cpu_model": "AMD EPYC", "nproc": 2, "kernel": "6.18.44-fc-v657", "python": "3.11.7"}
+    intel = {
+        **amd,
+        "cpu_model": "Intel(R) Xeon(R) Processor @ 2.00GHz",
+        "kernel": "6.18.44-fc-v782",
+    }
+    old, new = {**OLD, "machine": amd}, {**NEW, "machine": intel}
+    assert compare.machine_differences(old, new) == [
+        "CPU: AMD EPYC → Intel(R) Xeon(R) Processor @ 2.00GHz",
+        "kernel: 6.18.44-fc-v657 → 6.18.44-fc-v782",
+    ]
+    assert compare.machine_differences(old, {**NEW, "machine": amd}) == []
+    assert compare.machine_differences(OLD, new) == []
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(old))
+    b.write_text(json.dumps(new))
+    assert compare.main(a, b) == 1  # still flagged: the note explains, it does not excuse
+    out = capsys.readouterr().out
+    assert out.index("**Different machines** (CPU: AMD EPYC → Intel") < out.index("| setting")
+    assert "bench.ab --a-src" in out
+    assert compare.main(a, a) == 0
+    assert "Different machines" not in capsys.readouterr().out
