@@ -192,8 +192,15 @@ def measure(env: Env, record: RunRecord, test: str, p: Params) -> str:
             )
         return f"{res.bits_per_second / 1e9:.2f} Gbit/s"
     if test == "udp64":
+        lost_before = env.loss_counters()
         res = probes.udp_small(env, p.seconds)
         d = delta(before, snapshot(pids, env.wire_counters()))
+        lost_after = env.loss_counters()
+        for where, n in lost_after.items():
+            record.add(
+                f"udp64_lost_{where}_pct",
+                100.0 * (n - lost_before[where]) / res.sent_packets if res.sent_packets else None,
+            )
         record.add("udp64_kpps", res.received_pps / 1e3)
         record.add("udp64_sent_kpps", res.sent_packets / res.seconds / 1e3 if res.seconds else None)
         record.add("udp64_loss_pct", res.loss_pct)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.parse import proc_net_snmp
 from control.lab.topology import (
     Lab,
     Node,
@@ -224,6 +225,31 @@ class Env:
         """n1's eth0 transmit (bytes, packets): the data direction on the underlay."""
         stats = self.lab.ip_json(self.n1, "-s", "link", "show", "dev", "eth0")[0]["stats64"]
         return int(stats["tx"]["bytes"]), int(stats["tx"]["packets"])
+
+    def loss_counters(self) -> dict[str, int]:
+        """Where datagrams can be lost on their way pod1 → pod2, as counters to take
+        before and after a test: ``pod_socket``, the receiving pod's UDP receive
+        buffer full (the application behind); ``node_socket``, the same on the
+        receiving node (weft's socket there); ``devices``, packets the nodes' links
+        dropped (a TUN's queue full: weft behind reading it); ``weft``, the weft
+        processes' own counted drops."""
+        udp = proc_net_snmp(self.lab.run(self.pod2, "cat", "/proc/net/snmp").stdout)
+        node = proc_net_snmp(self.lab.run(self.n2, "cat", "/proc/net/snmp").stdout)
+        devices = 0
+        for where in (self.n1, self.n2):
+            for link in self.lab.ip_json(where, "-s", "link"):
+                stats = link.get("stats64") or {}
+                devices += sum(int((stats.get(d) or {}).get("dropped", 0)) for d in ("rx", "tx"))
+        weft = 0
+        for st in self.weft_status().values():
+            drops = (st.get("counters") or {}).get("drops") or {}
+            weft += sum(n for n in drops.values() if isinstance(n, int))
+        return {
+            "pod_socket": udp.get("Udp.RcvbufErrors", 0),
+            "node_socket": node.get("Udp.RcvbufErrors", 0),
+            "devices": devices,
+            "weft": weft,
+        }
 
     def weft_status(self) -> dict[str, dict]:
         from control.api import api_request

@@ -50,6 +50,22 @@ METRICS: dict[str, Metric] = {
         ),
         Metric("tcp1_retransmits", "TCP 1 stream retransmits", "segments", False, "{:.0f}"),
         Metric("udp64_sent_kpps", "UDP 64 B sent by iperf3", "kpps", True, "{:.0f}"),
+        Metric(
+            "udp64_lost_pod_socket_pct",
+            "at the receiving pod's socket (buffer full)",
+            "%",
+            False,
+            "{:.1f}",
+        ),
+        Metric(
+            "udp64_lost_node_socket_pct",
+            "at the receiving node's UDP socket",
+            "%",
+            False,
+            "{:.1f}",
+        ),
+        Metric("udp64_lost_devices_pct", "in the nodes' device queues", "%", False, "{:.1f}"),
+        Metric("udp64_lost_weft_pct", "dropped by weft (counted)", "%", False, "{:.1f}"),
     )
 }
 
@@ -63,6 +79,14 @@ HEADLINE = (
     "ping_p99_ms",
     "rr_per_s",
     "udp_rr_per_s",
+)
+#: Where the UDP 64 B datagrams that did not arrive were lost, % of those sent.
+LOSSES = (
+    "udp64_loss_pct",
+    "udp64_lost_pod_socket_pct",
+    "udp64_lost_node_socket_pct",
+    "udp64_lost_devices_pct",
+    "udp64_lost_weft_pct",
 )
 COST = (
     "tcp1_weft_cpu_s_per_gb",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -187,6 +188,22 @@ def pid_status_rss_kb(text: str) -> int | None:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return None
+
+
+def proc_net_snmp(text: str) -> dict[str, int]:
+    """/proc/net/snmp as ``{"Udp.RcvbufErrors": n, …}``: each protocol is a line of
+    names followed by a line of values. Lines that do not pair up are skipped."""
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        proto, _, keys = names.partition(":")
+        vproto, _, nums = values.partition(":")
+        if proto != vproto:
+            continue
+        for key, num in zip(keys.split(), nums.split(), strict=False):
+            with contextlib.suppress(ValueError):
+                out[f"{proto}.{key}"] = int(num)
+    return out
 
 
 def cpuinfo_model(text: str) -> str:

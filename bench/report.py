@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import COST, HEADLINE, METRICS
+from bench.metrics import COST, HEADLINE, LOSSES, METRICS
 
 SETTING_TITLE = {
     "wire": "wire (MTU-sized frames, checksums filled, GRO on receive)",
@@ -140,6 +140,10 @@ def markdown(doc: dict[str, Any], charts: list[str] | None = None) -> str:
         )
         lines += ["", "Cost:", ""]
         lines += _table(runs, COST)
+        where = _table(runs, LOSSES)
+        if where:
+            lines += ["", "Where the UDP 64 B datagrams were lost (% of those sent):", ""]
+            lines += where
         errors = [(r["label"], e) for r in runs for e in r.get("errors", [])]
         if errors:
             lines += ["", "Errors:", ""]

@@ -19,6 +19,7 @@ from bench.parse import (
     ping_counts,
     ping_rtts,
     ping_stats,
+    proc_net_snmp,
     proc_stat_cpu,
 )
 
@@ -201,3 +202,27 @@ def test_pyspy_raw_leaf_shares() -> None:
     assert top[0] == ("run (asyncio/runners.py)", 0.5)
     assert top[1] == ("readv (x/os.py)", 0.4)  # two lines of one function, merged
     assert leaf_shares("") == (0, [])
+
+
+SNMP = """\
+Ip: Forwarding DefaultTTL InReceives InHdrErrors
+Ip: 2 64 6749 0
+IcmpMsg: InType3
+IcmpMsg: 1
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors
+Udp: 304846 0 241163 1 241163 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors
+UdpLite: 0 0 0 0 0
+"""
+
+
+def test_proc_net_snmp_pairs_names_with_values() -> None:
+    """A receiving pod's /proc/net/snmp after a 64-byte flood (session 20): the
+    datagrams its socket dropped with a full buffer are Udp.RcvbufErrors."""
+    got = proc_net_snmp(SNMP)
+    assert got["Udp.RcvbufErrors"] == 241163 and got["Udp.InDatagrams"] == 304846
+    assert got["UdpLite.RcvbufErrors"] == 0 and got["Ip.InReceives"] == 6749
+    assert got["IcmpMsg.InType3"] == 1
+    # A torn read (names without their values, a line of another protocol) is skipped.
+    assert proc_net_snmp("Udp: InDatagrams RcvbufErrors\nTcp: 1 2\n") == {}
+    assert proc_net_snmp("") == {}
