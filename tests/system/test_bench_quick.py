@@ -53,8 +53,12 @@ def test_quick_bench_writes_json_markdown_and_charts(tmp_path: Path) -> None:
             assert set(run["ratios"][metric]) == {"vs_kernel_vxlan", "vs_plain"}
         if run["mode"].startswith("weft"):
             assert "tcp1_weft_cpu_s_per_gb" in run["summary"]
+        for where in ("pod_socket", "node_socket", "devices", "weft"):
+            lost = run["summary"][f"udp64_lost_{where}_pct"]  # where 64 B datagrams were lost
+            assert lost["min"] >= 0, (run["mode"], where, lost)
     md = (out / "results.md").read_text()
     assert "| mode | TCP 1 stream (Gbit/s)" in md and "kernel VXLAN" in md
+    assert "Where the UDP 64 B datagrams were lost (% of those sent):" in md
     assert "Computed wire cost" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["dataplane_offload_1500.png", "dataplane_wire_1500.png"]
