@@ -8,6 +8,13 @@ pings pod2 from pod1, and pairs the timestamps:
   (what n1's forwarder took to encapsulate and send it);
 - receive hop: the reply's frame on eth0 → the reply on the overlay device.
 
+With `--syscalls` (needs `perf`), the system calls of n1's weft during the pings
+are recorded too (`perf record -e raw_syscalls:*`), and the time between them is
+reported: between two calls weft runs in user space (Python), inside one the
+kernel works. So a hop splits into, e.g., `epoll_pwait → readv` (the wake-up: the
+event loop and the drain's set-up), `readv → sendto` (the packet's Python),
+`sendto` itself (the kernel's send path) — decisions §28.
+
 The lab lives in namespaces this command creates and deletes. Needs root and tcpdump.
 """
 
@@ -15,6 +22,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,11 +65,60 @@ def pair_hops(
     return send, receive
 
 
-def _p50(values: list[float]) -> str:
+#: x86-64 numbers of the system calls weft's loops make (others print as `NR n`).
+SYSCALL_NAMES = {
+    0: "read", 1: "write", 7: "poll", 19: "readv", 20: "writev", 24: "sched_yield",
+    44: "sendto", 45: "recvfrom", 46: "sendmsg", 47: "recvmsg", 232: "epoll_wait",
+    281: "epoll_pwait", 299: "recvmmsg", 307: "sendmmsg",
+}  # fmt: skip
+_SYSCALL_EVENT = re.compile(r"\s(\d+\.\d+):\s+raw_syscalls:sys_(enter|exit):\s+NR (\d+)\b")
+
+
+def syscall_stretches(
+    script: str,
+) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
+    """From `perf script` over raw_syscalls:sys_enter/sys_exit of one thread: the
+    µs spent in user space between the exit of one call and the entry of the next,
+    by (previous call, next call), and the µs inside each call, by call (waits
+    included: epoll's time inside is idle time)."""
+    events: list[tuple[float, bool, str]] = []
+    for line in script.splitlines():
+        m = _SYSCALL_EVENT.search(line)
+        if m:
+            nr = int(m.group(3))
+            events.append(
+                (float(m.group(1)), m.group(2) == "enter", SYSCALL_NAMES.get(nr, f"NR {nr}"))
+            )
+    between: dict[tuple[str, str], list[float]] = {}
+    inside: dict[str, list[float]] = {}
+    for (t0, enter0, name0), (t1, enter1, name1) in itertools.pairwise(events):
+        if not enter0 and enter1:
+            between.setdefault((name0, name1), []).append((t1 - t0) * 1e6)
+        elif enter0 and not enter1 and name0 == name1:
+            inside.setdefault(name0, []).append((t1 - t0) * 1e6)
+    return between, inside
+
+
+def syscall_report(script: str, least: int) -> list[str]:
+    """The stretches seen at least `least` times, most frequent first."""
+    between, inside = syscall_stretches(script)
+    lines = ["  weft on n1, in user space between system calls (wall time: a stretch"]
+    lines.append("  includes any wait for a CPU; the min is the bare cost):")
+    for (a, b), v in sorted(between.items(), key=lambda kv: -len(kv[1])):
+        if len(v) >= least:
+            lines.append(f"    {a} → {b}: {_p50(v, 'times')}")
+    lines.append("  … and inside them:")
+    for name, v in sorted(inside.items(), key=lambda kv: -len(kv[1])):
+        if len(v) >= least and not name.startswith("epoll"):
+            lines.append(f"    {name}: {_p50(v, 'times')}")
+    return lines
+
+
+def _p50(values: list[float], what: str = "packets") -> str:
     if not values:
         return "–"
     v = sorted(values)
-    return f"p50 {v[len(v) // 2]:.0f} µs, min {v[0]:.0f} µs ({len(v)} packets)"
+    return f"p50 {v[len(v) // 2]:.0f} µs, min {v[0]:.0f} µs ({len(v)} {what})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,16 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="weft-vxlan-kernel", choices=sorted(envmod.MODES))
     p.add_argument("--interval", type=float, default=0.01, help="ping interval (s)")
     p.add_argument("--count", type=int, default=100)
+    p.add_argument(
+        "--syscalls", action="store_true", help="also time n1's weft between its system calls"
+    )
     args = p.parse_args(argv)
     mode = envmod.MODES[args.mode]
     if mode.key == "weft-kernel":
         print("bench.hops: weft-kernel runs the kernel's path; use kernel-vxlan", file=sys.stderr)
         return 2
+    if args.syscalls and (mode.n1 == "kernel" or shutil.which("perf") is None):
+        why = "n1 runs no weft" if mode.n1 == "kernel" else "needs perf (Debian: linux-perf)"
+        print(f"bench.hops: --syscalls: {why}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="weft-hops-"))
     env = envmod.build(mode, "wire", 1500, work, work)
+    caps: list[tuple[subprocess.Popen, object, Path]] = []
+    perf: subprocess.Popen | None = None
     try:
         device = "flannel.1" if mode.n1 == "kernel" else "weft.1" if mode.n1 == "vxlan" else "weft0"
-        caps = []
         for iface in (device, "eth0"):
             out = (work / f"{iface}.txt").open("w")
             proc = subprocess.Popen(
@@ -84,13 +152,22 @@ def main(argv: list[str] | None = None) -> int:
                 stdout=out, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             caps.append((proc, out, work / f"{iface}.txt"))
-        time.sleep(1.5)  # tcpdump attached
+        if args.syscalls:
+            perf = subprocess.Popen(
+                ["perf", "record", "-q", "-e", "raw_syscalls:sys_enter,raw_syscalls:sys_exit",
+                 "-p", str(env.weft["n1"].pid), "-o", str(work / "syscalls.data")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        time.sleep(1.5)  # tcpdump (and perf) attached
         ping = subprocess.run(
             ["ip", "netns", "exec", env.pod1.ns, "ping", "-q", "-c", str(args.count),
              "-i", str(args.interval), str(env.pod2.ip)],
             capture_output=True, text=True, timeout=60 + args.count * args.interval,
         )  # fmt: skip
         time.sleep(0.5)
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)  # perf writes its file on SIGINT
+            perf.wait(timeout=30)
         for proc, out, _ in caps:
             proc.terminate()
             proc.wait(timeout=10)
@@ -100,8 +177,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode.label}, ping every {args.interval} s: {rtt}")
         print(f"  send hop ({device} → eth0):    {_p50(send)}")
         print(f"  receive hop (eth0 → {device}): {_p50(receive)}")
+        if perf is not None:
+            script = subprocess.run(
+                ["perf", "script", "-i", str(work / "syscalls.data")],
+                capture_output=True, text=True, timeout=60,
+            ).stdout  # fmt: skip
+            print("\n".join(syscall_report(script, least=args.count // 2)))
     finally:
+        # What this command started, by PID, even when a step above failed.
+        for proc in [perf] + [c[0] for c in caps]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
         env.close()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
