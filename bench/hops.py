@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from bench import env as envmod
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="weft-hops-"))
     env = envmod.build(mode, "wire", 1500, work, work)
-    caps: list[tuple[subprocess.Popen, object, Path]] = []
+    caps: list[tuple[subprocess.Popen, IO[str], Path]] = []
     perf: subprocess.Popen | None = None
     try:
         device = "flannel.1" if mode.n1 == "kernel" else "weft.1" if mode.n1 == "vxlan" else "weft0"
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+        for _, out, _ in caps:
+            out.close()
         env.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
