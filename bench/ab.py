@@ -27,6 +27,10 @@ per stream: tcp1@1500M, udp64@60M), below what either variant can do, so that th
 weft CPU per GB or per datagram compares variants doing the same work: at full
 speed on two CPUs it moves with who wins the CPU.
 
+`--a-python PATH` / `--b-python PATH`: the variant's weft processes run with
+that Python (a venv's, with weft's dependencies): the same code under two
+interpreters, lab by lab.
+
 `--counters ordered_sends,egress_waits,drops.send_failed` records, per probe, how
 much each of weft's status counters grew (summed over the lab's weft nodes; a name
 is looked up in the fast paths' counters, then the forwarder's, dots for nested
@@ -130,6 +134,23 @@ def weft_counts(env: envmod.Env, names: list[str]) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def weft_python(python: Path | None) -> Iterator[None]:
+    """Weft processes started meanwhile run with `python` (None: the bench's own)."""
+    if python is None:
+        yield
+        return
+    old = os.environ.get(envmod.WEFT_PYTHON_ENV)
+    os.environ[envmod.WEFT_PYTHON_ENV] = str(python)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(envmod.WEFT_PYTHON_ENV, None)
+        else:
+            os.environ[envmod.WEFT_PYTHON_ENV] = old
+
+
+@contextlib.contextmanager
 def weft_source(src: Path | None) -> Iterator[None]:
     """Weft processes started meanwhile run the code in `src` (their working
     directory comes first on their path, then PYTHONPATH); None: this tree's."""
@@ -158,6 +179,7 @@ def run(
     sources: dict[str, Path | None] | None = None,
     underlay_mtu: int = 1500,
     counters: list[str] | None = None,
+    pythons: dict[str, Path | None] | None = None,
 ) -> list[dict[str, Any]]:
     counted = counters or []
     out: list[dict[str, Any]] = []
@@ -167,7 +189,10 @@ def run(
             names = list(variants) if "weft" in mode else [next(iter(variants))]
             for name in names if r % 2 == 0 else names[::-1]:
                 with tempfile.TemporaryDirectory(prefix="weft-ab") as wd:
-                    with weft_source((sources or {}).get(name)):
+                    with (
+                        weft_source((sources or {}).get(name)),
+                        weft_python((pythons or {}).get(name)),
+                    ):
                         env = envmod.build(
                             m, "wire", underlay_mtu, Path(wd), Path(wd), tuple(variants[name])
                         )
@@ -239,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b", default="--queues 2", help="options for variant B")
     p.add_argument("--a-src", type=Path, help="source tree variant A's weft runs from")
     p.add_argument("--b-src", type=Path, help="source tree variant B's weft runs from")
+    p.add_argument("--a-python", type=Path, help="the Python variant A's weft runs with")
+    p.add_argument("--b-python", type=Path, help="the Python variant B's weft runs with")
     p.add_argument("--underlay-mtu", type=int, default=1500, help="underlay MTU (default 1500)")
     p.add_argument(
         "--counters",
@@ -261,16 +288,23 @@ def main(argv: list[str] | None = None) -> int:
             if not (src / "control" / "cli.py").is_file():
                 print(f"python -m bench.ab: {src}: not a weft source tree", file=sys.stderr)
                 return 2
+    pythons = {"A": args.a_python, "B": args.b_python}
+    for python in pythons.values():
+        if python is not None and not (python.is_file() and os.access(python, os.X_OK)):
+            print(f"python -m bench.ab: {python}: not an executable Python", file=sys.stderr)
+            return 2
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     counters = [c for c in args.counters.split(",") if c]
     records = run(
-        modes, tests, args.rounds, variants, args.seconds, sources, args.underlay_mtu, counters
-    )
+        modes, tests, args.rounds, variants, args.seconds, sources, args.underlay_mtu, counters,
+        pythons,
+    )  # fmt: skip
     print("\n".join(summary(records)))
     if args.out:
         doc = {
             "variants": variants,
             "sources": {k: str(v) for k, v in sources.items() if v},
+            "pythons": {k: str(v) for k, v in pythons.items() if v},
             "underlay_mtu": args.underlay_mtu,
         }
         args.out.write_text(json.dumps({**doc, "records": records}, indent=1))

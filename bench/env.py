@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -266,6 +267,15 @@ class Env:
         self.lab.close()
 
 
+#: The Python the weft processes run with, when not the bench's own (bench.ab
+#: --a-python / --b-python: the same code under two interpreters, in the same labs).
+WEFT_PYTHON_ENV = "WEFT_BENCH_PYTHON"
+
+
+def weft_python() -> str:
+    return os.environ.get(WEFT_PYTHON_ENV) or sys.executable
+
+
 def _weft_argv(
     mode_backend: str,
     node: Node,
@@ -278,7 +288,7 @@ def _weft_argv(
     sock: Path,
 ) -> list[str]:
     argv = [
-        sys.executable,
+        weft_python(),
         "-m",
         "control.cli",
         "dataplane",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -221,3 +222,25 @@ def test_counters_grow_per_probe_and_show_in_the_summary(
     assert "counters" not in records[0]
     assert [r["counters"] for r in records[1:]] == [{"ordered_sends": 10}] * 2
     assert ab.summary(records)[1].endswith("mean 1.00 (1.00× kernel VXLAN), ordered_sends 10")
+
+
+def test_a_variants_python_reaches_its_weft_processes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--a-python / --b-python: while a variant's lab is built, weft's argv starts
+    with that Python; before and after, with the bench's own. A path that is not an
+    executable is a one-line error."""
+    import sys
+
+    monkeypatch.delenv(ab.envmod.WEFT_PYTHON_ENV, raising=False)
+    assert ab.envmod.weft_python() == sys.executable
+    node = SimpleNamespace(underlay_ip="192.168.77.11")
+    args = ("vxlan", node, "10.244.1.0/24", node, "10.244.2.0/24", "aa", "bb", 1500, tmp_path)
+    with ab.weft_python(Path("/opt/py313/bin/python")):
+        assert ab.envmod._weft_argv(*args)[:3] == ["/opt/py313/bin/python", "-m", "control.cli"]
+    assert ab.envmod._weft_argv(*args)[0] == sys.executable
+    with ab.weft_python(None):
+        assert ab.envmod.weft_python() == sys.executable
+    assert ab.main(["--modes", "weft-vxlan", "--b-python", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m bench.ab: {tmp_path / 'nope'}: not an executable Python\n"
