@@ -134,20 +134,27 @@ def weft_counts(env: envmod.Env, names: list[str]) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Environment variable `name` set to `value` meanwhile, then as it was."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def weft_python(python: Path | None) -> Iterator[None]:
     """Weft processes started meanwhile run with `python` (None: the bench's own)."""
     if python is None:
         yield
         return
-    old = os.environ.get(envmod.WEFT_PYTHON_ENV)
-    os.environ[envmod.WEFT_PYTHON_ENV] = str(python)
-    try:
+    with _environ(envmod.WEFT_PYTHON_ENV, str(python)):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(envmod.WEFT_PYTHON_ENV, None)
-        else:
-            os.environ[envmod.WEFT_PYTHON_ENV] = old
 
 
 @contextlib.contextmanager
@@ -157,17 +164,13 @@ def weft_source(src: Path | None) -> Iterator[None]:
     if src is None:
         yield
         return
-    cwd, path = os.getcwd(), os.environ.get("PYTHONPATH")
+    cwd = os.getcwd()
     os.chdir(src)
-    os.environ["PYTHONPATH"] = str(src)
     try:
-        yield
+        with _environ("PYTHONPATH", str(src)):
+            yield
     finally:
         os.chdir(cwd)
-        if path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = path
 
 
 def run(

@@ -103,7 +103,7 @@ def syscall_stretches(
 def syscall_report(script: str, least: int) -> list[str]:
     """The stretches seen at least `least` times, most frequent first."""
     between, inside = syscall_stretches(script)
-    lines = ["  weft on n1, in user space between system calls (wall time: a stretch"]
+    lines = ["  the forwarder on n1, in user space between system calls (wall time: a stretch"]
     lines.append("  includes any wait for a CPU; the min is the bare cost):")
     for (a, b), v in sorted(between.items(), key=lambda kv: -len(kv[1])):
         if len(v) >= least:
