@@ -26,6 +26,12 @@ After a trial that did not pay or a switch for want of CPU, the thread may not
 come on for a while, doubled at each such switch, so that a machine on the edge
 does not see it come and go every second.
 
+With `--queues N` the TAP has one switch for all its queues, so queue 0 decides
+from every queue's process: the busiest one's CPU (each process's one thread is its
+own limit) and the bytes all of them sent (`QueueTotals`), and it tells the workers
+of a switch (dataplane/io/queues.py: before the thread comes on, so that each
+orders its flows' packets from then on; after it goes off).
+
 Pure: fed one measurement window at a time (the node measures: dataplane/io/cpus.
 CpuMeter and the forwarder's counters); the caller writes the kernel's switch.
 """
@@ -56,6 +62,47 @@ class Window(NamedTuple):
     rate: float  # bytes weft sent to the network a second
     datagram: float  # … and their mean size (MTU-sized for bulk TCP, ~100 for small UDP)
     machine: float = 0.0  # the machine's busy time, in CPUs (every process, the kernel)
+
+
+class QueueSample(NamedTuple):
+    """One queue's process at one moment: running totals since it started."""
+
+    at: float  # when it was taken (monotonic seconds)
+    cpu: float  # the process's CPU time (seconds)
+    nbytes: int  # bytes it sent to the network
+    packets: int  # … in this many datagrams
+
+
+class QueueTotals:
+    """Every queue's running totals into one window's busy, rate and datagram size.
+
+    A queue's share of a CPU and its rate are taken over its own time between two
+    samples (a worker answers a few milliseconds after being asked, and one that did
+    not answer this window is measured over two next time); a queue whose totals went
+    back has restarted and counts from zero; a queue seen for the first time counts
+    from the next window."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, QueueSample] = {}
+
+    def step(self, samples: dict[int, QueueSample]) -> tuple[float, float, float]:
+        """(the busiest queue's share of one CPU, bytes a second sent by all of them,
+        their mean datagram size) since each queue's last sample."""
+        busy = rate = 0.0
+        nbytes = packets = 0
+        for queue, now in samples.items():
+            last = self._last.get(queue)
+            self._last[queue] = now
+            if last is None or now.at <= last.at:
+                continue
+            if now.cpu < last.cpu or now.nbytes < last.nbytes or now.packets < last.packets:
+                last = QueueSample(last.at, 0.0, 0, 0)  # a new process since
+            wall = now.at - last.at
+            busy = max(busy, (now.cpu - last.cpu) / wall)
+            rate += (now.nbytes - last.nbytes) / wall
+            nbytes += now.nbytes - last.nbytes
+            packets += now.packets - last.packets
+        return busy, rate, nbytes / max(packets, 1)
 
 
 @dataclass

@@ -73,11 +73,10 @@ def open_egress_tap(
     With `thread` "on" (--egress-thread) the TAP is opened with IFF_NAPI and made
     `threaded`: a write only queues the frame, and a kernel thread segments and
     forwards it while weft reads on (decisions §20); paths.egress_thread says
-    whether that took. With "auto" (one queue only) it is opened with IFF_NAPI and
-    left unthreaded, for the owner to switch (switch_egress_thread, §23); until
-    then the kernel's NAPI poll runs inside each write, as without IFF_NAPI."""
-    if thread == "auto" and (multi_queue or attach):
-        thread = "off"  # one switch for the whole device: not decided per queue
+    whether that took. With "auto" it is opened with IFF_NAPI and left unthreaded,
+    for the owner to switch (switch_egress_thread, §23; with queues, queue 0 switches
+    and tells the workers, §31); until then the kernel's NAPI poll runs inside each
+    write, as without IFF_NAPI."""
     name = egress_name(device_name)
     if not paths.wanted("tunnel_gso"):
         return
@@ -107,6 +106,8 @@ def open_egress_tap(
             paths.egress_thread_mode = "on" if paths.egress_thread else "off"
         elif thread == "auto":
             paths.egress_thread_mode = "auto"
+            # (a worker started again while queue 0 has the thread on: ordered at once)
+            paths.egress_thread = attach and _napi_threaded(name)
     except OSError as exc:
         tap.close()
         paths.refuse("tunnel_gso", f"cannot configure TAP {name}: {errno_text(exc)}")

@@ -273,11 +273,11 @@ class UserspaceDataplane:
                 self._place()
             self.engine.start(loop)
             self._loop = loop
-            if self.fast is not None and self.fast.egress_thread_mode == "auto" and owner:
-                self._egress_policy = loop.create_task(self._egress_policy_loop(policy))
             if owner and multi_queue:
                 self.workers = QueueWorkers(spec, loop)
                 self.workers.start()
+            if self.fast is not None and self.fast.egress_thread_mode == "auto" and owner:
+                self._egress_policy = loop.create_task(self._egress_policy_loop(policy))
         except BaseException:
             self.stop()
             raise
@@ -294,46 +294,76 @@ class UserspaceDataplane:
         )
 
     async def _egress_policy_loop(self, policy: EgressThreadPolicy) -> None:
-        """--egress-thread auto: each window, this process's CPU and the machine's
-        idle CPU decide whether the kernel thread sends (dataplane/egress_thread.py)."""
-        fast, fwd = self.fast, self.forwarder
+        """--egress-thread auto: each window, the CPU of this process (and of every
+        queue's: the busiest counts), the bytes sent and the machine's idle CPU decide
+        whether the kernel thread sends (dataplane/egress_thread.py)."""
+        fast, fwd, workers = self.fast, self.forwarder, self.workers
         assert fast is not None and fwd is not None
-        name = egress_tap.egress_name(self.spec.device_name)
         sent = fwd.counters
+        totals = egress_thread.QueueTotals()
+
+        async def sample() -> dict[int, egress_thread.QueueSample]:
+            now = time.monotonic(), time.process_time(), sent.tx_bytes, sent.tx_packets
+            out = {0: egress_thread.QueueSample(*now)}
+            if workers is not None:
+                out.update(await workers.sample())
+            return out
+
         try:
             meter = cpus.CpuMeter()
-            last, at = (sent.tx_bytes, sent.tx_packets), time.monotonic()
+            totals.step(await sample())
             while True:
                 await asyncio.sleep(egress_thread.WINDOW_S)
-                busy, idle, machine = meter.sample()
-                now, t = (sent.tx_bytes, sent.tx_packets), time.monotonic()
-                nbytes, packets = now[0] - last[0], now[1] - last[1]
-                last, wall, at = now, t - at, t
-                rate = nbytes / wall if wall > 0 else 0.0
-                window = egress_thread.Window(busy, idle, rate, nbytes / max(packets, 1), machine)
+                busy, rate, datagram = totals.step(await sample())
+                _, idle, machine = meter.sample()
+                window = egress_thread.Window(busy, idle, rate, datagram, machine)
                 want = policy.observe(window)
                 log.debug("egress thread %s: %s", policy.state, window)
-                if want is None:
-                    continue
-                began = time.monotonic()
-                if not egress_tap.switch_egress_thread(fast, name, want):
+                if want is not None and not await self._switch_egress_thread(want, window):
                     return
-                # (the switch blocks this loop: the kernel may wait for its thread)
-                log.info(
-                    "--egress-thread auto: the kernel thread %s (weft %.0f %% of a CPU, "
-                    "%.1f CPUs idle, %.2f Gbit/s; switched in %.1f ms)",
-                    "tried" if want else "off",
-                    100 * window.busy,
-                    window.idle,
-                    window.rate * 8e-9,
-                    1e3 * (time.monotonic() - began),
-                )
-                if isinstance(self.engine, fastpath.FastEngine):
-                    self.engine.egress_thread_switched(want)
         except (OSError, ValueError) as exc:
             log.warning("--egress-thread auto: cannot measure CPU time (%s): the thread "
                         "stays %s", exc, "on" if fast.egress_thread else "off")  # fmt: skip
             fast.egress_thread_mode = "on" if fast.egress_thread else "off"
+
+    async def _switch_egress_thread(self, on: bool, window: egress_thread.Window) -> bool:
+        """The TAP's NAPI into its kernel thread or out of it, and every queue told:
+        the workers before the thread comes on (they order their flows from then
+        on), after it has gone off (until then they still order). False: the kernel
+        refused, and auto is given up (said once)."""
+        fast, workers = self.fast, self.workers
+        assert fast is not None
+        began = time.monotonic()
+        late = await workers.egress_thread_switched(True) if on and workers else 0
+        # (the switch blocks this loop: the kernel may wait for its thread)
+        name = egress_tap.egress_name(self.spec.device_name)
+        if not egress_tap.switch_egress_thread(fast, name, on):
+            if on and workers:
+                await workers.egress_thread_switched(False)
+            return False
+        self.egress_thread_switched(on)
+        if not on and workers:
+            late = await workers.egress_thread_switched(False)
+        log.info(
+            "--egress-thread auto: the kernel thread %s (weft %.0f %% of a CPU%s, "
+            "%.1f CPUs idle, %.2f Gbit/s; switched in %.1f ms)%s",
+            "tried" if on else "off",
+            100 * window.busy,
+            " in its busiest queue" if workers else "",
+            window.idle,
+            window.rate * 8e-9,
+            1e3 * (time.monotonic() - began),
+            f"; {late} queue worker(s) did not answer in time" if late else "",
+        )
+        return True
+
+    def egress_thread_switched(self, on: bool) -> None:
+        """The TAP's NAPI goes into (`on`) or has left its kernel thread: this
+        queue's engine orders its flows' packets accordingly (FastEngine)."""
+        if self.fast is not None:
+            self.fast.egress_thread = on
+        if isinstance(self.engine, fastpath.FastEngine):
+            self.engine.egress_thread_switched(on)
 
     def _place(self) -> None:
         """This process on its CPU; with the egress TAP (tunnel GSO), RPS on its queue

@@ -16,9 +16,18 @@ sender picked: flannel's udp proxy sends every flow from one). So no flow is reo
 Each worker has a SOCK_SEQPACKET pair to queue 0 carrying JSON messages:
 
     queue 0 → worker   {"op": "add", "peer": {...}}  {"op": "remove", "subnet": "…"}
+                       {"op": "sample", "id": n}  {"op": "egress-thread", "id": n, "on": b}
     worker → queue 0   {"op": "ready"}  {"op": "error", "message": "…"}
                        {"op": "counters", "counters": {...}, "fast": {...}, "peers": n}
                                                                       (each second)
+                       {"op": "reply", "id": n, ...}      (to "sample", "egress-thread")
+
+`--egress-thread auto` with queues (dataplane/egress_thread.py): every window queue 0
+asks each worker for its CPU time and bytes sent ("sample"), and before it switches
+the TAP's NAPI into its kernel thread it tells every worker and waits for their
+replies ("egress-thread"): a worker answers between two of its batches, so from then
+on it sends a flow's lone packets behind the flow's super-packets. After switching
+the thread off it tells them likewise (until then they still order, which is safe).
 
 Routes reach a worker in the order queue 0 learnt them; what the pipe has no room
 for waits in an outbox (thousands of leases at start) and goes as it drains. A
@@ -57,6 +66,7 @@ from dataclasses import fields
 from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import TYPE_CHECKING, Any
 
+from dataplane.egress_thread import QueueSample
 from dataplane.flows import GOLDEN, flow_hash
 from dataplane.io.sockets import attach_classic_bpf
 from dataplane.peers import Peer
@@ -69,6 +79,9 @@ log = logging.getLogger("weft.dataplane")
 
 MAX_QUEUES = 64
 READY_TIMEOUT_S = 20.0
+#: How long queue 0 waits for the workers' replies (QueueWorkers.ask): a busy worker
+#: answers after its current batch, a stuck one not at all.
+REPLY_TIMEOUT_S = 0.2
 REPORT_INTERVAL_S = 1.0
 TRACE_FLUSH_S = 0.05  # how often a worker sends its trace events while someone traces
 RESTARTS_PER_MINUTE = 5
@@ -331,6 +344,9 @@ class QueueWorkers:
         # `weft trace live` streams open on queue 0: id → (request, where events go)
         self._traces: dict[int, tuple[dict[str, Any], Callable[[list[dict[str, Any]]], None]]] = {}
         self._trace_ids = itertools.count(1)
+        # ask(): id → (the workers yet to reply, their replies so far, set when all have)
+        self._asked: dict[int, tuple[set[int], dict[int, dict[str, Any]], asyncio.Event]] = {}
+        self._ask_ids = itertools.count(1)
 
     def start(self) -> None:
         """Start every worker and wait until each has its queue open (or fail)."""
@@ -436,6 +452,55 @@ class QueueWorkers:
             for worker in self.workers:
                 self._send(worker, {"op": "untrace", "id": tid})
 
+    async def ask(self, msg: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Send `msg` to every ready worker and wait up to REPLY_TIMEOUT_S for their
+        replies: worker index → reply (a worker that did not answer in time is
+        missing; its late reply is ignored)."""
+        rid = next(self._ask_ids)
+        asked = {w.index for w in self.workers if w.ready and w.conn is not None}
+        replies: dict[int, dict[str, Any]] = {}
+        done = asyncio.Event()
+        if not asked:
+            return replies
+        self._asked[rid] = (asked, replies, done)
+        for worker in self.workers:
+            if worker.index in asked:
+                self._send(worker, {**msg, "id": rid})
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), REPLY_TIMEOUT_S)
+        finally:
+            del self._asked[rid]
+        return replies
+
+    def _on_reply(self, worker: _Worker, msg: dict[str, Any]) -> None:
+        entry = self._asked.get(msg.get("id"))  # type: ignore[arg-type]
+        if entry is None:
+            return  # too late
+        waiting, replies, done = entry
+        if worker.index in waiting:
+            waiting.discard(worker.index)
+            replies[worker.index] = msg
+            if not waiting:
+                done.set()
+
+    async def sample(self) -> dict[int, QueueSample]:
+        """Every worker's running totals (--egress-thread auto decides from them)."""
+        out = {}
+        for index, reply in (await self.ask({"op": "sample"})).items():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                out[index] = QueueSample(
+                    float(reply["at"]), float(reply["cpu"]), int(reply["tx_bytes"]),
+                    int(reply["tx_packets"]),
+                )  # fmt: skip
+        return out
+
+    async def egress_thread_switched(self, on: bool) -> int:
+        """Tell every worker that the TAP's NAPI goes into (`on`) or has left its
+        kernel thread; how many did not answer in time."""
+        asked = sum(1 for w in self.workers if w.ready and w.conn is not None)
+        return asked - len(await self.ask({"op": "egress-thread", "on": on}))
+
     def _on_message(self, worker: _Worker) -> None:
         if worker.conn is None:
             return
@@ -446,6 +511,8 @@ class QueueWorkers:
                 if msg.get("op") == "counters":
                     worker.last = {"counters": msg["counters"], "fast": msg.get("fast") or {}}
                     worker.peers = int(msg.get("peers", 0))
+                elif msg.get("op") == "reply":
+                    self._on_reply(worker, msg)
                 elif msg.get("op") == "events" and msg.get("id") in self._traces:
                     self._traces[msg["id"]][1](list(msg["events"]))
                 elif msg.get("op") == "ready":  # a restarted worker (start() reads the first)
@@ -655,6 +722,18 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
                         )
                     elif msg["op"] == "untrace" and msg["id"] in traces:
                         node.tracer.unsubscribe(traces.pop(msg["id"]))  # type: ignore[union-attr]
+                    elif msg["op"] == "sample":
+                        sent = node.forwarder.counters if node.forwarder else None
+                        reply = {"op": "reply", "id": msg["id"], "at": time.monotonic(),
+                                 "cpu": time.process_time(),
+                                 "tx_bytes": sent.tx_bytes if sent else 0,
+                                 "tx_packets": sent.tx_packets if sent else 0}  # fmt: skip
+                        conn.send(json.dumps(reply).encode())
+                    elif msg["op"] == "egress-thread":
+                        node.egress_thread_switched(bool(msg["on"]))
+                        conn.send(json.dumps({"op": "reply", "id": msg["id"]}).encode())
+                except OSError as exc:  # a full pipe, or queue 0 gone (stop is set)
+                    log.warning("queue %d: %r from queue 0: %s", index, data[:60], exc)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("queue %d: bad message from queue 0 (%s): %r", index, exc, data[:200])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from test_fastpath import (
@@ -32,6 +33,7 @@ from test_fastpath import (
 from weft_helpers import WEFT, needs_paths, one_backlog, send_over_tcp, status
 
 from control.lab.topology import Lab, Pod
+from dataplane.flows import flow_hash
 from dataplane.io import egress_tap, offloads
 from dataplane.io.node import EGRESS_POLICY_ENV
 
@@ -60,9 +62,10 @@ print("received", n, flush=True)
 # leaves on its own, right behind the big one).
 SOURCE = f"""
 import socket, sys, time
+bind = ("", int(sys.argv[2])) if len(sys.argv) > 2 else None
 for _ in range(100):
     try:
-        s = socket.create_connection((sys.argv[1], {PORT}), timeout=5)
+        s = socket.create_connection((sys.argv[1], {PORT}), timeout=5, source_address=bind)
         break
     except OSError:
         time.sleep(0.05)
@@ -91,7 +94,9 @@ def send_failed(sock: Path) -> int:
     return status(sock)["counters"]["drops"].get("send_failed", 0)
 
 
-def big_then_small(lab: Lab, pod1: Pod, pod2: Pod, log: Path, sock: Path) -> None:
+def big_then_small(
+    lab: Lab, pod1: Pod, pod2: Pod, log: Path, sock: Path, source_port: int | None = None
+) -> None:
     """SOURCE in pod1 to SINK in pod2: every byte arrives, no bad checksum, and the
     receiving pod's TCP saw no segment out of order — unless weft dropped a write
     (send_failed: the kernel thread left the TAP's queue full for EGRESS_WAIT_MS,
@@ -100,7 +105,8 @@ def big_then_small(lab: Lab, pod1: Pod, pod2: Pod, log: Path, sock: Path) -> Non
     sink = lab.spawn(pod2, [sys.executable, "-c", SINK], log=log)
     counted = ("TcpExtTCPOFOQueue", "TcpInCsumErrors")
     before, failed = nstat(lab, pod2, *counted), send_failed(sock)
-    lab.run(pod1, sys.executable, "-c", SOURCE, str(pod2.ip), timeout=60)
+    bind = [] if source_port is None else [str(source_port)]
+    lab.run(pod1, sys.executable, "-c", SOURCE, str(pod2.ip), *bind, timeout=60)
     assert sink.wait(timeout=30) == 0
     assert f"received {ROUNDS * (BIG + SMALL)}" in log.read_text()
     after, dropped = nstat(lab, pod2, *counted), send_failed(sock) - failed
@@ -214,17 +220,52 @@ def test_auto_switches_the_thread_and_keeps_order(lab: Lab, tmp_path: Path) -> N
     assert "(--egress-thread auto, " in text, text
 
 
+def port_on_queue(pod1: Pod, pod2: Pod, queue: int, queues: int, first: int) -> int:
+    """A source port from `first` on whose flow pod1 → pod2:PORT weft steers to `queue`
+    (dataplane/io/queues.py: both programs hash the inner flow this way)."""
+    addresses = int(pod1.ip) ^ int(pod2.ip)
+    return next(p for p in range(first, 65536) if flow_hash(addresses, p ^ PORT) % queues == queue)
+
+
 @needs_paths("tunnel_gso")
-def test_auto_is_off_with_queues_and_bad_thresholds_are_refused(lab: Lab, tmp_path: Path) -> None:
-    """With --queues 2 the one switch of the device is not left to one queue: auto is
-    off there. A bad WEFT_EGRESS_POLICY stops weft with a one-line error."""
+def test_auto_with_queues_tells_every_worker_and_keeps_order(lab: Lab, tmp_path: Path) -> None:
+    """--egress-thread auto with --queues 2: queue 0 switches the TAP's one NAPI switch
+    from every queue's measurements and tells the worker, which orders its flows'
+    packets behind their super-packets while the thread runs; a flow that queue 1
+    sends keeps its order across the switches."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = [*vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on"), "--queues", "2"]
+    _, sock = start(lab, n1, args, tmp_path, "n1", {EGRESS_POLICY_ENV: "0,0,-1,1e9,0,0,0,0"})
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    assert status(sock)["offload"]["egress_thread_mode"] == "auto"
+    one_backlog(lab, pod1)
+    one_backlog(lab, n2)
+    tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
+    seen = set()
+    for i in range(20):
+        port = port_on_queue(pod1, pod2, 1, 2, 40000 + 100 * i)
+        big_then_small(lab, pod1, pod2, tmp_path / f"sink{i}.log", sock, port)
+        seen.add(lab.run(n1, "cat", tap).stdout.strip())
+        if status(sock)["offload"]["counters"]["egress_thread_switches"] >= 4 and len(seen) == 2:
+            break
+    time.sleep(1.5)  # the worker's next counters report
+    st = status(sock)
+    off = st["offload"]
+    assert off["counters"]["egress_thread_switches"] >= 4 and seen == {"0", "1"}, (off, seen)
+    [worker] = st["queues"]["workers"]
+    assert worker["tx_packets"] > 1000, st["queues"]  # queue 1 sent the flows …
+    assert off["counters"]["ordered_sends"] > 0  # … in order while the thread ran
+    log = (tmp_path / "n1.log").read_text()
+    assert "in its busiest queue" in log and "did not answer" not in log, log[-3000:]
+
+
+@needs_paths("tunnel_gso")
+def test_bad_thresholds_are_refused(lab: Lab, tmp_path: Path) -> None:
+    """A bad WEFT_EGRESS_POLICY stops weft with a one-line error."""
     n1, n2, _, _ = two_node_pods(lab, mtu=1450)
     kmac = kernel_vxlan_node(lab, n2, n1)
     args = vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on")
-    proc, sock = start(lab, n1, [*args, "--queues", "2"], tmp_path, "n1")
-    off = status(sock)["offload"]
-    assert (off["egress_thread_mode"], off["egress_thread"]) == ("off", False)
-    lab.stop(proc)
     bad = lab.run(n1, "env", f"{EGRESS_POLICY_ENV}=fast", *WEFT, *args, check=False, timeout=20)
     assert bad.returncode != 0
     assert "WEFT_EGRESS_POLICY" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 
 from control.cli import parse_egress_thread
-from dataplane.egress_thread import FIRST_HOLD, MAX_HOLD, EgressThreadPolicy, Window
+from dataplane.egress_thread import (
+    FIRST_HOLD,
+    MAX_HOLD,
+    EgressThreadPolicy,
+    QueueSample,
+    QueueTotals,
+    Window,
+)
 from dataplane.io.cpus import machine_ticks
 
 G = 1e9 / 8  # bytes a second in a Gbit/s
@@ -149,3 +156,41 @@ def test_egress_thread_bad_value() -> None:
 
     with pytest.raises(argparse.ArgumentTypeError, match="expected auto, on or off"):
         parse_egress_thread("sometimes")
+
+
+def test_queue_totals_take_the_busiest_queue_and_every_queues_bytes() -> None:
+    """--queues 2: queue 0 busy 95 % of a CPU sending 1 Gbit/s in 1450-byte datagrams,
+    queue 1 half a CPU sending 0.5 Gbit/s in 500-byte ones."""
+    totals = QueueTotals()
+    assert totals.step({0: QueueSample(10.0, 3.0, 1000, 1), 1: QueueSample(10.01, 7.0, 0, 0)}) == (
+        0.0,
+        0.0,
+        0.0,
+    )  # nothing to compare with yet
+    busy, rate, datagram = totals.step(
+        {
+            0: QueueSample(10.5, 3.0 + 0.475, 1000 + int(G / 2), 1 + int(G / 2 / 1450)),
+            1: QueueSample(10.51, 7.25, int(G / 4), int(G / 4 / 500)),
+        }
+    )
+    assert busy == pytest.approx(0.95)
+    assert rate == pytest.approx(1.5 * G)
+    assert datagram == pytest.approx(G * 0.75 / (G / 2 / 1450 + G / 4 / 500), rel=1e-4)
+
+
+def test_queue_totals_over_each_queues_own_time() -> None:
+    """A worker that did not answer one window is measured over two the next; one
+    that started again (its totals went back) counts from zero; one seen for the
+    first time counts from the next window."""
+    totals = QueueTotals()
+    totals.step({0: QueueSample(0.0, 0.0, 0, 0), 1: QueueSample(0.0, 0.0, 0, 0)})
+    assert totals.step({0: QueueSample(0.5, 0.25, 500, 1)}) == (0.5, 1000.0, 500.0)
+    busy, rate, _ = totals.step(
+        {0: QueueSample(1.0, 0.5, 1000, 2), 1: QueueSample(1.0, 0.9, 1000, 1)}
+    )
+    assert busy == pytest.approx(0.9) and rate == pytest.approx(1000 + 1000)
+    restarted = {0: QueueSample(1.5, 0.75, 1500, 3), 1: QueueSample(1.5, 0.2, 300, 1)}
+    busy, rate, _ = totals.step(restarted)
+    assert busy == pytest.approx(0.5) and rate == pytest.approx(1000 + 600)
+    busy, rate, _ = totals.step({0: QueueSample(2.0, 1.0, 2000, 4), 2: QueueSample(2.0, 5.0, 9, 9)})
+    assert busy == pytest.approx(0.5) and rate == pytest.approx(1000)

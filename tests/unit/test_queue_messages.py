@@ -1,7 +1,10 @@
-"""Queue workers' pure parts: the spec and peer messages, counter sums, steering."""
+"""Queue workers' pure parts: the spec and peer messages, counter sums, steering;
+and queue 0 asking its workers over real pipes."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import struct
 from collections import Counter
@@ -9,8 +12,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from dataplane.egress_thread import QueueSample
 from dataplane.io.node import NodeSpec
 from dataplane.io.queues import (
+    QueueWorkers,
     add_counts,
     decode_peer,
     encode_peer,
@@ -127,3 +132,60 @@ def test_queue_counts_and_backends_that_do_not_go_together() -> None:
     assert queues_error("udp", 0) == "--queues 0: expected 1..64"
     assert queues_error("udp", 65) == "--queues 65: expected 1..64"
     assert queues_error("host-gw", 2) == "--queues above 1 is for the vxlan and udp backends"
+
+
+def test_queue_0_collects_the_workers_replies_and_waits_for_no_straggler() -> None:
+    """QueueWorkers.ask over real pipes, the workers' ends answered here: queue 1
+    answers at once, queue 2 only after the timeout (its late reply is ignored, and
+    it counts as not answering), queue 3 is not ready (not asked)."""
+    spec = NodeSpec(
+        backend="vxlan",
+        network=IPv4Network("10.244.0.0/16"),
+        subnet=IPv4Network("10.244.3.0/24"),
+        public_ip=IPv4Address("192.168.77.10"),
+        underlay_iface="eth0",
+        queues=4,
+    )
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        workers = QueueWorkers(spec, loop)
+        theirs: dict[int, socket.socket] = {}
+        for worker in workers.workers:
+            ours, theirs[worker.index] = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setblocking(False)
+            worker.conn, worker.ready = ours, worker.index != 3
+            loop.add_reader(ours.fileno(), workers._on_message, worker)
+
+        def answer(index: int, **fields: object) -> None:
+            msg = json.loads(theirs[index].recv(4096))
+            reply = {"op": "reply", "id": msg["id"], **fields}
+            theirs[index].send(json.dumps(reply).encode())
+
+        sample = {"at": 5.0, "cpu": 1.5, "tx_bytes": 3000, "tx_packets": 2}
+        loop.call_later(0.01, lambda: answer(1, **sample))
+        asked = asyncio.ensure_future(workers.sample())
+        await asyncio.sleep(0.05)
+        assert not asked.done()  # queue 2 has not answered yet
+        got = await asked
+        assert got == {1: QueueSample(5.0, 1.5, 3000, 2)}
+        answer(2, **sample)  # too late: nobody waits for it
+        await asyncio.sleep(0.01)
+        assert workers._asked == {}
+        theirs[3].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs[3].recv(4096)  # not ready: not asked
+
+        loop.call_later(0.01, lambda: answer(1))
+        loop.call_later(0.02, lambda: answer(2))
+        began = loop.time()
+        assert await workers.egress_thread_switched(True) == 0
+        assert loop.time() - began < 0.15  # all answered: no wait for the timeout
+        loop.call_later(0.01, lambda: answer(1))
+        assert await workers.egress_thread_switched(False) == 1  # queue 2 silent
+        for worker in workers.workers:
+            loop.remove_reader(worker.conn.fileno())  # type: ignore[union-attr]
+            worker.conn.close()  # type: ignore[union-attr]
+            theirs[worker.index].close()
+
+    asyncio.run(scenario())
