@@ -25,7 +25,7 @@ PORT_PROTOCOLS = frozenset({6, 17, 132, 136})
 
 _IPV4 = struct.Struct("!B5xHxB2xII")  # version/IHL, flags/fragment offset, protocol, src, dst
 _PORTS = struct.Struct("!I")
-_FRAGMENT = 0x3FFF  # MF and the offset: a fragment carries no ports, or not in all pieces
+FRAGMENT = 0x3FFF  # MF and the offset: a fragment carries no ports, or not in all pieces
 
 
 def flow_hash(addresses: int, ports: int) -> int:
@@ -46,7 +46,7 @@ def inner_flow_hash(packet: bytes | bytearray | memoryview, at: int, end: int) -
     if vhl >> 4 != 4:
         return 0
     ports = 0
-    if proto in PORT_PROTOCOLS and not frag & _FRAGMENT:
+    if proto in PORT_PROTOCOLS and not frag & FRAGMENT:
         l4 = at + (vhl & 0x0F) * 4
         if l4 + 4 <= end:
             (both,) = _PORTS.unpack_from(packet, l4)

@@ -67,7 +67,7 @@ from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import TYPE_CHECKING, Any
 
 from dataplane.egress_thread import QueueSample
-from dataplane.flows import GOLDEN, flow_hash
+from dataplane.flows import FRAGMENT, GOLDEN, PORT_PROTOCOLS, inner_flow_hash
 from dataplane.io.sockets import attach_classic_bpf
 from dataplane.peers import Peer
 from dataplane.trace import Subscription
@@ -166,28 +166,61 @@ def add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
 
 
+def _resolve(program: list[Any]) -> list[tuple[int, ...]]:
+    """A BPF program written with labels: a str item marks where it stands; a str
+    field of an instruction (a jump's offset) becomes that label's distance from the
+    instruction after it, as classic and extended BPF both count jumps."""
+    at: dict[str, int] = {}
+    insns: list[tuple[Any, ...]] = []
+    for item in program:
+        if isinstance(item, str):
+            at[item] = len(insns)
+        else:
+            insns.append(item)
+    return [
+        tuple(at[f] - (i + 1) if isinstance(f, str) else f for f in insn)
+        for i, insn in enumerate(insns)
+    ]
+
+
 def steering_program(ip_off: int, queues: int) -> list[tuple[int, int, int, int]]:
     """A classic BPF program for SO_ATTACH_REUSEPORT_CBPF: the index of the socket
-    that gets a datagram, from the inner flow (addresses and ports, after the inner
-    IP header's own length), so a flow stays on one queue whatever outer source
-    port its sender picked. The kernel runs it on the UDP payload: `ip_off` is where
-    the inner IPv4 header starts there (vxlan 22, udp 0). A datagram too short to
-    hold the fields makes the program fail, which sends it to the first socket."""
-    ld_abs, ld_ind, ld_mem, ldx_msh = 0x20, 0x40, 0x60, 0xB1
+    that gets a datagram, from the inner flow (flows.inner_flow_hash: the addresses,
+    and for TCP, UDP, SCTP and UDP-Lite outside fragments the ports after the inner
+    IP header's own length), so a flow stays on one queue whatever outer source port
+    its sender picked, an ICMP echo's packets too (their checksum sits where ports
+    would), and every piece of a fragmented datagram with them. The kernel runs it on
+    the UDP payload: `ip_off` is where the inner IPv4 header starts there (vxlan 22,
+    udp 0). A datagram too short to hold the fields it reads, or not IPv4, goes to
+    the first socket."""
+    ld_abs, ld_abs_h, ld_abs_b, ld_ind, ld_mem, ldx_msh = 0x20, 0x28, 0x30, 0x40, 0x60, 0xB1
     st, tax, xor_x, rsh_k, mul_k, mod_k, ret_a = 0x02, 0x07, 0xAC, 0x74, 0x24, 0x94, 0x16
-    and_k = 0x54
-    return [
+    and_k, ld_imm, jeq_k, jset_k, ja, ret_k = 0x54, 0x00, 0x15, 0x45, 0x05, 0x06
+    program: list[Any] = [
+        (ld_abs_b, 0, 0, ip_off),
+        (and_k, 0, 0, 0xF0),
+        (jeq_k, 0, "drop", 0x40),  # IPv4 only
         (ld_abs, 0, 0, ip_off + 12),  # A = inner source address
         (tax, 0, 0, 0),
         (ld_abs, 0, 0, ip_off + 16),  # A = inner destination address
         (xor_x, 0, 0, 0),
         (st, 0, 0, 0),  # M[0] = source ^ destination
+        (ld_abs_b, 0, 0, ip_off + 9),  # A = protocol
+        *[(jeq_k, "ports", 0, proto) for proto in sorted(PORT_PROTOCOLS)],
+        (ja, 0, 0, "no ports"),
+        "ports",
+        (ld_abs_h, 0, 0, ip_off + 6),
+        (jset_k, "no ports", 0, FRAGMENT),  # a fragment: no ports, or not in every piece
         (ldx_msh, 0, 0, ip_off),  # X = inner IP header length
         (ld_ind, 0, 0, ip_off),  # A = source port << 16 | destination port
         (tax, 0, 0, 0),
         (rsh_k, 0, 0, 16),
         (xor_x, 0, 0, 0),
         (and_k, 0, 0, 0xFFFF),  # A = source port ^ destination port: both directions alike
+        (ja, 0, 0, "mix"),
+        "no ports",
+        (ld_imm, 0, 0, 0),
+        "mix",
         (tax, 0, 0, 0),
         (ld_mem, 0, 0, 0),
         (xor_x, 0, 0, 0),
@@ -203,49 +236,65 @@ def steering_program(ip_off: int, queues: int) -> list[tuple[int, int, int, int]
         (xor_x, 0, 0, 0),
         (mod_k, 0, 0, queues),
         (ret_a, 0, 0, 0),
+        "drop",
+        (ret_k, 0, 0, 0),
     ]
+    return _resolve(program)  # type: ignore[return-value]
 
 
 def steering_queue(datagram: bytes, ip_off: int, queues: int) -> int:
     """What steering_program returns for `datagram` (the same arithmetic, for tests
-    and for explaining where a flow goes)."""
-    if len(datagram) < ip_off + 20:
+    and for explaining where a flow goes): flows.inner_flow_hash modulo `queues`,
+    and the first queue where the program's loads fall off the end."""
+    end = len(datagram)
+    if end < ip_off + 20:
         return 0
-    src, dst = struct.unpack_from("!II", datagram, ip_off + 12)
-    l4 = ip_off + (datagram[ip_off] & 0x0F) * 4
-    if len(datagram) < l4 + 4:
+    (frag,) = struct.unpack_from("!H", datagram, ip_off + 6)
+    ports_at = ip_off + (datagram[ip_off] & 0x0F) * 4
+    if datagram[ip_off + 9] in PORT_PROTOCOLS and not frag & FRAGMENT and end < ports_at + 4:
         return 0
-    (ports,) = struct.unpack_from("!I", datagram, l4)
-    return flow_hash(src ^ dst, (ports >> 16) ^ (ports & 0xFFFF)) % queues
+    return inner_flow_hash(datagram, ip_off, end) % queues
 
 
 def tun_steering_program(ip_off: int) -> list[tuple[int, int, int, int, int]]:
     """An eBPF socket-filter program for TUNSETSTEERINGEBPF: the flow_hash of a packet
-    the kernel is about to hand to the TUN's readers (the kernel takes it modulo the
-    number of queues). `ip_off`: 0 on a TUN, 14 on a TAP. It replaces the TUN's own
-    choice, which follows the queue that last wrote the flow's other direction —
-    and that can be one queue for many flows (decisions §11). Instructions are
-    (code, dst, src, off, imm)."""
-    ld_abs_w, ld_abs_b, ld_ind_w, exit_ = 0x20, 0x30, 0x40, 0x95
-    mov64_x, xor64_x, and64_k, lsh64_k, rsh64_k = 0xBF, 0xAF, 0x57, 0x67, 0x77
+    the kernel is about to hand to the TUN's readers (flows.inner_flow_hash, as
+    steering_program; the kernel takes it modulo the number of queues). `ip_off`: 0
+    on a TUN, 14 on a TAP. It replaces the TUN's own choice, which follows the queue
+    that last wrote the flow's other direction — and that can be one queue for many
+    flows (decisions §11). Instructions are (code, dst, src, off, imm)."""
+    ld_abs_w, ld_abs_h, ld_abs_b, ld_ind_w, exit_ = 0x20, 0x28, 0x30, 0x40, 0x95
+    mov64_x, mov64_k, xor64_x, and64_k, lsh64_k, rsh64_k = 0xBF, 0xB7, 0xAF, 0x57, 0x67, 0x77
     mov32_x, rsh32_k, xor32_x, mul32_k = 0xBC, 0x74, 0xAC, 0x24
+    jeq_k, jne_k, jset_k, ja = 0x15, 0x55, 0x45, 0x05
     r0, r1, r6, r7, r8, r9 = 0, 1, 6, 7, 8, 9
     golden = GOLDEN - (1 << 32)  # the immediate is a signed 32-bit field
-    return [
+    program: list[Any] = [
         (mov64_x, r6, r1, 0, 0),  # LD_ABS reads the packet through r6
+        (ld_abs_b, 0, 0, 0, ip_off),
+        (mov64_x, r8, r0, 0, 0),  # r8 = version and header length
+        (and64_k, r0, 0, 0, 0xF0),
+        (jne_k, r0, 0, "other", 0x40),  # IPv4 only
         (ld_abs_w, 0, 0, 0, ip_off + 12),
         (mov64_x, r7, r0, 0, 0),
         (ld_abs_w, 0, 0, 0, ip_off + 16),
         (xor64_x, r7, r0, 0, 0),  # r7 = source ^ destination
-        (ld_abs_b, 0, 0, 0, ip_off),
-        (and64_k, r0, 0, 0, 0x0F),
-        (lsh64_k, r0, 0, 0, 2),
-        (mov64_x, r8, r0, 0, 0),  # r8 = IP header length
+        (mov64_k, r9, 0, 0, 0),  # r9 = no ports …
+        (ld_abs_b, 0, 0, 0, ip_off + 9),
+        *[(jeq_k, r0, 0, "ports", proto) for proto in sorted(PORT_PROTOCOLS)],
+        (ja, 0, 0, "mix", 0),
+        "ports",  # … or source port ^ destination port, outside fragments
+        (ld_abs_h, 0, 0, 0, ip_off + 6),
+        (jset_k, r0, 0, "mix", FRAGMENT),
+        (and64_k, r8, 0, 0, 0x0F),
+        (lsh64_k, r8, 0, 0, 2),  # r8 = IP header length
         (ld_ind_w, 0, r8, 0, ip_off),  # r0 = ports
         (mov64_x, r9, r0, 0, 0),
         (rsh64_k, r9, 0, 0, 16),
         (and64_k, r0, 0, 0, 0xFFFF),
-        (xor64_x, r0, r9, 0, 0),  # source port ^ destination port
+        (xor64_x, r9, r0, 0, 0),
+        "mix",
+        (mov64_x, r0, r9, 0, 0),
         (xor64_x, r0, r7, 0, 0),
         (mov32_x, r1, r0, 0, 0),
         (rsh32_k, r1, 0, 0, 16),
@@ -255,7 +304,11 @@ def tun_steering_program(ip_off: int) -> list[tuple[int, int, int, int, int]]:
         (rsh32_k, r1, 0, 0, 16),
         (xor32_x, r0, r1, 0, 0),
         (exit_, 0, 0, 0, 0),
+        "other",
+        (mov64_k, r0, 0, 0, 0),
+        (exit_, 0, 0, 0, 0),
     ]
+    return _resolve(program)  # type: ignore[return-value]
 
 
 _BPF_INSN = struct.Struct("=BBhi")

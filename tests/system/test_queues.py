@@ -227,14 +227,20 @@ def test_the_kernel_steers_as_the_model_says(lab: Lab) -> None:
             try:
                 attach_steering(socks[0], ip_off, 3)
                 want = [0, 0, 0]
+                # TCP flows (ports count), ICMP echoes and UDP fragments (they do not)
                 for sport in range(40000, 40096, 2):
-                    ip = struct.pack(
-                        "!BBHHHBBH4s4s", 0x45, 0, 60, 0, 0, 64, 6, 0,
-                        bytes([10, 244, 1, 2]), bytes([10, 244, 2, 3]),
-                    )  # fmt: skip
-                    datagram = b"\0" * ip_off + ip + struct.pack("!HH", sport, 5201) + b"x" * 20
-                    want[steering_queue(datagram, ip_off, 3)] += 1
-                    tx.sendto(datagram, (str(n1.underlay_ip), port))
+                    for proto, frag, l4 in (
+                        (6, 0, struct.pack("!HH", sport, 5201)),
+                        (1, 0, struct.pack("!BBHHH", 8, 0, sport, 7, sport)),
+                        (17, 0x2000 if sport % 4 else 185, struct.pack("!HH", sport, 5201)),
+                    ):
+                        ip = struct.pack(
+                            "!BBHHHBBH4s4s", 0x45, 0, 60, 0, frag, 64, proto, 0,
+                            bytes([10, 244, 1, 2]), bytes([10, 244, 2 + sport % 3, 3]),
+                        )  # fmt: skip
+                        datagram = b"\0" * ip_off + ip + l4 + b"x" * 20
+                        want[steering_queue(datagram, ip_off, 3)] += 1
+                        tx.sendto(datagram, (str(n1.underlay_ip), port))
                 time.sleep(0.2)
                 got = []
                 for sock in socks:
@@ -310,17 +316,32 @@ def test_the_tun_steers_as_the_model_says(lab: Lab) -> None:
                 tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 tx.bind(("0.0.0.0", sport))
                 tx.sendto(b"x" * 8, ("10.99.1.2", 5201))
+            # ICMP echoes (their checksum where ports would be) and the fragments of
+            # a datagram larger than the device's MTU
+            with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as icmp:
+                for seq in range(16):
+                    echo = struct.pack("!BBHHH", 8, 0, 0, 7, seq) + bytes([seq]) * 8
+                    icmp.sendto(echo, (f"10.99.{1 + seq % 4}.2", 0))
+            tx.sendto(b"y" * 4000, ("10.99.1.2", 5201))
             time.sleep(0.2)
+            icmp_seen = fragments = 0
             for q, dev in enumerate(queues):
                 while True:
                     try:
                         packet = dev.read()
                     except BlockingIOError:
                         break
-                    if packet[0] >> 4 == 4 and packet[9] == 17:
-                        assert steering_queue(packet, 0, 2) == q, (q, packet.hex())
+                    if packet[0] >> 4 != 4:
+                        continue
+                    assert steering_queue(packet, 0, 2) == q, (q, packet.hex())
+                    if packet[9] == 1:
+                        icmp_seen += 1
+                    elif struct.unpack_from("!H", packet, 6)[0] & 0x3FFF:
+                        fragments += 1
+                    elif packet[9] == 17:
                         want[q].append(struct.unpack_from("!H", packet, 20)[0])
             assert len(want[0]) + len(want[1]) == 64 and want[0] and want[1]
+            assert icmp_seen == 16 and fragments >= 3, (icmp_seen, fragments)
         finally:
             tx.close()
             for dev in queues:

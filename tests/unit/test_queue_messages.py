@@ -90,10 +90,44 @@ def test_steering_reads_the_ports_after_ip_options() -> None:
     assert steering_queue(b"\0" * 30, 22, 4) == 0  # too short: the first socket
 
 
+def _ip(proto: int, l4: bytes, *, frag: int = 0, src: int = 1, dst: int = 2) -> bytes:
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, frag, 64, proto, 0,
+        bytes([10, 244, src, 2]), bytes([10, 244, dst, 3]),
+    )  # fmt: skip
+    return ip + l4
+
+
+def test_an_icmp_echos_packets_and_a_datagrams_fragments_stay_together() -> None:
+    """Only TCP, UDP, SCTP and UDP-Lite outside fragments have ports in the hash (as
+    flows.inner_flow_hash): an ICMP echo's checksum, which sits where ports would and
+    changes with every sequence number, does not spread one ping over the queues,
+    and its reply meets it; a fragmented datagram's pieces meet on one queue."""
+    echoes = {
+        steering_queue(_ip(1, struct.pack("!BBHHH", 8, 0, 0xF7FF - seq, 7, seq)), 0, 64)
+        for seq in range(50)
+    }
+    reply = _ip(1, struct.pack("!BBHHH", 0, 0, 0xFFFF, 7, 0), src=2, dst=1)  # (same XOR)
+    assert len(echoes) == 1 and steering_queue(reply, 0, 64) in echoes
+    first = _ip(17, struct.pack("!HHHH", 40000, 5201, 1480, 0), frag=0x2000)  # MF
+    later = _ip(17, b"\x55" * 8, frag=185)  # offset 1480
+    whole = _ip(17, struct.pack("!HHHH", 40000, 5201, 8, 0))
+    assert steering_queue(first, 0, 64) == steering_queue(later, 0, 64) == echoes.pop()
+    assert steering_queue(whole, 0, 64) != steering_queue(first, 0, 64)  # ports count here
+    for proto in (6, 17, 132, 136):  # the protocols with ports
+        assert steering_queue(_ip(proto, struct.pack("!HH", 40000, 5201)), 0, 64) == steering_queue(
+            whole, 0, 64
+        )
+    ipv6ish = b"\x60" + _ip(17, struct.pack("!HH", 40000, 5201))[1:]
+    assert steering_queue(ipv6ish, 0, 64) == 0  # not IPv4: the first queue
+    assert steering_queue(_ip(6, b"\0\1"), 0, 64) == 0  # ports cut off: the first queue
+
+
 def test_the_program_ends_with_the_queue_count() -> None:
     prog = steering_program(22, 4)
-    assert prog[-2] == (0x94, 0, 0, 4)  # A %= 4
-    assert prog[-1] == (0x16, 0, 0, 0)  # return A
+    assert prog[-3] == (0x94, 0, 0, 4)  # A %= 4
+    assert prog[-2] == (0x16, 0, 0, 0)  # return A
+    assert prog[-1] == (0x06, 0, 0, 0)  # (not IPv4:) return 0
     assert len(prog) < 4096  # BPF_MAXINSNS
 
 
