@@ -6,8 +6,9 @@ SO_REUSEPORT. Queue 0 is the main process (it made the devices and runs the
 control plane); queues 1…N-1 are worker processes started here, each running
 its own engine with its own GIL. A flow stays on one queue each way, and both
 ways meet on the same queue number: queue 0 puts two programs on the node that
-compute one hash of the inner flow (`flow_hash` of source ^ destination address
-and source ^ destination port, dataplane/flows.py), an eBPF one on the device (TUNSETSTEERINGEBPF:
+compute one hash of the inner flow (`inner_flow_hash` of source ^ destination
+address and, for TCP, UDP, SCTP and UDP-Lite outside fragments, source ^ destination
+port, dataplane/flows.py), an eBPF one on the device (TUNSETSTEERINGEBPF:
 which queue's reader gets a packet the kernel routes into it) and a classic BPF
 one on the sockets (SO_ATTACH_REUSEPORT_CBPF: which socket gets a datagram,
 looking past the outer headers, so it does not matter which outer source port a
