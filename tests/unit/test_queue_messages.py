@@ -28,13 +28,19 @@ from dataplane.io.queues import (
 from dataplane.peers import Peer
 
 
-def test_a_spec_survives_the_trip_to_a_worker() -> None:
-    spec = NodeSpec(
+def _spec(**more: object) -> NodeSpec:
+    return NodeSpec(
         backend="vxlan",
         network=IPv4Network("10.244.0.0/16"),
         subnet=IPv4Network("10.244.3.0/24"),
         public_ip=IPv4Address("192.168.77.10"),
         underlay_iface="eth0",
+        **more,  # type: ignore[arg-type]
+    )
+
+
+def test_a_spec_survives_the_trip_to_a_worker() -> None:
+    spec = _spec(
         underlay_mtu=9000,
         device="tap",
         vni=7,
@@ -172,14 +178,7 @@ def test_queue_0_collects_the_workers_replies_and_waits_for_no_straggler() -> No
     """QueueWorkers.ask over real pipes, the workers' ends answered here: queue 1
     answers at once, queue 2 only after the timeout (its late reply is ignored, and
     it counts as not answering), queue 3 is not ready (not asked)."""
-    spec = NodeSpec(
-        backend="vxlan",
-        network=IPv4Network("10.244.0.0/16"),
-        subnet=IPv4Network("10.244.3.0/24"),
-        public_ip=IPv4Address("192.168.77.10"),
-        underlay_iface="eth0",
-        queues=4,
-    )
+    spec = _spec(queues=4)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
