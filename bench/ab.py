@@ -29,7 +29,8 @@ speed on two CPUs it moves with who wins the CPU.
 
 `--a-python PATH` / `--b-python PATH`: the variant's weft processes run with
 that Python (a venv's, with weft's dependencies): the same code under two
-interpreters, lab by lab.
+interpreters, lab by lab (dataplane modes; not weft-kernel, whose agents only
+run weft's control plane).
 
 `--counters ordered_sends,egress_waits,drops.send_failed` records, per probe, how
 much each of weft's status counters grew (summed over the lab's weft nodes; a name
@@ -296,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         if python is not None and not (python.is_file() and os.access(python, os.X_OK)):
             print(f"python -m bench.ab: {python}: not an executable Python", file=sys.stderr)
             return 2
+    if any(pythons.values()) and "weft-kernel" in modes:
+        # (its agents come from the lab cluster, with this Python: only weft's control
+        # plane runs there, the kernel moves the packets)
+        print("python -m bench.ab: --a-python/--b-python: weft-kernel runs weft's control "
+              "plane only; choose dataplane modes", file=sys.stderr)  # fmt: skip
+        return 2
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     counters = [c for c in args.counters.split(",") if c]
     records = run(

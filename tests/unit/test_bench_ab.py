@@ -229,7 +229,8 @@ def test_a_variants_python_reaches_its_weft_processes_only(
 ) -> None:
     """--a-python / --b-python: while a variant's lab is built, weft's argv starts
     with that Python; before and after, with the bench's own. A path that is not an
-    executable is a one-line error."""
+    executable is a one-line error, and so is asking for weft-kernel (its agents
+    come from the lab cluster)."""
     import sys
 
     monkeypatch.delenv(ab.envmod.WEFT_PYTHON_ENV, raising=False)
@@ -244,3 +245,8 @@ def test_a_variants_python_reaches_its_weft_processes_only(
     assert ab.main(["--modes", "weft-vxlan", "--b-python", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err == f"python -m bench.ab: {tmp_path / 'nope'}: not an executable Python\n"
+    modes = ["--modes", "weft-vxlan,weft-kernel", "--a-python", sys.executable]
+    assert ab.main(modes) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m bench.ab: --a-python/--b-python: weft-kernel runs")
+    assert err.count("\n") == 1
