@@ -14,6 +14,7 @@ the sender's back-to-back super-packets make.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -258,6 +259,43 @@ def test_auto_with_queues_tells_every_worker_and_keeps_order(lab: Lab, tmp_path:
     assert off["counters"]["ordered_sends"] > 0  # … in order while the thread ran
     log = (tmp_path / "n1.log").read_text()
     assert "in its busiest queue" in log and "did not answer" not in log, log[-3000:]
+
+
+@needs_paths("tunnel_gso")
+def test_a_worker_started_again_while_the_thread_runs_keeps_order(lab: Lab, tmp_path: Path) -> None:
+    """--queues 2, auto with thresholds that switch the thread on and never off: a
+    worker killed and started again while the thread runs finds it on (sysfs) and
+    orders its flows from its first packet, before any switch tells it so."""
+    n1, n2, pod1, pod2 = two_node_pods(lab, mtu=1450)
+    kmac = kernel_vxlan_node(lab, n2, n1)
+    args = [*vxlan_args(n1, SUBNET1, n2, SUBNET2, WEFT_MAC, kmac, "on"), "--queues", "2"]
+    _, sock = start(lab, n1, args, tmp_path, "n1", {EGRESS_POLICY_ENV: "0,0,-1,-1,0,0,0,0"})
+    assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
+    tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
+    deadline = time.monotonic() + 15
+    while lab.run(n1, "cat", tap).stdout.strip() != "1" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert lab.run(n1, "cat", tap).stdout.strip() == "1"
+    [worker] = status(sock)["queues"]["workers"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        queues = status(sock)["queues"]
+        if queues["restarts"] == 1 and queues["workers"][0]["ready"]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the worker was not started again: {queues}")
+    one_backlog(lab, pod1)
+    one_backlog(lab, n2)
+    switches = status(sock)["offload"]["counters"]["egress_thread_switches"]
+    port = port_on_queue(pod1, pod2, 1, 2, 42000)
+    big_then_small(lab, pod1, pod2, tmp_path / "sink.log", sock, port)
+    time.sleep(1.5)  # the worker's next counters report
+    st = status(sock)
+    assert st["offload"]["counters"]["egress_thread_switches"] == switches  # none since
+    assert st["queues"]["workers"][0]["tx_packets"] > 1000, st["queues"]
+    assert lab.run(n1, "cat", tap).stdout.strip() == "1"
 
 
 @needs_paths("tunnel_gso")
