@@ -31,7 +31,7 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import WEFT, needs_paths, one_backlog, send_over_tcp, status
+from weft_helpers import SLOWDOWN, WEFT, needs_paths, one_backlog, send_over_tcp, status
 
 from control.lab.topology import Lab, Pod
 from dataplane.flows import flow_hash
@@ -272,13 +272,13 @@ def test_a_worker_started_again_while_the_thread_runs_keeps_order(lab: Lab, tmp_
     _, sock = start(lab, n1, args, tmp_path, "n1", {EGRESS_POLICY_ENV: "0,0,-1,-1,0,0,0,0"})
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 15 * SLOWDOWN
     while lab.run(n1, "cat", tap).stdout.strip() != "1" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert lab.run(n1, "cat", tap).stdout.strip() == "1"
     [worker] = status(sock)["queues"]["workers"]
     os.kill(worker["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 15 * SLOWDOWN
     while time.monotonic() < deadline:
         queues = status(sock)["queues"]
         if queues["restarts"] == 1 and queues["workers"][0]["ready"]:
