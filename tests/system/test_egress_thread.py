@@ -14,7 +14,6 @@ the sender's back-to-back super-packets make.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,15 @@ from test_fastpath import (
     two_node_pods,
     vxlan_args,
 )
-from weft_helpers import SLOWDOWN, WEFT, needs_paths, one_backlog, send_over_tcp, status
+from weft_helpers import (
+    SLOWDOWN,
+    WEFT,
+    kill_queue_worker,
+    needs_paths,
+    one_backlog,
+    send_over_tcp,
+    status,
+)
 
 from control.lab.topology import Lab, Pod
 from dataplane.flows import flow_hash
@@ -276,16 +283,7 @@ def test_a_worker_started_again_while_the_thread_runs_keeps_order(lab: Lab, tmp_
     while lab.run(n1, "cat", tap).stdout.strip() != "1" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert lab.run(n1, "cat", tap).stdout.strip() == "1"
-    [worker] = status(sock)["queues"]["workers"]
-    os.kill(worker["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 15 * SLOWDOWN
-    while time.monotonic() < deadline:
-        queues = status(sock)["queues"]
-        if queues["restarts"] == 1 and queues["workers"][0]["ready"]:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the worker was not started again: {queues}")
+    kill_queue_worker(sock)
     one_backlog(lab, pod1)
     one_backlog(lab, n2)
     switches = status(sock)["offload"]["counters"]["egress_thread_switches"]

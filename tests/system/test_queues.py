@@ -33,10 +33,10 @@ from test_fastpath import (
 )
 from weft_helpers import (
     OFFLOAD_ON,
-    SLOWDOWN,
     WEFT,
     assert_super_packets_sent,
     iperf3_run,
+    kill_queue_worker,
     status,
 )
 
@@ -158,20 +158,9 @@ def test_a_killed_worker_is_started_again_and_stop_ends_them_all(lab: Lab, tmp_p
     time.sleep(1.5)
     # n2 receives the data: its worker's queue is the one that carries some for sure.
     st = status(s2)
-    [worker] = st["queues"]["workers"]
     total = st["counters"]["rx_packets"]
-    os.kill(worker["pid"], signal.SIGKILL)
-    # Ready, not just running: a restarted worker is a live process for the seconds
-    # its imports take (15 s in an emulated guest) before its queue and socket open.
-    deadline = time.monotonic() + 10 * SLOWDOWN
-    while time.monotonic() < deadline:
-        queues = status(s2)["queues"]
-        if queues["restarts"] == 1 and queues["workers"][0]["ready"]:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the worker was not started again: {queues}")
-    assert queues["workers"][0]["running"] and queues["workers"][0]["pid"] != worker["pid"]
+    killed, queues = kill_queue_worker(s2)
+    assert queues["workers"][0]["running"] and queues["workers"][0]["pid"] != killed
     assert "queue 1: worker up again" in (tmp_path / "n2.log").read_text()
     # Traffic goes on over both queues (the new worker got the routes again); the
     # ended worker's counters are kept.

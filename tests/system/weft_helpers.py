@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -130,6 +131,22 @@ def start_weft(
 
 def status(sock: Path) -> dict[str, Any]:
     return api_request(str(sock), {"op": "status"})
+
+
+def kill_queue_worker(sock: Path) -> tuple[int, dict[str, Any]]:
+    """SIGKILL queue 1's worker of the weft behind `sock` and wait until queue 0 has
+    started it again and it is ready — not just running: a restarted worker is a
+    live process for the seconds its imports take (15 s in an emulated guest)
+    before its queue and socket open. (The killed PID, the queues' status then.)"""
+    [worker] = status(sock)["queues"]["workers"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10 * SLOWDOWN
+    while time.monotonic() < deadline:
+        queues = status(sock)["queues"]
+        if queues["restarts"] == 1 and queues["workers"][0]["ready"]:
+            return worker["pid"], queues
+        time.sleep(0.1)
+    raise AssertionError(f"the worker was not started again: {queues}")
 
 
 def iperf3_run(
