@@ -105,7 +105,8 @@ EGRESS_THREAD_HELP = (
     "a kernel thread segments and sends the super-packets weft writes to its egress TAP "
     "(threaded NAPI), while weft reads on: faster where a core is free, dearer where "
     "every core is busy. auto (the default): on while weft is busy all the time and the "
-    "machine has idle CPU, off otherwise (one queue only); on (the flag alone): always; "
+    "machine has idle CPU, off otherwise (with --queues, queue 0 decides from every "
+    "queue's CPU); on (the flag alone): always; "
     "off: never"
 )
 
