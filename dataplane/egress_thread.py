@@ -33,7 +33,8 @@ of a switch (dataplane/io/queues.py: before the thread comes on, so that each
 orders its flows' packets from then on; after it goes off).
 
 Pure: fed one measurement window at a time (the node measures: dataplane/io/cpus.
-CpuMeter and the forwarder's counters); the caller writes the kernel's switch.
+CpuMeter the machine, QueueSample each queue's process and forwarder counters); the
+caller writes the kernel's switch.
 """
 
 from __future__ import annotations

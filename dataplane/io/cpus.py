@@ -13,7 +13,7 @@ the next super-packet while the kernel segments the last one.
 
 The pure part (`parse_cpu_list`, `plan`, `rps_mask`) decides; `pin` and `RpsSetting`
 are the thin adapters (sched_setaffinity on every thread, a sysfs file). `CpuMeter`
-measures this process's and the machine's CPU for `--egress-thread auto`
+measures the machine's CPU for `--egress-thread auto`
 (dataplane/egress_thread.py).
 """
 
@@ -135,28 +135,27 @@ def machine_ticks(stat: str) -> tuple[int, int]:
 
 
 class CpuMeter:
-    """This process's CPU time and the machine's idle and busy time since the last `sample`
-    (dataplane/egress_thread.py decides from them). The thin adapter: a monotonic
-    clock, `time.process_time` (every thread of this process) and /proc/stat."""
+    """The machine's idle and busy time since the last `sample` (dataplane/
+    egress_thread.py decides from them; each queue's own CPU time comes with its
+    QueueSample). The thin adapter: a monotonic clock and /proc/stat."""
 
     def __init__(self, stat_path: str = "/proc/stat") -> None:
         self._path = stat_path
         self._tick = os.sysconf("SC_CLK_TCK")
         self._last = self._read()
 
-    def _read(self) -> tuple[float, float, int, int]:
+    def _read(self) -> tuple[float, int, int]:
         with open(self._path) as f:
             total, idle = machine_ticks(f.read())
-        return time.monotonic(), time.process_time(), total, idle
+        return time.monotonic(), total, idle
 
-    def sample(self) -> tuple[float, float, float]:
-        """(this process's busy share of one CPU, the machine's idle CPUs, the
-        machine's busy CPUs) since the last call."""
+    def sample(self) -> tuple[float, float]:
+        """(the machine's idle CPUs, the machine's busy CPUs) since the last call."""
         now = self._read()
-        (t0, p0, a0, i0), (t1, p1, a1, i1) = self._last, now
+        (t0, a0, i0), (t1, a1, i1) = self._last, now
         self._last = now
         wall = t1 - t0
         if wall <= 0:
-            return 0.0, 0.0, 0.0
+            return 0.0, 0.0
         idle = (i1 - i0) / self._tick / wall
-        return (p1 - p0) / wall, idle, (a1 - a0 - (i1 - i0)) / self._tick / wall
+        return idle, (a1 - a0 - (i1 - i0)) / self._tick / wall

@@ -315,7 +315,7 @@ class UserspaceDataplane:
             while True:
                 await asyncio.sleep(egress_thread.WINDOW_S)
                 busy, rate, datagram = totals.step(await sample())
-                _, idle, machine = meter.sample()
+                idle, machine = meter.sample()
                 window = egress_thread.Window(busy, idle, rate, datagram, machine)
                 want = policy.observe(window)
                 log.debug("egress thread %s: %s", policy.state, window)

@@ -511,7 +511,7 @@ class QueueWorkers:
         replies: worker index → reply (a worker that did not answer in time is
         missing; its late reply is ignored)."""
         rid = next(self._ask_ids)
-        asked = {w.index for w in self.workers if w.ready and w.conn is not None}
+        asked = self._askable()
         replies: dict[int, dict[str, Any]] = {}
         done = asyncio.Event()
         if not asked:
@@ -526,6 +526,10 @@ class QueueWorkers:
         finally:
             del self._asked[rid]
         return replies
+
+    def _askable(self) -> set[int]:
+        """The workers ask() sends to: up, with their pipe open."""
+        return {w.index for w in self.workers if w.ready and w.conn is not None}
 
     def _on_reply(self, worker: _Worker, msg: dict[str, Any]) -> None:
         entry = self._asked.get(msg.get("id"))  # type: ignore[arg-type]
@@ -552,7 +556,7 @@ class QueueWorkers:
     async def egress_thread_switched(self, on: bool) -> int:
         """Tell every worker that the TAP's NAPI goes into (`on`) or has left its
         kernel thread; how many did not answer in time."""
-        asked = sum(1 for w in self.workers if w.ready and w.conn is not None)
+        asked = len(self._askable())
         return asked - len(await self.ask({"op": "egress-thread", "on": on}))
 
     def _on_message(self, worker: _Worker) -> None:
