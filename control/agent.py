@@ -507,6 +507,12 @@ class Agent:
 
     # -- status --------------------------------------------------------------------
 
+    async def refresh(self) -> None:
+        """The dataplane's counters up to now (its queue workers report each second)."""
+        refresh = getattr(self.dataplane, "refresh", None)
+        if refresh is not None:
+            await refresh()
+
     def status(self) -> dict[str, Any]:
         lease = self.lease
         out: dict[str, Any] = {

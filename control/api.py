@@ -2,24 +2,37 @@
 
 Request: one line of JSON, e.g. {"op": "status"}. Reply: one line of JSON.
 Handlers are registered by the composition (agent or `weft dataplane run`);
-there are no control operations here, only reads.
+there are no control operations here, only reads. A handler may be a coroutine
+(status waits for the queue workers' counters) or return an async iterator (a
+stream: trace).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 Handler = Callable[[dict[str, Any]], Any]
 
 
-def api_handlers(status: Callable[[], dict[str, Any]], trace: Handler) -> dict[str, Handler]:
-    """The read-only operations every weft process serves: status, explain, trace."""
+def api_handlers(
+    status: Callable[[], dict[str, Any]],
+    trace: Handler,
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Handler]:
+    """The read-only operations every weft process serves: status, explain, trace.
+    `refresh`, if given, runs before each status (the queue workers' counters)."""
+
+    async def status_op(_request: dict[str, Any]) -> dict[str, Any]:
+        if refresh is not None:
+            await refresh()
+        return status()
 
     def explain_op(request: dict[str, Any]) -> Any:
         from control.explain import ExplainError, explain
@@ -29,7 +42,7 @@ def api_handlers(status: Callable[[], dict[str, Any]], trace: Handler) -> dict[s
         except (ExplainError, KeyError, ValueError) as exc:
             return {"error": str(exc)}
 
-    return {"status": lambda _req: status(), "explain": explain_op, "trace": trace}
+    return {"status": status_op, "explain": explain_op, "trace": trace}
 
 
 class ApiServer:
@@ -58,6 +71,8 @@ class ApiServer:
                     reply: Any = {"error": f"unknown op {request.get('op')!r}"}
                 else:
                     reply = handler(request)
+                    if inspect.isawaitable(reply):
+                        reply = await reply
             except (ValueError, AttributeError) as exc:
                 reply = {"error": f"bad request: {exc}"}
             if hasattr(reply, "__aiter__"):

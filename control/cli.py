@@ -227,7 +227,7 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
         port = getattr(node.backend, "port", 0)
         for subnet, public_ip, mac in args.peer:
             node.add_peer(Peer(subnet, public_ip, mac, port))
-        api = ApiServer(args.api_socket, api_handlers(node.status, node.trace_stream))
+        api = ApiServer(args.api_socket, api_handlers(node.status, node.trace_stream, node.refresh))
         await api.start()
         try:
             await stop.wait()

@@ -151,7 +151,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
             return make_dataplane(agent, **engine)
 
         agent = Agent(opts, store, dataplane_factory, underlay=underlay)
-        api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace))
+        api = ApiServer(opts.api_socket, api_handlers(agent.status, agent.trace, agent.refresh))
+
+        async def metrics() -> str:
+            await agent.refresh()
+            return render_metrics(agent.status())
+
         health = None
         pod_gro: asyncio.Task[None] | None = None
         try:
@@ -161,7 +166,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                     opts.healthz_ip,
                     opts.healthz_port,
                     lambda: agent.ready,
-                    lambda: render_metrics(agent.status()),
+                    metrics,
                 )
                 await health.start()
             if pod_gro_bridge:

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("weft.health")
 
 
 class HealthServer:
     def __init__(
-        self, host: str, port: int, is_ready: Callable[[], bool], metrics: Callable[[], str]
+        self,
+        host: str,
+        port: int,
+        is_ready: Callable[[], bool],
+        metrics: Callable[[], Awaitable[str]],
     ) -> None:
         self.host = host
         self.port = port
@@ -47,7 +51,7 @@ class HealthServer:
                 status = "200 OK" if ready else "503 Service Unavailable"
                 body = "ready\n" if ready else "not ready: subnet.env not written yet\n"
             elif path == "/metrics":
-                status, body = "200 OK", self.metrics()
+                status, body = "200 OK", await self.metrics()
                 content_type = "text/plain; version=0.0.4; charset=utf-8"
             else:
                 status, body = "404 Not Found", "not found\n"

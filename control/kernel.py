@@ -168,6 +168,11 @@ class DirectRouting:
     def stop(self) -> None:
         self.inner.stop()
 
+    async def refresh(self) -> None:
+        refresh = getattr(self.inner, "refresh", None)
+        if refresh is not None:
+            await refresh()
+
     def status(self) -> dict[str, Any]:
         status = getattr(self.inner, "status", None)
         out: dict[str, Any] = dict(status()) if callable(status) else {}

@@ -567,6 +567,11 @@ class UserspaceDataplane:
             if sender in self.backend.unresolved or sender in self.backend.neighbours:
                 self.backend.learn(sender, arp.sender_mac)
 
+    async def refresh(self) -> None:
+        """Bring the other queues' counters up to now before a status is read."""
+        if self.workers is not None:
+            await self.workers.refresh()
+
     def status(self) -> dict[str, object]:
         """What `weft status` shows of this dataplane."""
         spec = self.spec

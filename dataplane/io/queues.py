@@ -18,10 +18,16 @@ Each worker has a SOCK_SEQPACKET pair to queue 0 carrying JSON messages:
 
     queue 0 → worker   {"op": "add", "peer": {...}}  {"op": "remove", "subnet": "…"}
                        {"op": "sample", "id": n}  {"op": "egress-thread", "id": n, "on": b}
+                       {"op": "counters", "id": n}
     worker → queue 0   {"op": "ready"}  {"op": "error", "message": "…"}
                        {"op": "counters", "counters": {...}, "fast": {...}, "peers": n}
                                                                       (each second)
-                       {"op": "reply", "id": n, ...}      (to "sample", "egress-thread")
+                       {"op": "reply", "id": n, ...}  (to "sample", "egress-thread",
+                                                       "counters": the same fields)
+
+`weft status` asks every worker for its counters ("counters") and waits up to
+REPLY_TIMEOUT_S, so the node's totals are the workers' as of now; a worker that does
+not answer in time counts with its last report of each second.
 
 `--egress-thread auto` with queues (dataplane/egress_thread.py): every window queue 0
 asks each worker for its CPU time and bytes sent ("sample"), and before it switches
@@ -553,6 +559,21 @@ class QueueWorkers:
                 )  # fmt: skip
         return out
 
+    async def refresh(self) -> None:
+        """Every worker's counters as of now (`weft status`), not as of its last
+        report (up to REPORT_INTERVAL_S old); a worker that does not answer in
+        REPLY_TIMEOUT_S keeps its last report."""
+        replies = await self.ask({"op": "counters"})
+        for worker in self.workers:
+            if worker.index in replies:
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    self._take_report(worker, replies[worker.index])
+
+    @staticmethod
+    def _take_report(worker: _Worker, msg: dict[str, Any]) -> None:
+        worker.last = {"counters": dict(msg["counters"]), "fast": dict(msg.get("fast") or {})}
+        worker.peers = int(msg.get("peers", 0))
+
     async def egress_thread_switched(self, on: bool) -> int:
         """Tell every worker that the TAP's NAPI goes into (`on`) or has left its
         kernel thread; how many did not answer in time."""
@@ -567,8 +588,7 @@ class QueueWorkers:
             with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
                 msg = json.loads(data)
                 if msg.get("op") == "counters":
-                    worker.last = {"counters": msg["counters"], "fast": msg.get("fast") or {}}
-                    worker.peers = int(msg.get("peers", 0))
+                    self._take_report(worker, msg)
                 elif msg.get("op") == "reply":
                     self._on_reply(worker, msg)
                 elif msg.get("op") == "events" and msg.get("id") in self._traces:
@@ -746,6 +766,15 @@ def _send_events(conn: socket.socket, tid: int, sub: Subscription) -> None:
             batch, size = [], 0
 
 
+def counters_report(node: Any) -> dict[str, Any]:
+    """What a worker tells queue 0 of its counters (each second, and when asked)."""
+    return {
+        "counters": node.forwarder.counters.as_dict() if node.forwarder else {},
+        "fast": node.fast.counters.as_dict() if node.fast else {},
+        "peers": len(node.forwarder.peers()) if node.forwarder else 0,
+    }
+
+
 async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
     from dataplane.io.node import UserspaceDataplane
 
@@ -790,6 +819,9 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
                     elif msg["op"] == "egress-thread":
                         node.egress_thread_switched(bool(msg["on"]))
                         conn.send(json.dumps({"op": "reply", "id": msg["id"]}).encode())
+                    elif msg["op"] == "counters":
+                        reply = {"op": "reply", "id": msg["id"], **counters_report(node)}
+                        conn.send(json.dumps(reply).encode())
                 except OSError as exc:  # a full pipe, or queue 0 gone (stop is set)
                     log.warning("queue %d: %r from queue 0: %s", index, data[:60], exc)
                 except (ValueError, KeyError, TypeError) as exc:
@@ -806,14 +838,8 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
             if time.monotonic() - last_report < REPORT_INTERVAL_S:
                 continue
             last_report = time.monotonic()
-            report = {
-                "op": "counters",
-                "counters": node.forwarder.counters.as_dict() if node.forwarder else {},
-                "fast": node.fast.counters.as_dict() if node.fast else {},
-                "peers": len(node.forwarder.peers()) if node.forwarder else 0,
-            }
             with contextlib.suppress(OSError):
-                conn.send(json.dumps(report).encode())
+                conn.send(json.dumps({"op": "counters", **counters_report(node)}).encode())
         loop.remove_reader(conn.fileno())
     finally:
         node.stop()

@@ -36,12 +36,12 @@ from weft_helpers import (
     kill_queue_worker,
     needs_paths,
     one_backlog,
+    port_on_queue,
     send_over_tcp,
     status,
 )
 
 from control.lab.topology import Lab, Pod
-from dataplane.flows import flow_hash
 from dataplane.io import egress_tap, offloads
 from dataplane.io.node import EGRESS_POLICY_ENV
 
@@ -228,13 +228,6 @@ def test_auto_switches_the_thread_and_keeps_order(lab: Lab, tmp_path: Path) -> N
     assert "(--egress-thread auto, " in text, text
 
 
-def port_on_queue(pod1: Pod, pod2: Pod, queue: int, queues: int, first: int) -> int:
-    """A source port from `first` on whose flow pod1 → pod2:PORT weft steers to `queue`
-    (dataplane/io/queues.py: both programs hash the inner flow this way)."""
-    addresses = int(pod1.ip) ^ int(pod2.ip)
-    return next(p for p in range(first, 65536) if flow_hash(addresses, p ^ PORT) % queues == queue)
-
-
 @needs_paths("tunnel_gso")
 def test_auto_with_queues_tells_every_worker_and_keeps_order(lab: Lab, tmp_path: Path) -> None:
     """--egress-thread auto with --queues 2: queue 0 switches the TAP's one NAPI switch
@@ -252,12 +245,11 @@ def test_auto_with_queues_tells_every_worker_and_keeps_order(lab: Lab, tmp_path:
     tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
     seen = set()
     for i in range(20):
-        port = port_on_queue(pod1, pod2, 1, 2, 40000 + 100 * i)
+        port = port_on_queue(pod1, pod2, PORT, 1, 2, 40000 + 100 * i)
         big_then_small(lab, pod1, pod2, tmp_path / f"sink{i}.log", sock, port)
         seen.add(lab.run(n1, "cat", tap).stdout.strip())
         if status(sock)["offload"]["counters"]["egress_thread_switches"] >= 4 and len(seen) == 2:
             break
-    time.sleep(1.5)  # the worker's next counters report
     st = status(sock)
     off = st["offload"]
     assert off["counters"]["egress_thread_switches"] >= 4 and seen == {"0", "1"}, (off, seen)
@@ -287,9 +279,8 @@ def test_a_worker_started_again_while_the_thread_runs_keeps_order(lab: Lab, tmp_
     one_backlog(lab, pod1)
     one_backlog(lab, n2)
     switches = status(sock)["offload"]["counters"]["egress_thread_switches"]
-    port = port_on_queue(pod1, pod2, 1, 2, 42000)
+    port = port_on_queue(pod1, pod2, PORT, 1, 2, 42000)
     big_then_small(lab, pod1, pod2, tmp_path / "sink.log", sock, port)
-    time.sleep(1.5)  # the worker's next counters report
     st = status(sock)
     assert st["offload"]["counters"]["egress_thread_switches"] == switches  # none since
     assert st["queues"]["workers"][0]["tx_packets"] > 1000, st["queues"]

@@ -20,6 +20,7 @@ import pytest
 from control.api import api_request
 from control.lab.netns import in_netns
 from control.lab.topology import Lab, Node, Pod
+from dataplane.flows import flow_hash
 
 WEFT = [sys.executable, "-m", "control.cli"]
 TCP_PORT = 7000  # send_over_tcp's server port, in the receiving pod
@@ -147,6 +148,13 @@ def kill_queue_worker(sock: Path) -> tuple[int, dict[str, Any]]:
             return worker["pid"], queues
         time.sleep(0.1)
     raise AssertionError(f"the worker was not started again: {queues}")
+
+
+def port_on_queue(src: Pod, dst: Pod, dport: int, queue: int, queues: int, first: int) -> int:
+    """A source port from `first` on whose flow src → dst:dport weft steers to `queue`
+    of `queues` (dataplane/io/queues.py: both programs hash the inner flow this way)."""
+    addresses = int(src.ip) ^ int(dst.ip)
+    return next(p for p in range(first, 65536) if flow_hash(addresses, p ^ dport) % queues == queue)
 
 
 def iperf3_run(
