@@ -13,6 +13,7 @@ from typing import Any
 from control.cli import (
     CPUS_HELP,
     EGRESS_THREAD_HELP,
+    KEEP_WARM_HELP,
     CliError,
     cpu_placement,
     egress_thread_argument,
@@ -20,6 +21,7 @@ from control.cli import (
     parse_cpus,
     parse_flush_us,
     parse_ipv4,
+    parse_keep_warm,
     parse_queues,
     parse_source_ports,
     run_until_signal,
@@ -141,6 +143,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         engine = {
             "offload": args.offload,
             "busy_poll_us": args.busy_poll,
+            "keep_warm_us": args.keep_warm,
             "queues": args.queues,
             "source_ports": args.source_ports,
             "egress_thread": args.egress_thread,
@@ -196,7 +199,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def make_dataplane(agent: Any, **engine: Any) -> Any:
     """The userspace engine or the kernel, for the agent's config and lease;
     wrapped for vxlan DirectRouting (on-link peers get plain kernel routes).
-    `engine`: the userspace engine's NodeSpec options (offload, busy_poll_us,
+    `engine`: the userspace engine's NodeSpec options (offload, busy_poll_us, keep_warm_us,
     queues, source_ports, egress_thread, cpus)."""
     dataplane = _make_dataplane(agent, engine)
     backend = agent.config.backend
@@ -295,6 +298,13 @@ def register(sub: Any) -> None:
         metavar="USEC",
         help="userspace dataplane: keep polling for USEC after the last packet instead of "
         "sleeping (lower latency, a CPU busy while traffic flows; default 0: off)",
+    )
+    p.add_argument(
+        "--keep-warm",
+        type=parse_keep_warm,
+        default=env_default("--keep-warm", "0"),
+        metavar="USEC",
+        help="userspace dataplane: " + KEEP_WARM_HELP,
     )
     p.add_argument(
         "--queues",

@@ -61,6 +61,7 @@ class Counters:
         "rx_packets",
         "tx_bytes",
         "tx_packets",
+        "warm_passes",
     )
 
     def __init__(self) -> None:
@@ -74,6 +75,7 @@ class Counters:
         # is the mean batch size (kept by the I/O runner, which owns batching).
         self.batches = [0, 0]
         self.batch_packets = [0, 0]
+        self.warm_passes = 0  # --keep-warm passes over the packet path (runner.Engine)
 
     def drop_counts(self) -> dict[str, int]:
         return {r.name.lower(): self.drops[r] for r in DropReason if self.drops[r]}
@@ -90,6 +92,7 @@ class Counters:
                 "device": {"batches": self.batches[0], "packets": self.batch_packets[0]},
                 "network": {"batches": self.batches[1], "packets": self.batch_packets[1]},
             },
+            "warm_passes": self.warm_passes,
         }
 
 

@@ -247,6 +247,16 @@ class FastEngine(SendPath, ReceivePath):
             loop.remove_reader(self._egress_fd)
         super().stop()
 
+    def warm_pass(self) -> None:
+        # A pass that took no packet leaves the idle gaps as the last real packets
+        # left them (idle.IdleGaps: the next lone packet is still taken alone).
+        gaps = self._gaps.state()
+        c = self.forwarder.counters
+        before = c.batch_packets[0] + c.batch_packets[1]
+        super().warm_pass()
+        if c.batch_packets[0] + c.batch_packets[1] == before:
+            self._gaps.restore(gaps)
+
     def _drain_egress(self) -> None:
         # The kernel may queue frames to the TAP (it is an interface like any
         # other); nothing should go there, and nothing read there matters.

@@ -28,6 +28,7 @@ from dataplane.backends.vxlan import VxlanBackend
 from dataplane.egress_thread import EgressThreadPolicy
 from dataplane.forwarder import Forwarder
 from dataplane.io import cpus, egress_tap, fastpath, netlink, offloads, packet_gso
+from dataplane.io.idle import KEEP_WARM_MAX_US, KEEP_WARM_MIN_US
 from dataplane.io.offloads import FastPaths
 from dataplane.io.queues import (
     QueueWorkers,
@@ -82,6 +83,9 @@ class NodeSpec:
     #: Busy polling (dataplane/io/runner.py): keep polling this many µs after the
     #: last packet instead of sleeping; 0 sleeps in epoll at once.
     busy_poll_us: int = 0
+    #: Keeping warm (dataplane/io/runner.py, idle.KeepWarm): while traffic is sporadic,
+    #: a pass over the packet path every this many µs without a packet; 0: off.
+    keep_warm_us: int = 0
     #: Queues (dataplane/io/queues.py): the device and the socket get this many
     #: queues, each served by its own process; a flow stays on one of them.
     queues: int = 1
@@ -109,6 +113,11 @@ class NodeSpec:
             raise ValueError(f"--offload {self.offload!r}: expected auto, on or off")
         if not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(f"--busy-poll {self.busy_poll_us}: expected 0..1000000 µs")
+        if self.keep_warm_us and not KEEP_WARM_MIN_US <= self.keep_warm_us <= KEEP_WARM_MAX_US:
+            raise ValueError(
+                f"--keep-warm {self.keep_warm_us}: expected 0 (off) or "
+                f"{KEEP_WARM_MIN_US}..{KEEP_WARM_MAX_US} µs"
+            )
         if not 0 <= self.source_ports <= MAX_SOURCE_PORTS:
             raise ValueError(f"--source-ports {self.source_ports}: expected 0..{MAX_SOURCE_PORTS}")
         problem = queues_error(self.backend, self.queues)
@@ -259,6 +268,7 @@ class UserspaceDataplane:
                 self.tracer.source_ports = self.source_ports
             self.engine.tracer = self.tracer
             self.engine.busy_poll_ns = spec.busy_poll_us * 1000
+            self.engine.keep_warm_ns = spec.keep_warm_us * 1000
             if (
                 spec.egress_thread == "on"
                 and owner
@@ -599,6 +609,7 @@ class UserspaceDataplane:
             "counters": fwd.counters.as_dict() if fwd else {},
             "offload": self._offload_status(),
             "busy_poll_us": self.spec.busy_poll_us,
+            "keep_warm_us": self.spec.keep_warm_us,
             "placement": self.placement,
         }
         if self.workers is not None:

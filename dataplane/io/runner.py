@@ -16,6 +16,13 @@ loop still serves everything else) until USEC have passed without a packet,
 then goes back to sleeping in epoll. It costs a CPU for as long as traffic
 keeps coming within USEC, like the kernel's SO_BUSY_POLL.
 
+Keeping warm (`--keep-warm USEC`, off by default) is the cheaper half of that:
+while the engine took a packet within the last second but none for USEC, a
+timer runs a warm pass (Engine.warm_pass: both readers over empty fds, the
+forwarder over a made-up packet that is not sent), so the next lone packet's
+code and data are still in the caches. It decides from the packet counts at
+each tick (idle.KeepWarm): nothing is added to the hot path.
+
 uvloop rule: a registered fd must be removed with remove_reader() before it
 is closed, or the process aborts (SIGABRT) on the next loop iteration.
 """
@@ -29,7 +36,8 @@ import time
 from collections.abc import Callable
 
 from dataplane.backends.base import DropReason
-from dataplane.forwarder import Forwarder, Verdict
+from dataplane.forwarder import Counters, Forwarder, Verdict
+from dataplane.io.idle import KeepWarm, warm_datagram
 from dataplane.io.sockets import SourcePorts
 from dataplane.trace import Tracer
 
@@ -76,6 +84,13 @@ class Engine:
         self._spin: asyncio.Handle | None = None  # the next busy-poll round, while polling
         self._idle_since = 0  # monotonic ns of the last packet while busy polling
         self._got = 0  # packets taken by readers since the spin last looked
+        #: --keep-warm: a warm pass every this many ns while traffic is sporadic (0: off)
+        self.keep_warm_ns = 0
+        self._warm: KeepWarm | None = None
+        self._warm_timer: asyncio.TimerHandle | None = None
+        self._warming = False  # inside a warm pass: its empty reads are not wake-ups
+        self._warm_buf = bytearray(forwarder.headroom + 64)
+        self._warm_counters = Counters()  # what the warm pass's made-up packet counts
 
     def use_source_ports(self, ports: SourcePorts | None) -> None:
         """Send each flow's datagrams from its own port (None: all from send_socket)."""
@@ -92,6 +107,9 @@ class Engine:
         loop.add_reader(self.device_fd, self._woken_device if busy else self._on_device)
         if self.sock is not None:
             loop.add_reader(self.sock.fileno(), self._woken_network if busy else self._on_network)
+        if self.keep_warm_ns > 0:
+            self._warm = KeepWarm(self.keep_warm_ns)
+            self._warm_timer = loop.call_later(self.keep_warm_ns / 1e9, self._keep_warm_tick)
 
     def stop(self) -> None:
         if self._loop is None:
@@ -99,10 +117,50 @@ class Engine:
         if self._spin is not None:
             self._spin.cancel()
             self._spin = None
+        if self._warm_timer is not None:
+            self._warm_timer.cancel()
+            self._warm_timer = None
         self._loop.remove_reader(self.device_fd)
         if self.sock is not None:
             self._loop.remove_reader(self.sock.fileno())
         self._loop = None
+
+    # -- keeping the packet path warm (--keep-warm, idle.KeepWarm) -------------------
+
+    def _keep_warm_tick(self) -> None:
+        loop, warm = self._loop, self._warm
+        if loop is None or warm is None:
+            return
+        c = self.forwarder.counters
+        go, next_ns = warm.tick(time.monotonic_ns(), c.batch_packets[0] + c.batch_packets[1])
+        if go and self._spin is None:  # (a busy poll keeps it warm anyway)
+            self.warm_pass()
+        self._warm_timer = loop.call_later(next_ns / 1e9, self._keep_warm_tick)
+
+    def warm_pass(self) -> None:
+        """Run the packet path over nothing, so that the next lone packet finds its code
+        and data in the CPU's caches: both readers as if woken (their reads find
+        nothing; a packet that did come meanwhile is taken and counted as usual), and
+        the forwarder's route lookup and encapsulation over a made-up packet to the
+        first peer, counted apart and never sent."""
+        self._warming = True
+        try:
+            self._on_device()
+            if self.sock is not None:
+                self._on_network()
+        finally:
+            self._warming = False
+        fwd = self.forwarder
+        peers = fwd.peers()
+        if peers and not fwd.l2 and peers[0].subnet.version == 4:
+            buf, head = self._warm_buf, fwd.headroom
+            buf[head : head + 28] = warm_datagram(peers[0].subnet.network_address.packed)
+            real, fwd.counters = fwd.counters, self._warm_counters
+            try:
+                fwd.from_device(buf, head, head + 28)
+            finally:
+                fwd.counters = real
+        fwd.counters.warm_passes += 1
 
     # -- busy polling ---------------------------------------------------------------
 
@@ -191,9 +249,9 @@ class Engine:
     def count_batch(self, source: int, packets: int) -> None:
         """One reader wake-up (source 0: device, 1: network) that took `packets`.
 
-        Empty busy-poll rounds are not wake-ups, and are not counted."""
+        Empty busy-poll rounds and warm passes are not wake-ups, and are not counted."""
         self._got += packets
-        if self._spin is not None and not packets:
+        if not packets and (self._spin is not None or self._warming):
             return
         counters = self.forwarder.counters
         counters.batches[source] += 1
