@@ -60,14 +60,17 @@ def test_direct_routing_gives_onlink_peers_a_plain_route(
         assert st["counters"]["tx_packets"] == 0  # the kernel carried it, not the tunnel
 
 
-def test_agents_with_busy_polling_carry_traffic(
+def test_agents_with_busy_polling_and_keep_warm_carry_traffic(
     lab: Lab, etcd: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--busy-poll (and its FLANNELD_BUSY_POLL form) reaches the engine; pods still talk."""
+    """--busy-poll and --keep-warm (and their FLANNELD_ forms) reach the engine; pods
+    still talk, and the engines keep warm between the pings."""
     etcd.etcdctl("put", CONFIG_KEY, '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}')
     n1, n2 = node(lab, "n1"), node(lab, "n2")
-    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, ["--busy-poll", "2000"])
+    flags = ["--busy-poll", "2000", "--keep-warm", "3000"]
+    _, d1 = start_agent(lab, n1, etcd.endpoint, tmp_path, flags)
     monkeypatch.setenv("FLANNELD_BUSY_POLL", "500")
+    monkeypatch.setenv("FLANNELD_KEEP_WARM", "1000")
     _, d2 = start_agent(lab, n2, etcd.endpoint, tmp_path)
     p1 = add_pod_from_subnet_env(lab, n1, d1)
     p2 = add_pod_from_subnet_env(lab, n2, d2)
@@ -75,10 +78,13 @@ def test_agents_with_busy_polling_carry_traffic(
     assert lab.ping(p2, p1.ip, count=5)
     s1, s2 = status(d1 / "weft.sock"), status(d2 / "weft.sock")
     assert (s1["busy_poll_us"], s2["busy_poll_us"]) == (2000, 500)
+    assert (s1["keep_warm_us"], s2["keep_warm_us"]) == (3000, 1000)
+    assert s1["counters"]["warm_passes"] > 0 and s2["counters"]["warm_passes"] > 0
     assert s1["counters"]["tx_packets"] > 0 and s2["counters"]["rx_packets"] > 0
     assert "recvmmsg" in s1["offload"]["on"]
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(d1 / "weft.sock")).stdout
     assert "fast paths (auto): " in text and "busy polling: 2000 µs" in text, text
+    assert "keeping warm: a pass every 3000 µs" in text, text
 
 
 def test_agents_with_two_queues_give_the_workers_the_leases_they_watch(
