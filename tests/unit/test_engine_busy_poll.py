@@ -7,41 +7,21 @@ underlay a UDP socket on 127.0.0.1: the engine code under test is the real one."
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
-import pytest
 import uvloop
+from loopback_helpers import Loopback, received
 
-from bench.trace_cost import loopback_engine
 from dataplane.io.runner import Engine
 from dataplane.packet.ipv4 import build_ipv4
 
 
-@pytest.fixture
-def parts():
-    engine, feeder, sockets = loopback_engine()
-    sink, sender, device, _ = sockets
-    sink.setblocking(False)
-    yield engine.forwarder, device, sender, feeder, sink
-    for s in sockets:
-        s.close()
-
-
-def _received(sink: socket.socket) -> int:
-    n = 0
-    while True:
-        try:
-            sink.recv(2048)
-        except BlockingIOError:
-            return n
-        n += 1
-
-
-def test_busy_poll_forwards_and_stops_after_the_idle_window(parts) -> None:
-    fwd, device, sender, feeder, sink = parts
+def test_busy_poll_forwards_and_stops_after_the_idle_window(loopback: Loopback) -> None:
+    feeder, sink = loopback.feeder, loopback.sink
     packet = build_ipv4("10.244.1.2", "10.244.2.2", 17, bytes(100), ttl=64)
-    engine = Engine(fwd, device.fileno(), sender, busy_poll_us=30_000)
+    engine = Engine(
+        loopback.engine.forwarder, loopback.device.fileno(), loopback.sender, busy_poll_us=30_000
+    )
 
     async def scenario() -> dict[str, object]:
         loop = asyncio.get_running_loop()
@@ -53,7 +33,7 @@ def test_busy_poll_forwards_and_stops_after_the_idle_window(parts) -> None:
             # While spinning, a packet is picked up by the polling rounds.
             feeder.send(packet)
             await asyncio.sleep(0.005)
-            got_while_spinning = _received(sink)
+            got_while_spinning = received(sink)
             deadline = time.monotonic() + 2.0
             while engine._spin is not None and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
@@ -61,7 +41,7 @@ def test_busy_poll_forwards_and_stops_after_the_idle_window(parts) -> None:
             # Asleep in epoll again: the reader still wakes it.
             feeder.send(packet)
             await asyncio.sleep(0.02)
-            got_after = _received(sink)
+            got_after = received(sink)
             return {
                 "spinning": spinning_after_packet,
                 "got_while_spinning": got_while_spinning,
@@ -78,24 +58,24 @@ def test_busy_poll_forwards_and_stops_after_the_idle_window(parts) -> None:
         "stopped": True,
         "got_after": 1,
     }
-    assert fwd.counters.tx_packets == 3
+    assert engine.forwarder.counters.tx_packets == 3
     # Hundreds of empty rounds ran; only rounds that took a packet count as batches.
-    assert fwd.counters.batch_packets[0] == 3
-    assert 1 <= fwd.counters.batches[0] <= 3
+    assert engine.forwarder.counters.batch_packets[0] == 3
+    assert 1 <= engine.forwarder.counters.batches[0] <= 3
     assert engine._spin is None
 
 
-def test_busy_poll_off_never_spins(parts) -> None:
-    fwd, device, sender, feeder, sink = parts
+def test_busy_poll_off_never_spins(loopback: Loopback) -> None:
+    feeder, sink = loopback.feeder, loopback.sink
     packet = build_ipv4("10.244.1.2", "10.244.2.2", 17, bytes(100), ttl=64)
-    engine = Engine(fwd, device.fileno(), sender)
+    engine = Engine(loopback.engine.forwarder, loopback.device.fileno(), loopback.sender)
 
     async def scenario() -> bool:
         engine.start(asyncio.get_running_loop())
         try:
             feeder.send(packet)
             await asyncio.sleep(0.01)
-            return engine._spin is None and _received(sink) == 1
+            return engine._spin is None and received(sink) == 1
         finally:
             engine.stop()
 

@@ -8,13 +8,12 @@ a UDP socket on 127.0.0.1 towards a sink, with one peer (10.244.2.0/24)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
 import uvloop
+from loopback_helpers import Loopback, received
 
-from bench.trace_cost import loopback_engine
 from dataplane.io import idle
 from dataplane.io.idle import WARM_HOLD_NS, WARM_LOOK_NS, IdleGaps, KeepWarm, warm_datagram
 from dataplane.packet.ipv4 import build_ipv4, parse_ipv4
@@ -70,30 +69,10 @@ def test_idle_gaps_come_back_as_they_were() -> None:
     assert gaps.state() == (5, True, 7, False)
 
 
-@pytest.fixture
-def parts():
-    engine, feeder, sockets = loopback_engine()
-    sink = sockets[0]
-    sink.setblocking(False)
-    yield engine, feeder, sink
-    for s in sockets:
-        s.close()
-
-
-def _received(sink: socket.socket) -> int:
-    n = 0
-    while True:
-        try:
-            sink.recv(2048)
-        except BlockingIOError:
-            return n
-        n += 1
-
-
 def test_the_engine_warms_while_traffic_is_sporadic_and_moves_nothing(
-    parts, monkeypatch: pytest.MonkeyPatch
+    loopback: Loopback, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine, feeder, sink = parts
+    engine, feeder, sink = loopback.engine, loopback.feeder, loopback.sink
     monkeypatch.setattr(idle, "WARM_HOLD_NS", 300 * MS)
     monkeypatch.setattr(idle, "WARM_LOOK_NS", 50 * MS)
     engine.keep_warm_ns = 1 * MS
@@ -119,7 +98,7 @@ def test_the_engine_warms_while_traffic_is_sporadic_and_moves_nothing(
             await asyncio.sleep(0.3)
             return {
                 "passes_before": passes_before,
-                "sent": _received(sink),
+                "sent": received(sink),
                 "passes_after_hold": counters.warm_passes - stopped,
                 "tx_packets": counters.tx_packets,
                 "wakeups": counters.batches[0] + counters.batches[1],
