@@ -91,6 +91,7 @@ class Engine:
         self._warming = False  # inside a warm pass: its empty reads are not wake-ups
         self._warm_buf = bytearray(forwarder.headroom + 64)
         self._warm_counters = Counters()  # what the warm pass's made-up packet counts
+        self._warm_dst: bytes | None = None  # … and where it goes: a peer's subnet
 
     def use_source_ports(self, ports: SourcePorts | None) -> None:
         """Send each flow's datagrams from its own port (None: all from send_socket)."""
@@ -151,10 +152,14 @@ class Engine:
         finally:
             self._warming = False
         fwd = self.forwarder
-        peers = fwd.peers()
-        if peers and not fwd.l2 and peers[0].subnet.version == 4:
+        dst = self._warm_dst
+        if dst is None or fwd.routes.lookup_v4(int.from_bytes(dst, "big")) is None:
+            # (peers() copies every route: only when the one warmed towards is gone)
+            v4 = [p for p in fwd.peers() if p.subnet.version == 4]
+            dst = self._warm_dst = v4[0].subnet.network_address.packed if v4 else None
+        if dst is not None and not fwd.l2:
             buf, head = self._warm_buf, fwd.headroom
-            buf[head : head + 28] = warm_datagram(peers[0].subnet.network_address.packed)
+            buf[head : head + 28] = warm_datagram(dst)
             real, fwd.counters = fwd.counters, self._warm_counters
             try:
                 fwd.from_device(buf, head, head + 28)

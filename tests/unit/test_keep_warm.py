@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from ipaddress import IPv4Network
 
 import pytest
 import uvloop
@@ -17,6 +18,7 @@ from loopback_helpers import Loopback, received
 from dataplane.io import idle
 from dataplane.io.idle import WARM_HOLD_NS, WARM_LOOK_NS, IdleGaps, KeepWarm, warm_datagram
 from dataplane.packet.ipv4 import build_ipv4, parse_ipv4
+from dataplane.peers import Peer
 
 MS = 1_000_000
 PERIOD = 2 * MS
@@ -115,3 +117,21 @@ def test_the_engine_warms_while_traffic_is_sporadic_and_moves_nothing(
     assert result["wakeups"] <= 3
     assert result["passes_after_hold"] == 0
     assert engine._warm_counters.tx_packets >= 15  # the made-up packets, counted apart
+
+
+def test_the_made_up_packet_follows_the_peers(loopback: Loopback) -> None:
+    """It goes to a peer that is there (a removed one's subnet is not warmed towards,
+    nothing is dropped for it), and never counts in the node's counters."""
+    engine, fwd = loopback.engine, loopback.engine.forwarder
+    engine.warm_pass()
+    assert engine._warm_counters.tx_packets == 1 and engine._warm_dst == bytes((10, 244, 2, 0))
+    [peer] = fwd.peers()
+    fwd.remove_peer(peer.subnet)
+    engine.warm_pass()
+    assert engine._warm_counters.tx_packets == 1 and engine._warm_dst is None
+    fwd.add_peer(Peer(IPv4Network("10.244.3.0/24"), peer.public_ip, peer.vtep_mac, peer.port))
+    engine.warm_pass()
+    assert engine._warm_counters.tx_packets == 2 and engine._warm_dst == bytes((10, 244, 3, 0))
+    c = fwd.counters
+    assert (c.tx_packets, c.drop_counts(), c.batches, c.warm_passes) == (0, {}, [0, 0], 3)
+    assert received(loopback.sink) == 0
