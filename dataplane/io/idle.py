@@ -24,10 +24,11 @@ reading its burst's first message alone would split a super-packet in two; a
 1-byte request/response through weft here leaves gaps of ~0.3–0.5 ms.)
 
 `KeepWarm` is --keep-warm's timer (decisions §34): on this kind of machine a lone
-packet after ~10 ms of idleness finds weft's code and data out of the CPU's caches
-and each hop costs ~0.1 ms more than warm; a pass over the packet path every few
-milliseconds while traffic is sporadic keeps them in. It decides from the engine's
-running packet count alone, so the hot path does nothing for it.
+packet after ~10 ms of idleness finds a halted vCPU and weft's code out of the
+caches, and each hop costs ~0.1 ms more than warm; waking for a pass over the
+packet path every few milliseconds while traffic is sporadic avoids most of it.
+It decides from the engine's running packet count alone, so the hot path does
+nothing for it.
 
 Pure: the engine passes monotonic nanoseconds in.
 """

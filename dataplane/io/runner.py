@@ -19,9 +19,10 @@ keeps coming within USEC, like the kernel's SO_BUSY_POLL.
 Keeping warm (`--keep-warm USEC`, off by default) is the cheaper half of that:
 while the engine took a packet within the last second but none for USEC, a
 timer runs a warm pass (Engine.warm_pass: both readers over empty fds, the
-forwarder over a made-up packet that is not sent), so the next lone packet's
-code and data are still in the caches. It decides from the packet counts at
-each tick (idle.KeepWarm): nothing is added to the hot path.
+forwarder over a made-up packet that is not sent), so the next lone packet
+finds the process recently woken and its code in the caches (on the VM of
+decisions §34 the wake-up itself is most of the gain). It decides from the
+packet counts at each tick (idle.KeepWarm): nothing is added to the hot path.
 
 uvloop rule: a registered fd must be removed with remove_reader() before it
 is closed, or the process aborts (SIGABRT) on the next loop iteration.
