@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pass --busy-poll USEC to every `weft dataplane run` (default: off)",
     )
     p.add_argument(
+        "--weft-keep-warm",
+        type=int,
+        metavar="USEC",
+        help="pass --keep-warm USEC to every `weft dataplane run` (default: off)",
+    )
+    p.add_argument(
         "--weft-queues",
         type=int,
         metavar="N",
@@ -191,6 +197,7 @@ def dataplane_params(args: argparse.Namespace, command: str) -> Any:
         profile=args.profile,
         weft_offload=args.weft_offload,
         weft_busy_poll=args.weft_busy_poll,
+        weft_keep_warm=args.weft_keep_warm,
         weft_queues=args.weft_queues,
         weft_cpus=args.weft_cpus,
         weft_egress_thread=args.weft_egress_thread,

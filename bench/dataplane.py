@@ -52,6 +52,7 @@ class Params:
     profile: bool = False
     weft_offload: str | None = None  # passed as --offload to weft dataplane run when set
     weft_busy_poll: int | None = None  # passed as --busy-poll when set
+    weft_keep_warm: int | None = None  # passed as --keep-warm when set
     weft_queues: int | None = None  # passed as --queues when set
     weft_cpus: str | None = None  # passed as --cpus when set
     weft_egress_thread: bool = False  # passed as --egress-thread when set
@@ -66,6 +67,8 @@ class Params:
         extra = ("--offload", self.weft_offload) if self.weft_offload else ()
         if self.weft_busy_poll:
             extra += ("--busy-poll", str(self.weft_busy_poll))
+        if self.weft_keep_warm:
+            extra += ("--keep-warm", str(self.weft_keep_warm))
         if self.weft_queues:
             extra += ("--queues", str(self.weft_queues))
         if self.weft_cpus:

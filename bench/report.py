@@ -205,6 +205,8 @@ def _weft_args(p: dict[str, Any]) -> list[str]:
     args = [f"--offload {p['weft_offload']}"] if p.get("weft_offload") else []
     if p.get("weft_busy_poll"):
         args.append(f"--busy-poll {p['weft_busy_poll']}")
+    if p.get("weft_keep_warm"):
+        args.append(f"--keep-warm {p['weft_keep_warm']}")
     if p.get("weft_queues"):
         args.append(f"--queues {p['weft_queues']}")
     if p.get("weft_cpus"):

@@ -29,7 +29,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from control.cli import CliError, egress_thread_argument, parse_queues
+from control.cli import CliError, egress_thread_argument, parse_keep_warm, parse_queues
 
 DEFAULT_LAB_DIR = "/run/weft/lab"
 BACKENDS = ("vxlan", "udp", "host-gw")
@@ -133,11 +133,13 @@ def build(
     pod_udp_gro: bool = False,
     queues: int = 1,
     egress_thread: str = "auto",
+    keep_warm: int = 0,
 ) -> list[Any]:
     """Config, agents (started together), subnet.env → cni0 + pods, peers all seen.
     `pod_udp_gro`: userspace agents get --pod-udp-gro (their pods' veths merge UDP);
     `queues`: and --queues (one weft process per device queue); `egress_thread`: and
-    --egress-thread with that value (auto, their default, passes nothing)."""
+    --egress-thread with that value (auto, their default, passes nothing); `keep_warm`:
+    and --keep-warm USEC when not 0."""
     from dataplane.io.queues import queues_error
 
     problem = queues_error(backend, queues)
@@ -148,6 +150,8 @@ def build(
         userspace_args += ["--queues", str(queues)]
     if egress_thread != "auto":
         userspace_args += ["--egress-thread", egress_thread]
+    if keep_warm:
+        userspace_args += ["--keep-warm", str(keep_warm)]
     for dp, dev in zip(dataplanes, devices, strict=True):
         if dp == "kernel" and backend == "udp":
             raise CliError("--dataplane kernel has no udp backend (flannel's udp is userspace)")
@@ -220,6 +224,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     pod_udp_gro=args.pod_udp_gro,
                     queues=args.queues,
                     egress_thread=args.egress_thread,
+                    keep_warm=args.keep_warm,
                 )
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -525,6 +530,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     dataplanes=dataplanes, devices=devices, pods=1,
                     say=lambda s: print("  " + s), pod_udp_gro=args.pod_udp_gro,
                     queues=args.queues, egress_thread=args.egress_thread,
+                    keep_warm=args.keep_warm,
                 )  # fmt: skip
             except ClusterError as exc:
                 raise CliError(str(exc)) from None
@@ -617,6 +623,14 @@ def register(sub: Any) -> None:
             default=1,
             metavar="N",
             help="userspace agents run with --queues N: one weft process per device queue",
+        )
+        q.add_argument(
+            "--keep-warm",
+            type=parse_keep_warm,
+            default=0,
+            metavar="USEC",
+            help="userspace agents run with --keep-warm USEC: a pass over the packet path "
+            "every USEC while traffic is sporadic (see docs/running.md; default 0: off)",
         )
         egress_thread_argument(
             q,

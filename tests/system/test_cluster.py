@@ -552,7 +552,8 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
     state_file = tmp_path / "labs" / f"{name}.json"
     try:
         up = weft("lab", "up", "--nodes", "2", "--dataplane", "userspace,kernel", "--name", name,
-                  "--pod-udp-gro", "--queues", "2", "--egress-thread", env=env)  # fmt: skip
+                  "--pod-udp-gro", "--queues", "2", "--egress-thread", "--keep-warm", "3000",
+                  env=env)  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads(state_file.read_text())
         tag, nodes = state["tag"], state["nodes"]
@@ -605,6 +606,9 @@ def test_weft_lab_up_exec_status_down(tmp_path: Path) -> None:
         offload = st_json["nodes"]["n1"]["offload"]
         assert offload["egress_thread"] is ("tunnel_gso" in offload["on"])
         assert "offload" not in st_json["nodes"]["n2"]
+        # and --keep-warm
+        assert st_json["nodes"]["n1"]["keep_warm_us"] == 3000
+        assert "keep_warm_us" not in st_json["nodes"]["n2"]
         # down: every recorded process and namespace gone; a second down is a no-op
         down = weft("lab", "down", "--name", name, env=env)
         assert down.returncode == 0, down.stderr

@@ -121,6 +121,9 @@ def test_weft_options_reach_every_weft_and_the_report() -> None:
     assert p.weft_extra() == (
         "--busy-poll", "50", "--queues", "2", "--cpus", "0", "--egress-thread",
     )  # fmt: skip
+    warm = dataplane_params(_args("--weft-keep-warm", "2000"), "x").weft_extra()
+    assert warm == ("--keep-warm", "2000")
+    assert _weft_args({"weft_keep_warm": 2000}) == ["--keep-warm 2000"]
     assert dataplane_params(_args(*argv), "x").weft_extra()[-1] == "0"
     params = {"weft_queues": 2, "weft_busy_poll": 50, "weft_cpus": "0"}
     assert _weft_args({**params, "weft_egress_thread": True}) == [
