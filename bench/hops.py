@@ -24,6 +24,7 @@ import argparse
 import bisect
 import itertools
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--syscalls", action="store_true", help="also time n1's weft between its system calls"
     )
+    p.add_argument(
+        "--weft-args", default="", metavar="ARGS",
+        help="options for every `weft dataplane run`, e.g. '--keep-warm 2000'",
+    )  # fmt: skip
     args = p.parse_args(argv)
     mode = envmod.MODES[args.mode]
     if mode.key == "weft-kernel":
@@ -140,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.hops: --syscalls: {why}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="weft-hops-"))
-    env = envmod.build(mode, "wire", 1500, work, work)
+    env = envmod.build(
+        mode, "wire", 1500, work, work, weft_extra=tuple(shlex.split(args.weft_args))
+    )
     caps: list[tuple[subprocess.Popen, IO[str], Path]] = []
     perf: subprocess.Popen | None = None
     try:
