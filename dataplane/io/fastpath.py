@@ -251,10 +251,9 @@ class FastEngine(SendPath, ReceivePath):
         # A pass that took no packet leaves the idle gaps as the last real packets
         # left them (idle.IdleGaps: the next lone packet is still taken alone).
         gaps = self._gaps.state()
-        c = self.forwarder.counters
-        before = c.batch_packets[0] + c.batch_packets[1]
+        before = self.packets_taken()
         super().warm_pass()
-        if c.batch_packets[0] + c.batch_packets[1] == before:
+        if self.packets_taken() == before:
             self._gaps.restore(gaps)
 
     def _drain_egress(self) -> None:

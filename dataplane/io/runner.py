@@ -133,8 +133,7 @@ class Engine:
         loop, warm = self._loop, self._warm
         if loop is None or warm is None:
             return
-        c = self.forwarder.counters
-        go, next_ns = warm.tick(time.monotonic_ns(), c.batch_packets[0] + c.batch_packets[1])
+        go, next_ns = warm.tick(time.monotonic_ns(), self.packets_taken())
         if go and self._spin is None:  # (a busy poll keeps it warm anyway)
             self.warm_pass()
         self._warm_timer = loop.call_later(next_ns / 1e9, self._keep_warm_tick)
@@ -152,21 +151,34 @@ class Engine:
                 self._on_network()
         finally:
             self._warming = False
+        self._warm_forwarder()
+        self.forwarder.counters.warm_passes += 1
+
+    def _warm_forwarder(self) -> None:
+        """The forwarder over a made-up IPv4 packet to a peer (a TUN's; a TAP's frames
+        are not made up here), with its counters swapped for a scratch set."""
         fwd = self.forwarder
+        if fwd.l2:
+            return
         dst = self._warm_dst
         if dst is None or fwd.routes.lookup_v4(int.from_bytes(dst, "big")) is None:
             # (peers() copies every route: only when the one warmed towards is gone)
             v4 = [p for p in fwd.peers() if p.subnet.version == 4]
             dst = self._warm_dst = v4[0].subnet.network_address.packed if v4 else None
-        if dst is not None and not fwd.l2:
-            buf, head = self._warm_buf, fwd.headroom
-            buf[head : head + 28] = warm_datagram(dst)
-            real, fwd.counters = fwd.counters, self._warm_counters
-            try:
-                fwd.from_device(buf, head, head + 28)
-            finally:
-                fwd.counters = real
-        fwd.counters.warm_passes += 1
+        if dst is None:
+            return
+        buf, head = self._warm_buf, fwd.headroom
+        buf[head : head + 28] = warm_datagram(dst)
+        real, fwd.counters = fwd.counters, self._warm_counters
+        try:
+            fwd.from_device(buf, head, head + 28)
+        finally:
+            fwd.counters = real
+
+    def packets_taken(self) -> int:
+        """Packets the readers have taken since start, both ways (count_batch)."""
+        taken = self.forwarder.counters.batch_packets
+        return taken[0] + taken[1]
 
     # -- busy polling ---------------------------------------------------------------
 
