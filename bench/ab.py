@@ -81,6 +81,7 @@ class Reading(NamedTuple):
     weft_cpu: float | None = None
     machine_cpu: float | None = None
     retransmits: int | None = None
+    weft_user_cpu: float | None = None  # the part of weft_cpu in user space
 
 
 def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
@@ -112,6 +113,7 @@ def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
         per_unit(d.procs_cpu_s, moved, scale),
         per_unit(d.machine_cpu_s, moved, scale),
         retransmits,
+        per_unit(d.procs_user_cpu_s, moved, scale),
     )
 
 
@@ -209,6 +211,8 @@ def run(
                             rec["value"] = round(got.value, 3)
                             if got.weft_cpu is not None:
                                 rec["weft_cpu"] = round(got.weft_cpu, 3)
+                            if got.weft_user_cpu is not None:
+                                rec["weft_user_cpu"] = round(got.weft_user_cpu, 3)
                             if got.machine_cpu is not None:
                                 rec["machine_cpu"] = round(got.machine_cpu, 3)
                             if got.retransmits is not None:
@@ -225,6 +229,7 @@ def run(
 def summary(records: list[dict[str, Any]]) -> list[str]:
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    user: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     machine: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     retransmits: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     counts: dict[tuple[str, str, str], dict[str, list[int]]] = defaultdict(dict)
@@ -233,6 +238,8 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
         values[key].append(rec["value"])
         if "weft_cpu" in rec:
             cpus[key].append(rec["weft_cpu"])
+        if "weft_user_cpu" in rec:
+            user[key].append(rec["weft_user_cpu"])
         if "machine_cpu" in rec:
             machine[key].append(rec["machine_cpu"])
         if "retransmits" in rec:
@@ -248,6 +255,8 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
         cpu = cpus.get((mode, variant, test))
         unit = "s/M datagrams" if test.startswith("udp64") else "s/GB"
         used = f", weft CPU {statistics.mean(cpu):.2f} {unit}" if cpu else ""
+        in_user = user.get((mode, variant, test))
+        used += f" (user space {statistics.mean(in_user):.2f})" if cpu and in_user else ""
         whole = machine.get((mode, variant, test))
         used += f", machine CPU {statistics.mean(whole):.2f} {unit}" if whole else ""
         retr = retransmits.get((mode, variant, test))

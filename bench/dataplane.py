@@ -190,6 +190,7 @@ def measure(env: Env, record: RunRecord, test: str, p: Params) -> str:
         if test == "tcp1":
             record.add("tcp1_retransmits", res.retransmits)
             record.add("tcp1_weft_cpu_s_per_gb", per_unit(d.procs_cpu_s, res.bytes, 1e9))
+            record.add("tcp1_weft_user_cpu_s_per_gb", per_unit(d.procs_user_cpu_s, res.bytes, 1e9))
             record.add("tcp1_machine_cpu_s_per_gb", per_unit(d.machine_cpu_s, res.bytes, 1e9))
             record.add(
                 "tcp1_wire_bytes_per_payload",
@@ -209,6 +210,10 @@ def measure(env: Env, record: RunRecord, test: str, p: Params) -> str:
         record.add("udp64_sent_kpps", res.sent_packets / res.seconds / 1e3 if res.seconds else None)
         record.add("udp64_loss_pct", res.loss_pct)
         record.add("udp64_weft_cpu_s_per_mpkt", per_unit(d.procs_cpu_s, res.received_packets, 1e6))
+        record.add(
+            "udp64_weft_user_cpu_s_per_mpkt",
+            per_unit(d.procs_user_cpu_s, res.received_packets, 1e6),
+        )
         record.add(
             "udp64_machine_cpu_s_per_mpkt", per_unit(d.machine_cpu_s, res.received_packets, 1e6)
         )

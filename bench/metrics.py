@@ -30,10 +30,22 @@ METRICS: dict[str, Metric] = {
         Metric("udp_rr_per_s", "UDP 4-byte request/response", "trans/s", True, "{:.0f}"),
         Metric("udp_rr_p50_ms", "UDP request/response RTT p50", "ms", False, "{:.3f}"),
         Metric("tcp1_weft_cpu_s_per_gb", "forwarder processes CPU per GB (TCP 1)", "s/GB", False),
+        Metric(
+            "tcp1_weft_user_cpu_s_per_gb",
+            "forwarder processes user-space CPU per GB (TCP 1)",
+            "s/GB",
+            False,
+        ),
         Metric("tcp1_machine_cpu_s_per_gb", "machine CPU per GB (TCP 1)", "s/GB", False),
         Metric(
             "udp64_weft_cpu_s_per_mpkt",
             "forwarder processes CPU per Mpkt (UDP 64 B)",
+            "s/Mpkt",
+            False,
+        ),
+        Metric(
+            "udp64_weft_user_cpu_s_per_mpkt",
+            "forwarder processes user-space CPU per Mpkt (UDP 64 B)",
             "s/Mpkt",
             False,
         ),
@@ -90,8 +102,10 @@ LOSSES = (
 )
 COST = (
     "tcp1_weft_cpu_s_per_gb",
+    "tcp1_weft_user_cpu_s_per_gb",
     "tcp1_machine_cpu_s_per_gb",
     "udp64_weft_cpu_s_per_mpkt",
+    "udp64_weft_user_cpu_s_per_mpkt",
     "udp64_machine_cpu_s_per_mpkt",
     "tcp1_wire_bytes_per_payload",
     "udp64_wire_frame_bytes",

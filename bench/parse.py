@@ -166,7 +166,16 @@ def proc_stat_cpu(text: str) -> tuple[int, int]:
 
 def pid_stat_ticks(text: str, *, reaped: bool = False) -> int:
     """utime + stime (clock ticks, all threads) from /proc/<pid>/stat; with `reaped`,
-    also cutime + cstime: the CPU of the children it has waited for.
+    also cutime + cstime: the CPU of the children it has waited for."""
+    user, system = pid_stat_times(text, reaped=reaped)
+    return user + system
+
+
+def pid_stat_times(text: str, *, reaped: bool = False) -> tuple[int, int]:
+    """(user, system) clock ticks, all threads, from /proc/<pid>/stat: utime and
+    stime; with `reaped`, plus cutime and cstime (the children it has waited for).
+    User time is the process's own code (for weft: Python and numpy), system time
+    the kernel's work inside its system calls and the softirqs run in its context.
 
     The command name (field 2) may hold spaces and parentheses, so fields are
     counted after the last ')'.
@@ -178,8 +187,10 @@ def pid_stat_ticks(text: str, *, reaped: bool = False) -> int:
     # rest[0] is field 3 (state); utime is field 14, stime 15, cutime 16, cstime 17.
     if len(rest) < (15 if reaped else 13):
         raise ParseError("/proc/<pid>/stat line is too short")
-    ticks = int(rest[11]) + int(rest[12])
-    return ticks + int(rest[13]) + int(rest[14]) if reaped else ticks
+    user, system = int(rest[11]), int(rest[12])
+    if reaped:
+        user, system = user + int(rest[13]), system + int(rest[14])
+    return user, system
 
 
 def pid_status_rss_kb(text: str) -> int | None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.parse import pid_stat_ticks, pid_status_rss_kb, proc_stat_cpu
+from bench.parse import pid_stat_times, pid_status_rss_kb, proc_stat_cpu
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -30,14 +30,23 @@ def pid_cpu_seconds(pid: int) -> float | None:
     and those it has reaped (cutime + cstime), so a child that ends between two
     readings still counts once; None if ``pid`` is gone. weft --queues N runs queues
     1…N-1 as child processes."""
+    times = pid_cpu_times(pid)
+    return None if times is None else times[0] + times[1]
+
+
+def pid_cpu_times(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of ``pid`` and its descendants, counted as
+    pid_cpu_seconds counts them; None if ``pid`` is gone."""
     try:
-        ticks = pid_stat_ticks(Path(f"/proc/{pid}/stat").read_text(), reaped=True)
+        user, system = pid_stat_times(Path(f"/proc/{pid}/stat").read_text(), reaped=True)
     except (OSError, ValueError):
         return None
-    seconds = ticks / CLK_TCK
+    user_s, system_s = user / CLK_TCK, system / CLK_TCK
     for child in child_pids(pid):
-        seconds += pid_cpu_seconds(child) or 0.0
-    return seconds
+        got = pid_cpu_times(child)
+        if got is not None:
+            user_s, system_s = user_s + got[0], system_s + got[1]
+    return user_s, system_s
 
 
 def pid_rss_kb(pid: int) -> int | None:
@@ -57,6 +66,7 @@ def machine_cpu_seconds() -> tuple[float, float]:
 class Snapshot:
     wall: float
     procs_cpu: float | None  # sum over the PIDs given (None if there were none)
+    procs_user: float | None  # … of which user time (weft: Python and numpy)
     machine_busy: float
     machine_total: float
     wire_bytes: int | None
@@ -65,14 +75,19 @@ class Snapshot:
 
 def snapshot(pids: Sequence[int], wire: tuple[int, int] | None) -> Snapshot:
     cpu: float | None = None
+    user: float | None = None
     if pids:
-        cpu = 0.0
+        cpu = user = 0.0
         for pid in pids:
-            cpu += pid_cpu_seconds(pid) or 0.0
+            got = pid_cpu_times(pid)
+            if got is not None:
+                user += got[0]
+                cpu += got[0] + got[1]
     busy, total = machine_cpu_seconds()
     return Snapshot(
         time.monotonic(),
         cpu,
+        user,
         busy,
         total,
         wire[0] if wire else None,
@@ -84,6 +99,7 @@ def snapshot(pids: Sequence[int], wire: tuple[int, int] | None) -> Snapshot:
 class Delta:
     wall_s: float
     procs_cpu_s: float | None
+    procs_user_cpu_s: float | None  # … of which user time
     machine_cpu_s: float
     machine_util: float  # busy / total over the interval (0..1, all CPUs)
     wire_bytes: int | None
@@ -97,6 +113,9 @@ def delta(a: Snapshot, b: Snapshot) -> Delta:
         wall_s=b.wall - a.wall,
         procs_cpu_s=(b.procs_cpu - a.procs_cpu)
         if a.procs_cpu is not None and b.procs_cpu is not None
+        else None,
+        procs_user_cpu_s=(b.procs_user - a.procs_user)
+        if a.procs_user is not None and b.procs_user is not None
         else None,
         machine_cpu_s=busy,
         machine_util=busy / total if total > 0 else 0.0,

@@ -52,7 +52,9 @@ def test_quick_bench_writes_json_markdown_and_charts(tmp_path: Path) -> None:
             assert set(run["summary"][metric]) == {"min", "median", "max", "n"}
             assert set(run["ratios"][metric]) == {"vs_kernel_vxlan", "vs_plain"}
         if run["mode"].startswith("weft"):
-            assert "tcp1_weft_cpu_s_per_gb" in run["summary"]
+            cpu = run["summary"]["tcp1_weft_cpu_s_per_gb"]["median"]
+            in_user = run["summary"]["tcp1_weft_user_cpu_s_per_gb"]["median"]  # Python, numpy
+            assert 0 < in_user <= cpu, (run["mode"], in_user, cpu)
         for where in ("pod_socket", "node_socket", "devices", "weft"):
             lost = run["summary"][f"udp64_lost_{where}_pct"]  # where 64 B datagrams were lost
             assert lost["min"] >= 0, (run["mode"], where, lost)

@@ -129,6 +129,7 @@ def test_a_fixed_tcp_rate_reaches_iperf3_per_stream(monkeypatch: pytest.MonkeyPa
     got = ab.probe(Env(), "tcp4@1500M", 1.0)  # type: ignore[arg-type]
     assert seen[-1] == ["-P", "4", "-b", "1500M"]
     assert got.value == pytest.approx(1.0) and got.weft_cpu is not None and got.weft_cpu >= 0
+    assert got.weft_user_cpu is not None and 0 <= got.weft_user_cpu <= got.weft_cpu
     assert got.machine_cpu is not None and got.machine_cpu >= 0
     assert got.retransmits == 7
     ab.probe(Env(), "tcp1@800M", 1.0)  # type: ignore[arg-type]
@@ -157,6 +158,18 @@ def test_the_summary_gives_the_whole_machines_cpu_beside_wefts() -> None:
     )  # fmt: skip
     assert lines[0].endswith("(1.00× kernel VXLAN), machine CPU 5.50 s/GB")
     assert lines[1].endswith("weft CPU 3.00 s/GB, machine CPU 6.50 s/GB")
+
+
+def test_the_summary_gives_the_user_space_part_of_wefts_cpu() -> None:
+    """How much of weft's CPU is its own code (Python, numpy), the rest being the
+    kernel's work inside its system calls."""
+    lines = ab.summary(
+        [{"round": 0, "mode": "weft-vxlan", "variant": "A", "test": "tcp1", "value": 1.0,
+          "weft_cpu": 2.5, "weft_user_cpu": 1.0},
+         {"round": 1, "mode": "weft-vxlan", "variant": "A", "test": "tcp1", "value": 1.0,
+          "weft_cpu": 3.5, "weft_user_cpu": 2.0}]
+    )  # fmt: skip
+    assert lines[0].endswith("weft CPU 3.00 s/GB (user space 1.50)")
 
 
 def test_underlay_mtu_reaches_every_lab(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ from bench.parse import (
     parse_iperf3_udp,
     parse_rr,
     pid_stat_ticks,
+    pid_stat_times,
     pid_status_rss_kb,
     ping_counts,
     ping_rtts,
@@ -135,6 +136,8 @@ def test_pid_stat_with_a_nasty_command_name() -> None:
     text = "4242 (we ft) (x)) " + " ".join(fields)
     assert pid_stat_ticks(text) == 1000
     assert pid_stat_ticks(text, reaped=True) == 1042
+    assert pid_stat_times(text) == (700, 300)  # user, system
+    assert pid_stat_times(text, reaped=True) == (720, 322)
     with pytest.raises(ParseError):
         pid_stat_ticks("4242 (x) S 1 2")
     with pytest.raises(ParseError):
