@@ -25,7 +25,9 @@ lower-is-better). And
 tcp1@RATE, tcp4@RATE, udp64@RATE: the same at a fixed offered rate (iperf3's -b,
 per stream: tcp1@1500M, udp64@60M), below what either variant can do, so that the
 weft CPU per GB or per datagram compares variants doing the same work: at full
-speed on two CPUs it moves with who wins the CPU.
+speed on two CPUs it moves with who wins the CPU. pingload@RATE: pings every 5 ms
+beside one TCP stream at RATE, their p99.9 (ms, lower is better): a path that
+stalls now and then shows there.
 
 `--a-python PATH` / `--b-python PATH`: the variant's weft processes run with
 that Python (a venv's, with weft's dependencies): the same code under two
@@ -68,8 +70,10 @@ def known_test(test: str) -> bool:
     """One of TESTS, or ``tcp1@RATE``, ``tcp4@RATE``, ``udp64@RATE``: the test at a
     fixed offered rate (iperf3's ``-b``, per stream: ``1500M``, ``60M``), where the
     weft CPU per GB or per datagram compares variants doing the same work (at full
-    speed it moves with who wins the CPU, and for udp64 how many the pod drops)."""
-    return test in TESTS or re.fullmatch(r"(tcp1|tcp4|udp64)@[1-9][0-9]*[KMG]?", test) is not None
+    speed it moves with who wins the CPU, and for udp64 how many the pod drops); or
+    ``pingload@RATE``: the p99.9 of pings every 5 ms beside a TCP stream at RATE."""
+    pattern = r"(tcp1|tcp4|udp64|pingload)@[1-9][0-9]*[KMG]?"
+    return test in TESTS or re.fullmatch(pattern, test) is not None
 
 
 class Reading(NamedTuple):
@@ -86,19 +90,23 @@ class Reading(NamedTuple):
 
 def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
     """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
-    TCP (rr) or 4-byte UDP (udprr) transactions a second, the ping RTT's median in ms for
-    ping; then the CPU seconds the weft processes took and those the whole machine
-    took (every process and the kernel's own threads: work weft hands to a kernel
-    thread shows only here), per GB received (TCP) or per million datagrams received
-    (udp64); None for rr, udprr and ping, and weft's for modes without weft. TCP
-    also gives its retransmits: a variant's speed bought with losses shows there."""
+    TCP (rr) or 4-byte UDP (udprr) transactions a second, the ping RTT's median in ms
+    for ping, and its p99.9 beside a TCP stream for pingload@RATE; then the CPU
+    seconds the weft processes took and those the whole machine took (every process
+    and the kernel's own threads: work weft hands to a kernel thread shows only
+    here), per GB received (TCP) or per million datagrams received (udp64); None for
+    rr, udprr and the pings, and weft's for modes without weft. TCP also gives its
+    retransmits: a variant's speed bought with losses shows there."""
     if test in ("rr", "udprr"):
         return Reading(probes.rr(env, seconds, udp=test == "udprr")["per_second"])
     if test == "ping":
         p50 = probes.ping(env, PINGS, 0.01)["p50_ms"]
         return Reading(float(p50) if p50 is not None else float("nan"))
-    before = snapshot(env.weft_pids, None)
     name, _, rate = test.partition("@")
+    if name == "pingload":
+        p999 = probes.ping_under_load(env, seconds, rate)["p999_ms"]
+        return Reading(float(p999) if p999 is not None else float("nan"))
+    before = snapshot(env.weft_pids, None)
     retransmits = None
     if name == "udp64":
         udp = probes.udp_small(env, seconds, bitrate=rate or "0")

@@ -48,7 +48,7 @@ def ping_counts(text: str) -> tuple[int, int] | None:
 
 
 def ping_stats(text: str) -> dict[str, float | int | None]:
-    """p50/p99/mean/min/max RTT (ms) and loss from one ping run's output."""
+    """p50/p99/p99.9/mean/min/max RTT (ms) and loss from one ping run's output."""
     rtts = ping_rtts(text)
     counts = ping_counts(text)
     sent, received = counts if counts is not None else (len(rtts), len(rtts))
@@ -60,6 +60,7 @@ def ping_stats(text: str) -> dict[str, float | int | None]:
             "loss_pct": loss,
             "p50_ms": None,
             "p99_ms": None,
+            "p999_ms": None,
             "mean_ms": None,
             "min_ms": None,
             "max_ms": None,
@@ -70,6 +71,7 @@ def ping_stats(text: str) -> dict[str, float | int | None]:
         "loss_pct": loss,
         "p50_ms": percentile(rtts, 50),
         "p99_ms": percentile(rtts, 99),
+        "p999_ms": percentile(rtts, 99.9),
         "mean_ms": sum(rtts) / len(rtts),
         "min_ms": min(rtts),
         "max_ms": max(rtts),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,37 @@ def ping(env: Env, count: int, interval_s: float) -> dict[str, float | int | Non
     if stats["received"] == 0:
         raise ParseError(f"ping got no replies: {(cp.stdout + cp.stderr)[-300:]}")
     return stats
+
+
+def ping_under_load(
+    env: Env, seconds: float, bitrate: str, interval_s: float = 0.005
+) -> dict[str, float | int | None]:
+    """Pings every ``interval_s`` while one TCP stream at ``bitrate`` (iperf3's
+    ``-b``) runs the same way: the round trips a packet sees beside a transfer, a
+    stall of the path (a forwarder that stops for a while) showing in the tail.
+    Returns ping_stats plus ``gbps``, the stream's rate. The pings start a second
+    into the stream and end before it does."""
+    got: dict[str, TcpResult | BaseException] = {}
+
+    def stream() -> None:
+        try:
+            got["tcp"] = tcp(env, seconds + 2, bitrate=bitrate)
+        except BaseException as exc:  # (raised below, in the caller's thread)
+            got["tcp"] = exc
+
+    runner = threading.Thread(target=stream, daemon=True)
+    runner.start()
+    time.sleep(1.0)
+    try:
+        stats = ping(env, max(1, int(seconds / interval_s)), interval_s)
+    finally:
+        runner.join(seconds + 2 + IPERF_GRACE_S + 5)
+    result = got.get("tcp")
+    if isinstance(result, BaseException):
+        raise result
+    if result is None:
+        raise ParseError("iperf3 beside the pings did not finish")
+    return {**stats, "gbps": result.bits_per_second / 1e9}
 
 
 def rr(env: Env, seconds: float, *, udp: bool = False) -> dict[str, float]:

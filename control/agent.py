@@ -544,7 +544,7 @@ class Agent:
             dp = extra()
             keys = (
                 "device", "device_kind", "device_mtu", "counters", "direct_routes", "offload",
-                "busy_poll_us", "keep_warm_us", "queues", "source_ports", "placement",
+                "busy_poll_us", "keep_warm_us", "queues", "source_ports", "placement", "gc",
             )  # fmt: skip
             for key in keys:
                 if key in dp:

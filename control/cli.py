@@ -208,6 +208,7 @@ def run_until_signal(main: Callable[[asyncio.Event], Any]) -> Any:
 
 
 def cmd_dataplane_run(args: argparse.Namespace) -> int:
+    from dataplane import gc_pauses
     from dataplane.io import netlink
     from dataplane.io.node import NodeSpec, UserspaceDataplane, underlay_interface_for
     from dataplane.peers import Peer
@@ -243,6 +244,7 @@ def cmd_dataplane_run(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> int:
         from control.api import ApiServer, api_handlers
 
+        gc_pauses.watch()
         node = UserspaceDataplane(spec)
         node.start(asyncio.get_running_loop())
         port = getattr(node.backend, "port", 0)
@@ -333,6 +335,12 @@ def render_status(status: dict[str, Any]) -> str:
             f"traffic is sporadic ({passes} passes)")  # fmt: skip
     if status.get("placement"):
         out(f"cpus: {status['placement']}")
+    gc = status.get("gc")
+    if isinstance(gc, dict) and gc.get("frozen"):
+        n = "/".join(map(str, gc.get("collections") or []))
+        longest = "/".join(f"{ms:g}" for ms in gc.get("longest_ms") or [])
+        out(f"gc: {gc['frozen']} objects frozen at start-up; collections since "
+            f"(generation 0/1/2) {n}, longest {longest} ms")  # fmt: skip
     queues = status.get("queues")
     if isinstance(queues, dict):
         workers = queues.get("workers") or []

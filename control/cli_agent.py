@@ -106,7 +106,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from control.lease import validate_renew_margin
     from control.metrics import render_metrics
     from control.store import StoreError
+    from dataplane import gc_pauses
 
+    gc_pauses.watch()
     try:
         validate_renew_margin(args.subnet_lease_renew_margin)
     except ConfigError as exc:

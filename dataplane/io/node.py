@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Literal
 
-from dataplane import egress_thread
+from dataplane import egress_thread, gc_pauses
 from dataplane.backends.base import Backend
 from dataplane.backends.hostgw import HostGwBackend
 from dataplane.backends.udp import UdpBackend
@@ -288,6 +288,7 @@ class UserspaceDataplane:
                 self.workers.start()
             if self.fast is not None and self.fast.egress_thread_mode == "auto" and owner:
                 self._egress_policy = loop.create_task(self._egress_policy_loop(policy))
+            gc_pauses.settle_soon(loop)
         except BaseException:
             self.stop()
             raise
@@ -612,6 +613,9 @@ class UserspaceDataplane:
             "keep_warm_us": self.spec.keep_warm_us,
             "placement": self.placement,
         }
+        pauses = gc_pauses.watched()
+        if pauses is not None:
+            out["gc"] = pauses.as_dict()  # this process's (queue 0's with --queues)
         if self.workers is not None:
             # Counters are the whole node's: queue 0's plus every worker's last report.
             counters, fast = self.workers.counters()

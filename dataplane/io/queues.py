@@ -848,6 +848,9 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
 def main(argv: list[str]) -> int:
     import uvloop
 
+    from dataplane import gc_pauses
+
+    gc_pauses.watch()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _die_with_parent()
     index, fd, parent = int(argv[0]), int(argv[1]), int(argv[2])

@@ -79,6 +79,7 @@ def test_agents_with_busy_polling_and_keep_warm_carry_traffic(
     s1, s2 = status(d1 / "weft.sock"), status(d2 / "weft.sock")
     assert (s1["busy_poll_us"], s2["busy_poll_us"]) == (2000, 500)
     assert (s1["keep_warm_us"], s2["keep_warm_us"]) == (3000, 1000)
+    assert s1["gc"]["frozen"] > 1000 and s2["gc"]["frozen"] > 1000  # dataplane/gc_pauses.py
     assert s1["counters"]["warm_passes"] > 0 and s2["counters"]["warm_passes"] > 0
     assert s1["counters"]["tx_packets"] > 0 and s2["counters"]["rx_packets"] > 0
     assert "recvmmsg" in s1["offload"]["on"]

@@ -38,6 +38,10 @@ def test_warm_passes_while_pods_ping_and_none_after(lab: Lab, tmp_path: Path) ->
     assert st["keep_warm_us"] == 2000
     text = lab.run(n1, *WEFT, "status", "--api-socket", str(s1)).stdout
     assert "keeping warm: a pass every 2000 µs" in text, text
+    # (and, as in every weft process, what lives as long as it is frozen out of the
+    # garbage collector's reach once the dataplane is up: dataplane/gc_pauses.py)
+    assert st["gc"]["frozen"] > 1000, st["gc"]
+    assert "objects frozen at start-up" in text, text
 
     # Quiet for longer than the hold: no more passes.
     time.sleep(WARM_HOLD_NS / 1e9 + 0.5 * SLOWDOWN)

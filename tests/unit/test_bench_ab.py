@@ -64,14 +64,24 @@ def test_weft_source_switches_directory_and_path_and_restores_them(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    "test", ["udp64@60M", "udp64@500K", "udp64@1G", "udp64@100000", "tcp1@1500M", "tcp4@1G"]
+    "test",
+    [
+        "udp64@60M",
+        "udp64@500K",
+        "udp64@1G",
+        "udp64@100000",
+        "tcp1@1500M",
+        "tcp4@1G",
+        "pingload@800M",
+    ],
 )
 def test_a_fixed_rate_is_a_test(test: str) -> None:
     assert ab.known_test(test)
 
 
 @pytest.mark.parametrize(
-    "test", ["udp64@", "udp64@0", "udp64@60X", "udp64@-1", "tcp2@60M", "rr@1M", "tcp1@"]
+    "test",
+    ["udp64@", "udp64@0", "udp64@60X", "udp64@-1", "tcp2@60M", "rr@1M", "tcp1@", "pingload"],
 )
 def test_a_malformed_fixed_rate_is_an_unknown_test(
     test: str, capsys: pytest.CaptureFixture[str]
@@ -263,3 +273,42 @@ def test_a_variants_python_reaches_its_weft_processes_only(
     err = capsys.readouterr().err
     assert err.startswith("python -m bench.ab: --a-python/--b-python: weft-kernel runs")
     assert err.count("\n") == 1
+
+
+def test_pings_beside_a_stream_give_their_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pingload@RATE: pings every 5 ms while iperf3 runs one TCP stream at RATE; the
+    reading is their p99.9, so that one long stall among a thousand pings shows."""
+    seen: list[list[str]] = []
+
+    def iperf3(env: object, args: list[str], seconds: float) -> str:
+        seen.append(args)
+        received = {"bytes": 100_000_000, "seconds": seconds, "bits_per_second": 8e8}
+        return json.dumps({"end": {"sum_received": received, "sum_sent": {"retransmits": 0}}})
+
+    class Lab:
+        def run(self, ns: object, *argv: str, **kw: object) -> object:
+            assert argv[0] == "ping" and argv[argv.index("-i") + 1] == "0.005"
+            count = int(argv[argv.index("-c") + 1])
+            times = [1.0] * (count - 1) + [45.0]  # one stall
+            lines = [f"64 bytes from x: icmp_seq={i} ttl=64 time={t} ms" for i, t in
+                     enumerate(times)]  # fmt: skip
+            lines.append(f"{count} packets transmitted, {count} received, 0% packet loss")
+
+            class Done:
+                stdout, stderr, returncode = "\n".join(lines), "", 0
+
+            return Done()
+
+    class Env:
+        lab, pod1, pod2 = Lab(), "pod1", type("Pod", (), {"ip": "10.244.2.2"})()
+        weft_pids = ()
+
+    monkeypatch.setattr(ab.probes, "_iperf3", iperf3)
+    monkeypatch.setattr(ab.probes.time, "sleep", lambda s: None)
+    got = ab.probe(Env(), "pingload@800M", 5.0)  # type: ignore[arg-type]
+    assert seen == [["-b", "800M"]]
+    assert got.value == pytest.approx(45.0 - 0.001 * 999 * 44.0, rel=0.01)  # the p99.9
+    assert got.weft_cpu is None
+    stats = ab.probes.ping_under_load(Env(), 5.0, "800M")  # type: ignore[arg-type]
+    assert stats["received"] == 1000 and stats["max_ms"] == 45.0
+    assert stats["gbps"] == pytest.approx(0.8)

@@ -44,6 +44,7 @@ def test_ping_per_reply_times_without_duplicates() -> None:
     assert st_["p50_ms"] == 0.300
     assert st_["min_ms"] == 0.101 and st_["max_ms"] == 0.512
     assert st_["p99_ms"] == pytest.approx(0.512 - 0.02 * (0.512 - 0.300))
+    assert st_["p999_ms"] == pytest.approx(0.512 - 0.002 * (0.512 - 0.300))
 
 
 def test_ping_with_no_replies() -> None:

@@ -19,6 +19,8 @@ STATUS = {
                 "off": {"tunnel_gso": "net.ipv4.conf.all.rp_filter=2 would drop …"}},
     "busy_poll_us": 2000,
     "placement": "CPU 0; egress work on CPU 1-3 (RPS)",
+    "gc": {"frozen": 41502, "collections": [70, 6, 1], "total_ms": [17.0, 14.0, 0.2],
+           "longest_ms": [0.9, 2.6, 0.208]},
 }  # fmt: skip
 
 
@@ -31,10 +33,16 @@ def test_status_text_names_the_fast_paths_and_busy_polling() -> None:
     assert "  tunnel_gso off: net.ipv4.conf.all.rp_filter=2" in text
     assert "busy polling: 2000 µs" in text
     assert "cpus: CPU 0; egress work on CPU 1-3 (RPS)" in text
+    assert (
+        "gc: 41502 objects frozen at start-up; collections since (generation 0/1/2) "
+        "70/6/1, longest 0.9/2.6/0.208 ms"
+    ) in text
 
 
 def test_status_text_of_a_kernel_mode_node_has_no_fast_path_lines() -> None:
-    kernel = {k: v for k, v in STATUS.items() if k not in ("offload", "busy_poll_us", "placement")}
+    kernel = {
+        k: v for k, v in STATUS.items() if k not in ("offload", "busy_poll_us", "placement", "gc")
+    }
     kernel["counters"] = {}
     text = render_status(kernel)
     assert "drops: none" in text and "fast paths" not in text and "busy" not in text
