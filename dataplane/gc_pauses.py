@@ -6,7 +6,9 @@ VM of decisions §36 one took 30–46 ms in the middle of a TCP stream: a stall 
 nothing is forwarded (pings through it then took up to 54 ms). So once the dataplane
 is up, `settle` collects what garbage there is and moves every object left out of
 the collector's reach for good (`gc.freeze`): later full collections walk only what
-came after, 0.1–0.2 ms. Objects frozen are still freed when their last reference
+came after, 0.1–0.2 ms. The long collection over the imports runs when the process
+starts watching, before any device is open; the one once the dataplane is up walks
+only what its start made. Objects frozen are still freed when their last reference
 goes; only a cycle among them would stay.
 
 Only in weft's own processes (`watch`, called by the command line's `dataplane run`,
@@ -28,12 +30,15 @@ GENERATIONS = 3
 class GcPauses:
     """Collections per generation, their total and longest time (gc.callbacks)."""
 
-    __slots__ = ("_clock", "_started", "collections", "frozen", "longest_ns", "total_ns")
+    __slots__ = (
+        "_clock", "_started", "collections", "frozen", "longest_ns", "settle_ns", "total_ns",
+    )  # fmt: skip
 
     def __init__(self, clock: Callable[[], int] = time.perf_counter_ns) -> None:
         self._clock = clock
         self._started = 0
         self.frozen = 0  # objects moved out of the collector's reach by settle()
+        self.settle_ns = 0  # how long the last settle() took
         self.reset()
 
     def reset(self) -> None:
@@ -55,6 +60,7 @@ class GcPauses:
     def as_dict(self) -> dict[str, object]:
         return {
             "frozen": self.frozen,
+            "settle_ms": round(self.settle_ns / 1e6, 3),
             "collections": list(self.collections),
             "total_ms": [round(ns / 1e6, 3) for ns in self.total_ns],
             "longest_ms": [round(ns / 1e6, 3) for ns in self.longest_ns],
@@ -65,11 +71,15 @@ _watched: GcPauses | None = None
 
 
 def watch() -> GcPauses:
-    """Count this process's collections from now on, and let `settle_soon` freeze
-    what lives as long as the process once a dataplane is up. Idempotent."""
+    """Settle now — before any device is open, so that the one long collection of
+    the process's life (its imports: ~40 ms here) holds up no packet —, count this
+    process's collections from now on, and let `settle_soon` freeze what the
+    dataplane's start adds (a short collection: only what is not yet frozen).
+    Idempotent."""
     global _watched
     if _watched is None:
         _watched = GcPauses()
+        settle(_watched)
         gc.callbacks.append(_watched.on_gc)
     return _watched
 
@@ -81,8 +91,10 @@ def watched() -> GcPauses | None:
 def settle(pauses: GcPauses) -> None:
     """Collect, then freeze everything left (nothing that is garbage is frozen); the
     counts start again from here, so the collect's own pause is not among them."""
+    started = time.perf_counter_ns()
     gc.collect()
     gc.freeze()
+    pauses.settle_ns = time.perf_counter_ns() - started
     pauses.frozen = gc.get_freeze_count()
     pauses.reset()
 

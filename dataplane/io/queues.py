@@ -776,8 +776,10 @@ def counters_report(node: Any) -> dict[str, Any]:
 
 
 async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
+    from dataplane import gc_pauses
     from dataplane.io.node import UserspaceDataplane
 
+    gc_pauses.watch()  # (after the imports: the long collection comes before the devices)
     spec = spec_from_json(os.environ["WEFT_QUEUE_SPEC"])
     loop = asyncio.get_running_loop()
     node = UserspaceDataplane(spec, queue=index)
@@ -848,9 +850,6 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
 def main(argv: list[str]) -> int:
     import uvloop
 
-    from dataplane import gc_pauses
-
-    gc_pauses.watch()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _die_with_parent()
     index, fd, parent = int(argv[0]), int(argv[1]), int(argv[2])
