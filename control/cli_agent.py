@@ -106,9 +106,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from control.lease import validate_renew_margin
     from control.metrics import render_metrics
     from control.store import StoreError
-    from dataplane import gc_pauses
 
-    gc_pauses.watch()
     try:
         validate_renew_margin(args.subnet_lease_renew_margin)
     except ConfigError as exc:
@@ -233,8 +231,12 @@ def _make_dataplane(agent: Any, engine: dict[str, Any]) -> Any:
                 vtep_mac=agent.vtep_mac,
             )
         )
+    from dataplane import gc_pauses
     from dataplane.io.node import NodeSpec, UserspaceDataplane
 
+    # The userspace engine's imports done, before its devices open: the collector's
+    # one long walk now, then out of the packet path's way (dataplane/gc_pauses.py).
+    gc_pauses.watch()
     if cfg.backend_type == "vxlan" and cfg.backend.mtu:
         underlay_mtu = cfg.backend.mtu
     else:

@@ -12,7 +12,8 @@ only what its start made. Objects frozen are still freed when their last referen
 goes; only a cycle among them would stay.
 
 Only in weft's own processes (`watch`, called by the command line's `dataplane run`,
-`agent` and each queue worker): a program that imports weft tunes its own collector.
+`agent` — with the userspace engine — and each queue worker): a program that
+imports weft tunes its own collector.
 `GcPauses` counts the collections of each generation since then and keeps the
 longest, for `weft status`.
 """
