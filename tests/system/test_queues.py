@@ -34,6 +34,7 @@ from test_fastpath import (
 )
 from weft_helpers import (
     OFFLOAD_ON,
+    SLOWDOWN,
     WEFT,
     assert_super_packets_sent,
     iperf3_run,
@@ -193,6 +194,12 @@ for _ in range(int(sys.argv[3])):
 """
 
 
+def _vxlan_rx_packets(lab: Lab, node: Node) -> int:
+    return int(
+        lab.ip_json(node, "-s", "link", "show", "dev", "flannel.1")[0]["stats64"]["rx"]["packets"]
+    )
+
+
 def test_status_counts_every_queue_as_of_now(lab: Lab, tmp_path: Path) -> None:
     """`weft status` asks each worker for its counters (the workers otherwise report
     once a second): datagrams of a flow that queue 1 carries count in its worker's
@@ -205,8 +212,14 @@ def test_status_counts_every_queue_as_of_now(lab: Lab, tmp_path: Path) -> None:
     sent = 300
     for round_ in range(3):
         before = status(sock)
+        arrived = _vxlan_rx_packets(lab, n2)
         port = port_on_queue(pod1, pod2, 9, 1, 2, 30000 + 100 * round_)
         lab.run(pod1, sys.executable, "-c", SEND_FROM_PORT, str(pod2.ip), str(port), str(sent))
+        # Once the kernel node has them all, the worker has sent them all (a loaded
+        # machine may leave some in its device queue for a while after the sender ends).
+        deadline = time.monotonic() + 10 * SLOWDOWN
+        while _vxlan_rx_packets(lab, n2) - arrived < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
         after = status(sock)
         [was], [now] = before["queues"]["workers"], after["queues"]["workers"]
         assert now["tx_packets"] - was["tx_packets"] == sent, (was, now)
