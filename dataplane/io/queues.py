@@ -571,7 +571,11 @@ class QueueWorkers:
 
     @staticmethod
     def _take_report(worker: _Worker, msg: dict[str, Any]) -> None:
-        worker.last = {"counters": dict(msg["counters"]), "fast": dict(msg.get("fast") or {})}
+        worker.last = {
+            "counters": dict(msg["counters"]),
+            "fast": dict(msg.get("fast") or {}),
+            "gc": msg.get("gc"),
+        }
         worker.peers = int(msg.get("peers", 0))
 
     async def egress_thread_switched(self, on: bool) -> int:
@@ -685,6 +689,7 @@ class QueueWorkers:
                     "rx_packets": w.last.get("counters", {}).get("rx_packets", 0),
                     "peers": w.peers,
                     "unsent": len(w.outbox),  # route updates waiting for the pipe
+                    "gc": w.last.get("gc"),  # its process's collector (gc_pauses)
                 }
                 for w in self.workers
             ],
@@ -767,11 +772,16 @@ def _send_events(conn: socket.socket, tid: int, sub: Subscription) -> None:
 
 
 def counters_report(node: Any) -> dict[str, Any]:
-    """What a worker tells queue 0 of its counters (each second, and when asked)."""
+    """What a worker tells queue 0 of its counters (each second, and when asked),
+    and of its own process's garbage collector (dataplane/gc_pauses.py)."""
+    from dataplane import gc_pauses
+
+    pauses = gc_pauses.watched()
     return {
         "counters": node.forwarder.counters.as_dict() if node.forwarder else {},
         "fast": node.fast.counters.as_dict() if node.fast else {},
         "peers": len(node.forwarder.peers()) if node.forwarder else 0,
+        "gc": pauses.as_dict() if pauses is not None else None,
     }
 
 

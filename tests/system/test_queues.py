@@ -223,6 +223,7 @@ def test_status_counts_every_queue_as_of_now(lab: Lab, tmp_path: Path) -> None:
         after = status(sock)
         [was], [now] = before["queues"]["workers"], after["queues"]["workers"]
         assert now["tx_packets"] - was["tx_packets"] == sent, (was, now)
+        assert now["gc"]["frozen"] > 1000, now  # the worker's own collector, settled
         assert after["counters"]["tx_packets"] - before["counters"]["tx_packets"] >= sent
 
 
