@@ -234,8 +234,8 @@ def _make_dataplane(agent: Any, engine: dict[str, Any]) -> Any:
     from dataplane import gc_pauses
     from dataplane.io.node import NodeSpec, UserspaceDataplane
 
-    # The userspace engine's imports done, before its devices open: the collector's
-    # one long walk now, then out of the packet path's way (dataplane/gc_pauses.py).
+    # The userspace engine's imports done: frozen out of the collector's reach, so
+    # that no full collection walks them while packets wait (dataplane/gc_pauses.py).
     gc_pauses.watch()
     if cfg.backend_type == "vxlan" and cfg.backend.mtu:
         underlay_mtu = cfg.backend.mtu

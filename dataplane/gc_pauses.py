@@ -6,10 +6,11 @@ VM of decisions §36 one took 30–46 ms in the middle of a TCP stream: a stall 
 nothing is forwarded (pings through it then took up to 54 ms). So once the dataplane
 is up, `settle` collects what garbage there is and moves every object left out of
 the collector's reach for good (`gc.freeze`): later full collections walk only what
-came after, 0.1–0.2 ms. The long collection over the imports runs when the process
-starts watching, before any device is open; the one once the dataplane is up walks
-only what its start made. Objects frozen are still freed when their last reference
-goes; only a cycle among them would stay.
+came after, 0.1–0.2 ms. The imports are frozen without a collection when the
+process starts watching (a collection over them would itself be the long pause);
+the collection once the dataplane is up walks only what its start made. Objects
+frozen are still freed when their last reference goes; only a cycle among them
+would stay.
 
 Only in weft's own processes (`watch`, called by the command line's `dataplane run`,
 `agent` — with the userspace engine — and each queue worker): a program that
@@ -72,15 +73,18 @@ _watched: GcPauses | None = None
 
 
 def watch() -> GcPauses:
-    """Settle now — before any device is open, so that the one long collection of
-    the process's life (its imports: ~40 ms here) holds up no packet —, count this
-    process's collections from now on, and let `settle_soon` freeze what the
-    dataplane's start adds (a short collection: only what is not yet frozen).
+    """Freeze what the process holds now (its imports), count its collections from
+    here on, and let `settle_soon` collect and freeze what the dataplane's start adds
+    (a short collection: only what is not yet frozen). Freezing alone costs next to
+    nothing; a collection first would walk all of it (~40 ms here, more on a loaded
+    machine), and an agent restarted under traffic would carry packets that much
+    later. What garbage the imports left stays, once: a bounded few cycles.
     Idempotent."""
     global _watched
     if _watched is None:
         _watched = GcPauses()
-        settle(_watched)
+        gc.freeze()
+        _watched.frozen = gc.get_freeze_count()
         gc.callbacks.append(_watched.on_gc)
     return _watched
 

@@ -789,7 +789,7 @@ async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
     from dataplane import gc_pauses
     from dataplane.io.node import UserspaceDataplane
 
-    gc_pauses.watch()  # (after the imports: the long collection comes before the devices)
+    gc_pauses.watch()  # (after the imports: they are what it freezes)
     spec = spec_from_json(os.environ["WEFT_QUEUE_SPEC"])
     loop = asyncio.get_running_loop()
     node = UserspaceDataplane(spec, queue=index)
