@@ -166,13 +166,6 @@ def proc_stat_cpu(text: str) -> tuple[int, int]:
     raise ParseError("/proc/stat has no aggregate cpu line")
 
 
-def pid_stat_ticks(text: str, *, reaped: bool = False) -> int:
-    """utime + stime (clock ticks, all threads) from /proc/<pid>/stat; with `reaped`,
-    also cutime + cstime: the CPU of the children it has waited for."""
-    user, system = pid_stat_times(text, reaped=reaped)
-    return user + system
-
-
 def pid_stat_times(text: str, *, reaped: bool = False) -> tuple[int, int]:
     """(user, system) clock ticks, all threads, from /proc/<pid>/stat: utime and
     stime; with `reaped`, plus cutime and cstime (the children it has waited for).

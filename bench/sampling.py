@@ -25,18 +25,11 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def pid_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds of ``pid`` (all its threads) and of its descendants — the live ones,
-    and those it has reaped (cutime + cstime), so a child that ends between two
-    readings still counts once; None if ``pid`` is gone. weft --queues N runs queues
-    1…N-1 as child processes."""
-    times = pid_cpu_times(pid)
-    return None if times is None else times[0] + times[1]
-
-
 def pid_cpu_times(pid: int) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of ``pid`` and its descendants, counted as
-    pid_cpu_seconds counts them; None if ``pid`` is gone."""
+    """(user, system) CPU seconds of ``pid`` (all its threads) and of its descendants —
+    the live ones, and those it has reaped (cutime + cstime), so a child that ends
+    between two readings still counts once; None if ``pid`` is gone. weft --queues N
+    runs queues 1…N-1 as child processes."""
     try:
         user, system = pid_stat_times(Path(f"/proc/{pid}/stat").read_text(), reaped=True)
     except (OSError, ValueError):

@@ -25,7 +25,6 @@ shows as fewer than segments written).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import struct
 import time
@@ -79,8 +78,7 @@ class Result:
 
 
 def _tx_packets(lab: Lab, ns: str, dev: str) -> int:
-    out = lab.ip(ns, "-s", "-j", "link", "show", dev)
-    return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
+    return int(lab.ip_json(ns, "-s", "link", "show", "dev", dev)[0]["stats64"]["tx"]["packets"])
 
 
 def run_one(lab: Lab, way: str, segments: int, rounds: int, flush_us: int) -> Result:

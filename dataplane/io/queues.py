@@ -73,6 +73,7 @@ from dataclasses import fields
 from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import TYPE_CHECKING, Any
 
+from dataplane import gc_pauses
 from dataplane.egress_thread import QueueSample
 from dataplane.flows import FRAGMENT, GOLDEN, PORT_PROTOCOLS, inner_flow_hash
 from dataplane.io.sockets import attach_classic_bpf
@@ -774,8 +775,6 @@ def _send_events(conn: socket.socket, tid: int, sub: Subscription) -> None:
 def counters_report(node: Any) -> dict[str, Any]:
     """What a worker tells queue 0 of its counters (each second, and when asked),
     and of its own process's garbage collector (dataplane/gc_pauses.py)."""
-    from dataplane import gc_pauses
-
     pauses = gc_pauses.watched()
     return {
         "counters": node.forwarder.counters.as_dict() if node.forwarder else {},
@@ -786,7 +785,6 @@ def counters_report(node: Any) -> dict[str, Any]:
 
 
 async def _serve(index: int, conn: socket.socket, stop: asyncio.Event) -> None:
-    from dataplane import gc_pauses
     from dataplane.io.node import UserspaceDataplane
 
     gc_pauses.watch()  # (after the imports: they are what it freezes)

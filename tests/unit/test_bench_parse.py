@@ -14,7 +14,6 @@ from bench.parse import (
     parse_iperf3_tcp,
     parse_iperf3_udp,
     parse_rr,
-    pid_stat_ticks,
     pid_stat_times,
     pid_status_rss_kb,
     ping_counts,
@@ -132,17 +131,17 @@ def test_proc_stat_cpu() -> None:
 def test_pid_stat_with_a_nasty_command_name() -> None:
     fields = ["S"] + [str(i) for i in range(4, 14)] + ["700", "300"] + ["0"] * 30
     text = "4242 (we ft) (x)) " + " ".join(fields)
-    assert pid_stat_ticks(text) == 1000
+    assert sum(pid_stat_times(text)) == 1000
     fields[13:15] = ["20", "22"]  # cutime, cstime: children waited for
     text = "4242 (we ft) (x)) " + " ".join(fields)
-    assert pid_stat_ticks(text) == 1000
-    assert pid_stat_ticks(text, reaped=True) == 1042
+    assert sum(pid_stat_times(text)) == 1000
+    assert sum(pid_stat_times(text, reaped=True)) == 1042
     assert pid_stat_times(text) == (700, 300)  # user, system
     assert pid_stat_times(text, reaped=True) == (720, 322)
     with pytest.raises(ParseError):
-        pid_stat_ticks("4242 (x) S 1 2")
+        pid_stat_times("4242 (x) S 1 2")
     with pytest.raises(ParseError):
-        pid_stat_ticks("garbage")
+        pid_stat_times("garbage")
 
 
 @given(
@@ -152,7 +151,7 @@ def test_pid_stat_with_a_nasty_command_name() -> None:
 )
 def test_pid_stat_any_comm(comm: str, utime: int, stime: int) -> None:
     fields = ["R"] + ["0"] * 10 + [str(utime), str(stime)] + ["0"] * 20
-    assert pid_stat_ticks(f"1 ({comm}) " + " ".join(fields)) == utime + stime
+    assert pid_stat_times(f"1 ({comm}) " + " ".join(fields)) == (utime, stime)
 
 
 def test_status_rss_and_cpuinfo() -> None:
