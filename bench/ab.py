@@ -86,6 +86,7 @@ class Reading(NamedTuple):
     machine_cpu: float | None = None
     retransmits: int | None = None
     weft_user_cpu: float | None = None  # the part of weft_cpu in user space
+    extra: dict[str, float] | None = None  # more figures of the same probe, by name
 
 
 def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
@@ -104,8 +105,11 @@ def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
         return Reading(float(p50) if p50 is not None else float("nan"))
     name, _, rate = test.partition("@")
     if name == "pingload":
-        p999 = probes.ping_under_load(env, seconds, rate)["p999_ms"]
-        return Reading(float(p999) if p999 is not None else float("nan"))
+        stats = probes.ping_under_load(env, seconds, rate)
+        p999 = stats["p999_ms"]
+        # (the median and p99 beside it: where a change moves the body, not the tail)
+        extra = {k: float(stats[k]) for k in ("p50_ms", "p99_ms", "gbps") if stats[k] is not None}  # type: ignore[arg-type]
+        return Reading(float(p999) if p999 is not None else float("nan"), extra=extra)
     before = snapshot(env.weft_pids, None)
     retransmits = None
     if name == "udp64":
@@ -225,6 +229,8 @@ def run(
                                 rec["machine_cpu"] = round(got.machine_cpu, 3)
                             if got.retransmits is not None:
                                 rec["retransmits"] = got.retransmits
+                            if got.extra:
+                                rec["extra"] = {k: round(v, 3) for k, v in got.extra.items()}
                             if counted and "weft" in mode:
                                 rec["counters"] = {c: after[c] - before[c] for c in counted}
                             print(json.dumps(rec), flush=True)
@@ -252,7 +258,7 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
             machine[key].append(rec["machine_cpu"])
         if "retransmits" in rec:
             retransmits[key].append(rec["retransmits"])
-        for name, n in rec.get("counters", {}).items():
+        for name, n in (*rec.get("extra", {}).items(), *rec.get("counters", {}).items()):
             counts[key].setdefault(name, []).append(n)
     lines = []
     for (mode, variant, test), vs in sorted(values.items()):

@@ -298,6 +298,14 @@ def test_pings_beside_a_stream_give_their_tail(monkeypatch: pytest.MonkeyPatch) 
     assert seen == [["-b", "800M"]]
     assert got.value == pytest.approx(45.0 - 0.001 * 999 * 44.0, rel=0.01)  # the p99.9
     assert got.weft_cpu is None
+    # … the median and p99 beside it, and the stream's rate; listed in the summary
+    assert got.extra == {"p50_ms": 1.0, "p99_ms": 1.0, "gbps": pytest.approx(0.8)}
+    rec = {"round": 0, "mode": "weft-vxlan", "variant": "A", "test": "pingload@800M",
+           "value": 1.04, "extra": {"p50_ms": 1.0, "p99_ms": 1.0}}  # fmt: skip
+    assert ab.summary([rec, {**rec, "round": 1, "extra": {"p50_ms": 2.0, "p99_ms": 3.5}}]) == [
+        "weft-vxlan           A   pingload@800M 1.04 / 1.04  mean 1.04, p50_ms 1.0 / 2.0, "
+        "p99_ms 1.0 / 3.5"
+    ]
     stats = ab.probes.ping_under_load(Env(), 5.0, "800M")  # type: ignore[arg-type]
     assert stats["received"] == 1000 and stats["max_ms"] == 45.0
     assert stats["gbps"] == pytest.approx(0.8)
