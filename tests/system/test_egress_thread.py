@@ -148,7 +148,8 @@ def test_a_flows_packets_leave_the_threaded_tap_in_order(lab: Lab, tmp_path: Pat
     assert "egress: the TAP's NAPI runs in a kernel thread" in text
 
     one_backlog(lab, pod1)  # the flow's order into weft is the pod's, not the lab's
-    one_backlog(lab, n2)  # … and what reaches n2, the order weft's two contexts sent
+    one_backlog(lab, n1)  # … and what reaches n2, the order weft's two contexts sent
+    one_backlog(lab, n2)  # (the hub's end of n1's link, and n2's own)
     big_then_small(lab, pod1, pod2, tmp_path / "sink.log", sock)
     fc = status(sock)["offload"]["counters"]
     assert fc["gso_sends"] >= ROUNDS  # the big ones: super-packets through the TAP
@@ -213,6 +214,7 @@ def test_auto_switches_the_thread_and_keeps_order(lab: Lab, tmp_path: Path) -> N
     assert off["egress_thread_mode"] == "auto"
     assert off["egress_queue_bytes"] == egress_tap.EGRESS_QUEUE_BYTES
     one_backlog(lab, pod1)
+    one_backlog(lab, n1)
     one_backlog(lab, n2)
     tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
     seen = set()
@@ -241,6 +243,7 @@ def test_auto_with_queues_tells_every_worker_and_keeps_order(lab: Lab, tmp_path:
     assert lab.wait_ping(pod1, pod2.ip, timeout_s=10)
     assert status(sock)["offload"]["egress_thread_mode"] == "auto"
     one_backlog(lab, pod1)
+    one_backlog(lab, n1)
     one_backlog(lab, n2)
     tap = f"/sys/class/net/{egress_tap.egress_name('weft.1')}/threaded"
     seen = set()
@@ -277,6 +280,7 @@ def test_a_worker_started_again_while_the_thread_runs_keeps_order(lab: Lab, tmp_
     assert lab.run(n1, "cat", tap).stdout.strip() == "1"
     kill_queue_worker(sock)
     one_backlog(lab, pod1)
+    one_backlog(lab, n1)
     one_backlog(lab, n2)
     switches = status(sock)["offload"]["counters"]["egress_thread_switches"]
     port = port_on_queue(pod1, pod2, PORT, 1, 2, 42000)

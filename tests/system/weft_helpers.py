@@ -184,7 +184,7 @@ def iperf3_run(
 
 def one_backlog(lab: Lab, end: Pod | Node) -> None:
     """Steer what one lab link delivers into one CPU's backlog (RPS): a pod's veth
-    (at its node end), or a node's underlay interface.
+    (at its node end), or a node's underlay link (at both ends).
 
     A pod's TCP transmits from two contexts: its application's send, and the ACK
     processing wherever an ACK is delivered (inside weft's TUN write, say). A veth
@@ -197,15 +197,21 @@ def one_backlog(lab: Lab, end: Pod | Node) -> None:
     assert a flow's order through weft use it, so they measure weft's order alone.
 
     The same holds for a node's underlay when weft sends one flow from two contexts
-    (--egress-thread: its own thread, and the TAP's kernel thread): with two CPU hogs
-    beside the lab, the receiving pod counted segments out of order in 2 of 5 runs of
-    test_auto_switches_the_thread_and_keeps_order, and in 0 of 8 with the receiving
-    node's underlay on one backlog (it still sees weft's order: what weft's two
-    contexts hand to the veth, in the order they hand it)."""
-    ns, iface = (end.node, end.node_end) if isinstance(end, Pod) else (end, end.underlay_iface)
+    (--egress-thread: its own thread, and the TAP's kernel thread), and at both of the
+    underlay's veth hops: the hub's end of the sending node's link (its `vnN`, where
+    the hub takes what the node sends) and the receiving node's `eth0`. So for a
+    node both are steered: its own underlay end and its end at the hub (decisions
+    §27 steered only the receiving node's eth0, and three CI runs still saw one
+    segment out of order; §37)."""
     cpu = min(os.sched_getaffinity(0))
-    path = f"/sys/class/net/{iface}/queues/rx-0/rps_cpus"
-    lab.run(ns, "sh", "-c", f"echo {1 << cpu:x} > {path}")
+    if isinstance(end, Pod):
+        links = [(end.node, end.node_end)]
+    else:
+        assert lab.hub is not None
+        links = [(end.ns, end.underlay_iface), (lab.hub, f"vn{end.index}")]
+    for ns, iface in links:
+        path = f"/sys/class/net/{iface}/queues/rx-0/rps_cpus"
+        lab.run(ns, "sh", "-c", f"echo {1 << cpu:x} > {path}")
 
 
 def nstat_all(lab: Lab, ns: str | Node | Pod) -> dict[str, int]:
