@@ -224,8 +224,8 @@ class Env:
 
     def wire_counters(self) -> tuple[int, int]:
         """n1's eth0 transmit (bytes, packets): the data direction on the underlay."""
-        stats = self.lab.ip_json(self.n1, "-s", "link", "show", "dev", "eth0")[0]["stats64"]
-        return int(stats["tx"]["bytes"]), int(stats["tx"]["packets"])
+        tx = self.lab.link_stats(self.n1, "eth0")["eth0"]["tx"]
+        return int(tx["bytes"]), int(tx["packets"])
 
     def loss_counters(self) -> dict[str, int]:
         """Where datagrams can be lost on their way pod1 → pod2, as counters to take
@@ -238,8 +238,7 @@ class Env:
         node = proc_net_snmp(self.lab.run(self.n2, "cat", "/proc/net/snmp").stdout)
         devices = 0
         for where in (self.n1, self.n2):
-            for link in self.lab.ip_json(where, "-s", "link"):
-                stats = link.get("stats64") or {}
+            for stats in self.lab.link_stats(where).values():
                 devices += sum(int((stats.get(d) or {}).get("dropped", 0)) for d in ("rx", "tx"))
         weft = 0
         for st in self.weft_status().values():

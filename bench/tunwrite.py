@@ -78,7 +78,7 @@ class Result:
 
 
 def _tx_packets(lab: Lab, ns: str, dev: str) -> int:
-    return int(lab.ip_json(ns, "-s", "link", "show", "dev", dev)[0]["stats64"]["tx"]["packets"])
+    return int(lab.link_stats(ns, dev)[dev]["tx"]["packets"])
 
 
 def run_one(lab: Lab, way: str, segments: int, rounds: int, flush_us: int) -> Result:

@@ -209,6 +209,12 @@ class Lab:
         out = sh("ip", "-j", "-n", _ns_of(ns), *args).stdout.strip()
         return json.loads(out) if out else []
 
+    def link_stats(self, ns: str | Node | Pod, dev: str | None = None) -> dict[str, dict]:
+        """Each link's counters in a namespace (`ip -s link`: "rx" and "tx", each
+        bytes, packets, dropped, …), by link name; only `dev` when given."""
+        args = ("-s", "link", "show", *(("dev", dev) if dev else ()))
+        return {link["ifname"]: link.get("stats64") or {} for link in self.ip_json(ns, *args)}
+
     def sysctl(self, ns: str | Node | Pod, key: str, value: str | int) -> None:
         self.run(ns, "sysctl", "-q", "-w", f"{key}={value}")
 

@@ -36,7 +36,7 @@ def hostgw_args(node: Node, subnet: str, peer: Node, peer_subnet: str, offload: 
 
 def wire_frames(lab: Lab, node: Node) -> tuple[int, int]:
     """(bytes, packets) node's eth0 has sent."""
-    stats = lab.ip_json(node, "-s", "link", "show", "dev", "eth0")[0]["stats64"]["tx"]
+    stats = lab.link_stats(node, "eth0")["eth0"]["tx"]
     return int(stats["bytes"]), int(stats["packets"])
 
 

@@ -39,6 +39,10 @@ def test_nodes_ping_each_other_on_the_underlay(lab: Lab, two_nodes) -> None:
     assert [r["dst"] for r in routes] == ["192.168.77.0/24"]
     assert lab.link_mac(n1, "eth0") == n1.mac
     assert lab.ip_json(n1, "link", "show", "eth0")[0]["mtu"] == 1500
+    # each link's counters, by name: n1's eth0 sent the pings n2's eth0 received
+    sent, got = lab.link_stats(n1, "eth0"), lab.link_stats(n2)
+    assert list(sent) == ["eth0"] and {"eth0", "lo"} <= set(got)
+    assert sent["eth0"]["tx"]["packets"] >= 2 and got["eth0"]["rx"]["packets"] >= 2
 
 
 def test_the_hub_bridges_without_netfilter(lab: Lab, two_nodes) -> None:

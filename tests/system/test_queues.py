@@ -195,9 +195,7 @@ for _ in range(int(sys.argv[3])):
 
 
 def _vxlan_rx_packets(lab: Lab, node: Node) -> int:
-    return int(
-        lab.ip_json(node, "-s", "link", "show", "dev", "flannel.1")[0]["stats64"]["rx"]["packets"]
-    )
+    return int(lab.link_stats(node, "flannel.1")["flannel.1"]["rx"]["packets"])
 
 
 def test_status_counts_every_queue_as_of_now(lab: Lab, tmp_path: Path) -> None:

@@ -237,10 +237,9 @@ def drop_counters(lab: Lab) -> dict[str, int]:
     out["softnet.dropped"] = sum(int(c[1], 16) for c in cpus)
     out["softnet.time_squeeze"] = sum(int(c[2], 16) for c in cpus)
     for ns in lab.namespaces:
-        for link in json.loads(lab.run(ns, "ip", "-j", "-s", "link").stdout):
-            stats = link.get("stats64", {})
+        for name, stats in lab.link_stats(ns).items():
             for way in ("rx", "tx"):
-                out[f"{ns}/{link['ifname']}.{way}_dropped"] = stats.get(way, {}).get("dropped", 0)
+                out[f"{ns}/{name}.{way}_dropped"] = stats.get(way, {}).get("dropped", 0)
         for name, value in nstat_all(lab, ns).items():
             if name.endswith(("RcvbufErrors", "SndbufErrors", "InErrors", "InDiscards")):
                 out[f"{ns}/{name}"] = value
