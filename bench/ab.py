@@ -71,8 +71,10 @@ def known_test(test: str) -> bool:
     fixed offered rate (iperf3's ``-b``, per stream: ``1500M``, ``60M``), where the
     weft CPU per GB or per datagram compares variants doing the same work (at full
     speed it moves with who wins the CPU, and for udp64 how many the pod drops); or
-    ``pingload@RATE``: the p99.9 of pings every 5 ms beside a TCP stream at RATE."""
-    pattern = r"(tcp1|tcp4|udp64|pingload)@[1-9][0-9]*[KMG]?"
+    ``pingload@RATE``: the p99.9 of pings every 5 ms beside a TCP stream at RATE; or
+    ``turnload@RATE``: the same pings' turnaround at n2 (request in, reply out of its
+    underlay, µs: probes.turnaround_under_load), their p50."""
+    pattern = r"(tcp1|tcp4|udp64|pingload|turnload)@[1-9][0-9]*[KMG]?"
     return test in TESTS or re.fullmatch(pattern, test) is not None
 
 
@@ -89,10 +91,16 @@ class Reading(NamedTuple):
     extra: dict[str, float] | None = None  # more figures of the same probe, by name
 
 
+def _figures(stats: dict[str, float | int | None], *keys: str) -> dict[str, float]:
+    """The named figures of a probe's result that it has (not None)."""
+    return {k: float(v) for k in keys if (v := stats.get(k)) is not None}
+
+
 def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
     """Gbit/s for TCP, thousands of datagrams a second received for udp64, 1-byte
     TCP (rr) or 4-byte UDP (udprr) transactions a second, the ping RTT's median in ms
-    for ping, and its p99.9 beside a TCP stream for pingload@RATE; then the CPU
+    for ping, and its p99.9 beside a TCP stream for pingload@RATE (and the pings'
+    turnaround at n2 for turnload@RATE, µs); then the CPU
     seconds the weft processes took and those the whole machine took (every process
     and the kernel's own threads: work weft hands to a kernel thread shows only
     here), per GB received (TCP) or per million datagrams received (udp64); None for
@@ -108,8 +116,12 @@ def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
         stats = probes.ping_under_load(env, seconds, rate)
         p999 = stats["p999_ms"]
         # (the median and p99 beside it: where a change moves the body, not the tail)
-        extra = {k: float(stats[k]) for k in ("p50_ms", "p99_ms", "gbps") if stats[k] is not None}  # type: ignore[arg-type]
+        extra = _figures(stats, "p50_ms", "p99_ms", "gbps")
         return Reading(float(p999) if p999 is not None else float("nan"), extra=extra)
+    if name == "turnload":
+        turns = probes.turnaround_under_load(env, seconds, rate)
+        extra = _figures(turns, "p90_us", "p99_us", "rtt_p50_ms")
+        return Reading(float(turns["p50_us"] or "nan"), extra=extra)
     before = snapshot(env.weft_pids, None)
     retransmits = None
     if name == "udp64":
@@ -307,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in envmod.MODES] + [t for t in tests if not known_test(t)]
     if bad:
         print(f"python -m bench.ab: unknown mode or test: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    vxlan_only = [t for t in tests if t.startswith("turnload@")]
+    not_vxlan = [m for m in modes if envmod.MODES[m].encap != "vxlan"]
+    if vxlan_only and not_vxlan:
+        print(f"python -m bench.ab: {vxlan_only[0]} needs VXLAN modes, not {', '.join(not_vxlan)}",
+              file=sys.stderr)  # fmt: skip
         return 2
     sources = {"A": args.a_src, "B": args.b_src}
     for name, src in sources.items():

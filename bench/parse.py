@@ -245,3 +245,31 @@ def parse_rr(text: str) -> dict[str, float]:
                         out[key] = float(data[key])
                 return out
     raise ParseError(f"no rr result in {text[-200:]!r}")
+
+
+_ECHO = re.compile(r"^(\d+\.\d+) .*ICMP echo (request|reply), id (\d+), seq (\d+)")
+
+
+def echo_turnarounds(text: str) -> list[float]:
+    """From a `tcpdump -tt -T vxlan` listing at one node's underlay: the µs from each
+    echo request's arrival to its reply's departure, matched by (id, seq); lines
+    that do not start with a time continue the one before (tcpdump prints a
+    decoded inner packet on its own line)."""
+    rows: list[str] = []
+    for line in text.splitlines():
+        if line[:1].isdigit():
+            rows.append(line)
+        elif rows:
+            rows[-1] += " " + line.strip()
+    requests: dict[tuple[str, str], float] = {}
+    out = []
+    for row in rows:
+        m = _ECHO.match(row)
+        if m is None:
+            continue
+        key = (m[3], m[4])
+        if m[2] == "request":
+            requests.setdefault(key, float(m[1]))
+        elif key in requests:
+            out.append((float(m[1]) - requests.pop(key)) * 1e6)
+    return out

@@ -309,3 +309,10 @@ def test_pings_beside_a_stream_give_their_tail(monkeypatch: pytest.MonkeyPatch) 
     stats = ab.probes.ping_under_load(Env(), 5.0, "800M")  # type: ignore[arg-type]
     assert stats["received"] == 1000 and stats["max_ms"] == 45.0
     assert stats["gbps"] == pytest.approx(0.8)
+
+
+def test_turnaround_probes_need_vxlan_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    """turnload@RATE reads VXLAN-decoded captures: other modes are a one-line error."""
+    assert ab.main(["--modes", "weft-vxlan,weft-udp", "--tests", "turnload@100M"]) == 2
+    err = capsys.readouterr().err
+    assert err == "python -m bench.ab: turnload@100M needs VXLAN modes, not weft-udp\n"

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from bench.parse import (
     ParseError,
     cpuinfo_model,
+    echo_turnarounds,
     parse_iperf3_tcp,
     parse_iperf3_udp,
     parse_rr,
@@ -229,3 +230,24 @@ def test_proc_net_snmp_pairs_names_with_values() -> None:
     # A torn read (names without their values, a line of another protocol) is skipped.
     assert proc_net_snmp("Udp: InDatagrams RcvbufErrors\nTcp: 1 2\n") == {}
     assert proc_net_snmp("") == {}
+
+
+def test_echo_turnarounds_pair_requests_with_their_replies() -> None:
+    """tcpdump -T vxlan at n2: the outer header on one line, the inner packet on the
+    next; a request's time to its reply's, matched by id and seq (another ping's
+    reply, a reply without a request, a lost reply and TCP are left out)."""
+    outer = "IP 192.168.77.10.40000 > 192.168.77.11.8472: VXLAN, flags [I] (0x08), vni 1"
+    back = "IP 192.168.77.11.51000 > 192.168.77.10.8472: VXLAN, flags [I] (0x08), vni 1"
+    inner = "IP 10.244.{} > 10.244.{}: ICMP echo {}, id {}, seq {}, length 64"
+    text = "\n".join([
+        f"100.000100000 {outer}", "    " + inner.format("1.2", "2.2", "request", 7, 1),
+        f"100.000350000 {back}", "    " + inner.format("2.2", "1.2", "reply", 7, 1),
+        f"100.001000000 {outer}", "    " + inner.format("1.2", "2.2", "request", 7, 2),
+        f"100.001500000 {back}", "    " + inner.format("2.2", "1.2", "reply", 8, 2),
+        f"100.002000000 {back}", "    " + inner.format("2.2", "1.2", "reply", 7, 3),
+        f"100.003000000 {outer} " + inner.format("1.2", "2.2", "request", 7, 4),
+        f"100.003002000 {outer} IP 10.244.1.2.5 > 10.244.2.2.6: Flags [.], ack 1, length 0",
+        f"100.003120000 {back} " + inner.format("2.2", "1.2", "reply", 7, 4),
+    ])  # fmt: skip
+    got = echo_turnarounds(text)
+    assert got == [pytest.approx(250.0), pytest.approx(120.0)]
