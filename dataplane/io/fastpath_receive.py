@@ -22,7 +22,7 @@ from dataplane.backends.base import DropReason
 from dataplane.forwarder import Verdict
 from dataplane.io import batch
 from dataplane.io import uso as uso_mod
-from dataplane.io.gro import Batch, Coalescer, DatagramPlanner, split_messages
+from dataplane.io.gro import Batch, Coalescer, DatagramPlanner, Run, lone_first, split_messages
 from dataplane.io.runner import Engine
 from dataplane.io.tun import errno_text
 from dataplane.io.uso import UdpCoalescer, merged_header
@@ -206,13 +206,22 @@ class ReceivePath(Engine):
                 self._fc.batch_plans += 1
             else:
                 self._fc.batch_plan_declines += 1
+        ahead = 0
         if runs is None:
             runs = coalescer.plan_whole(offsets, lengths, sizes, rx.sources, rx.ports, m)
-        if runs is None:
-            return False
+            if runs is None:
+                return False
+            if coalescer.lone_behind:
+                # A lone datagram of another flow does not wait for the bulk writes
+                # before it, nor does the answer to it (_answer_first).
+                runs, ahead = lone_first(runs, rx.buf, offsets, self._ip_off)
+                self._fc.singles_ahead += ahead
         fc = self._fc
         for first, count, hl, payload, skip, upto in runs:
             if hl:
+                if ahead:
+                    ahead = 0
+                    self._answer_first()
                 self._deliver_chain(first, count, hl, payload, skip, upto)
             else:
                 fc.rx_segments += 1
@@ -243,10 +252,17 @@ class ReceivePath(Engine):
             if (self._rx_u8[rx.np_offsets[:m] + (self._ip_off + 9)] == 17).any():
                 return False
         offsets, lengths = rx.offsets, rx.lengths
-        hl, runs = planner.plan(offsets[0], rx.slot_size, lens, peers)
+        hl, planned = planner.plan(offsets[0], rx.slot_size, lens, peers)
         self._fc.rx_segments += m
+        # Singles behind the first run: m less what the runs from it on cover.
+        behind = m - planned[0][0] if planned else 0
+        for _, count in planned:
+            behind -= count
+        if behind:
+            self._deliver_lone_first(planned, hl, m)
+            return True
         done = 0
-        for first, count in runs:
+        for first, count in planned:
             for k in range(done, first):
                 self._deliver_one(offsets[k], lengths[k], k, None)
             self._deliver_datagram_run(first, count, hl)
@@ -254,6 +270,40 @@ class ReceivePath(Engine):
         for k in range(done, m):
             self._deliver_one(offsets[k], lengths[k], k, None)
         return True
+
+    def _deliver_lone_first(self, planned: list[tuple[int, int]], hl: int, m: int) -> None:
+        """_deliver_datagrams' batch with singles behind a planned run: as gro.Run
+        tuples (the datagrams between the runs are singles, header length 0), the
+        singles of flows with no run before them first (gro.lone_first)."""
+        rx = self._rx
+        assert rx is not None
+        offsets, lengths = rx.offsets, rx.lengths
+        runs: list[Run] = []
+        done = 0
+        for first, count in planned:
+            runs += [(k, 1, 0, 0, 0, 0) for k in range(done, first)]
+            runs.append((first, count, hl, 0, 0, 0))
+            done = first + count
+        runs += [(k, 1, 0, 0, 0, 0) for k in range(done, m)]
+        runs, ahead = lone_first(runs, rx.buf, offsets, self._ip_off)
+        self._fc.singles_ahead += ahead
+        for first, count, run_hl, _, _, _ in runs:
+            if run_hl:
+                if ahead:
+                    ahead = 0
+                    self._answer_first()
+                self._deliver_datagram_run(first, count, run_hl)
+            else:
+                self._deliver_one(offsets[first], lengths[first], first, None)
+
+    def _answer_first(self) -> None:
+        """Singles went to the device ahead of a batch's bulk writes (gro.lone_first):
+        read the device once now, so that what their pods answered at once (the echo
+        reply of a ping: the pod's stack answers inside the write) leaves before those
+        writes too, not after the rest of this callback. (What else the device holds
+        goes with it: the next thing the loop would have done anyway.)"""
+        self._fc.answers_first += 1
+        self._on_device()
 
     def _deliver_datagram_run(self, first: int, count: int, hl: int) -> None:
         """Receiver messages first..first+count-1, single datagrams that make one run

@@ -82,6 +82,46 @@ _ACKS = bytes((TCP_ACK,)) * MAX_SEGMENTS
 _MASKS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
+def lone_first(
+    runs: list[Run], buf: bytearray, offsets: list[int], ip_off: int
+) -> tuple[list[Run], int]:
+    """The runs of one batch, single datagrams first where that keeps every flow's order;
+    and how many singles that moved ahead of a run of segments.
+
+    A lone datagram (a ping, a request, a DNS query) that came in behind a bulk
+    flow's GRO messages would wait for their GSO writes (each one the receiving pod's
+    whole receive of 64 KB) before it reaches its pod. Moved ahead of them, it waits
+    for none: a single datagram (header length 0) goes first unless a run that stays
+    in place before it carries its flow, told by the inner addresses and protocol
+    (coarser than a flow: two flows of one pair and protocol keep their order too).
+    The singles keep their order among themselves and so do the runs, so no flow's
+    packets change order. `runs` as Coalescer.plan_whole gives them; returned as it
+    is (the same list) when no single follows a run of segments."""
+    # (plain loops: a generator expression costs more than the whole check here)
+    k = 0
+    for run in runs:
+        if run[2]:
+            break
+        k += 1
+    for run in runs[k + 1 :]:
+        if not run[2]:
+            break
+    else:
+        return runs, 0  # singles only, or none behind a run
+    moved = runs[:k]
+    stays: list[Run] = []
+    bulk = set()
+    for run in runs[k:]:
+        at = offsets[run[0]] + ip_off
+        flow = (buf[at + 9], bytes(buf[at + 12 : at + 20]))
+        if run[2] or flow in bulk:
+            bulk.add(flow)
+            stays.append(run)
+        else:
+            moved.append(run)
+    return moved + stays, len(moved) - k
+
+
 def header_masks(ip: int, hl: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For headers of hl bytes with the inner IP header at `ip`, read as little-endian
     64-bit words (the last one running on into the payload): the bits that must be
@@ -311,6 +351,9 @@ class Coalescer:
         may_differ[[ip + 24, ip + 25, ip + 26, ip + 27, ip + 33, ip + 36, ip + 37]] = True
         self._may_differ = may_differ
         self._keep: dict[int, np.ndarray] = {}  # header length -> columns that must be equal
+        #: Whether plan_whole's last runs have a single datagram behind a run of
+        #: segments (what lone_first may move; plan_batch's runs never have one).
+        self.lone_behind = False
 
     def plan(self, messages: list[tuple[int, int, int, int]]) -> Batch:
         """Segments and runs for messages (offset, length, segment size, peer number).
@@ -487,11 +530,14 @@ class Coalescer:
         # segment count so far, next sequence number (open_run -1: none may extend it).
         open_run = -1
         segs = next_seq = 0
+        self.lone_behind = False
         for i in range(m):
             off, n, size = offsets[i], lengths[i], sizes[i]
             if size >= n:
                 runs.append((i, 1, 0, n, 0, 0))  # one datagram
                 open_run = -1
+                if segs:  # (a run of segments before it: see lone_behind)
+                    self.lone_behind = True
                 continue
             whole = self._whole_message(off, n, size, pushes_ok=True)
             if whole is None:

@@ -68,6 +68,7 @@ class FastCounters:
     """How much went through each fast path (counted per batch or per write, not per packet)."""
 
     __slots__ = (
+        "answers_first",
         "batch_plan_declines",
         "batch_plans",
         "batched_datagrams",
@@ -84,6 +85,7 @@ class FastCounters:
         "rx_calls",
         "rx_messages",
         "rx_segments",
+        "singles_ahead",
         "split_packets",
         "split_segments",
         "udp_segment_sends",
@@ -105,6 +107,9 @@ class FastCounters:
         self.batch_plans = 0  # recvmmsg batches of GRO messages planned at once
         self.batch_plan_declines = 0  # … and batches it left to message-by-message planning
         self.gro_cuts = 0  # coalesced writes that began or ended inside a GRO message
+        self.singles_ahead = 0  # single datagrams delivered ahead of the coalesced writes
+        # received before them (of other flows: gro.lone_first)
+        self.answers_first = 0  # … after which the device was read before those writes
         self.split_packets = 0  # super-packets cut in userspace (no tunnel_gso)
         self.split_segments = 0  # … and the segments they made
         self.udp_segment_sends = 0  # sendmsg calls with UDP_SEGMENT (many datagrams each)
