@@ -110,7 +110,7 @@ def lone_first(
         return runs, 0  # singles only, or none behind a run
     moved = runs[:k]
     stays: list[Run] = []
-    bulk = set()
+    bulk: set[tuple[int, bytes]] = set()
     for run in runs[k:]:
         at = offsets[run[0]] + ip_off
         flow = (buf[at + 9], bytes(buf[at + 12 : at + 20]))
