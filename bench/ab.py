@@ -121,7 +121,7 @@ def probe(env: envmod.Env, test: str, seconds: float) -> Reading:
     if name == "turnload":
         turns = probes.turnaround_under_load(env, seconds, rate)
         extra = _figures(turns, "p90_us", "p99_us", "rtt_p50_ms")
-        return Reading(float(turns["p50_us"] or "nan"), extra=extra)
+        return Reading(float(turns["p50_us"]), extra=extra)  # type: ignore[arg-type]
     before = snapshot(env.weft_pids, None)
     retransmits = None
     if name == "udp64":
